@@ -1,0 +1,1 @@
+"""Named model configurations (installed from the repository's configs/ folder)."""

@@ -1,0 +1,95 @@
+"""Shared test helpers: tiny seeded models, randomised weights, diffusers references."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vaecli.model.config import VAEConfig
+from vaecli.model.vae import VAE
+from vaecli.ops.attention import AttentionBackend
+
+
+def tiny_config(time_mode: str = "conv-only", **changes) -> VAEConfig:
+    """Two levels of 32/64 channels, 2 ResnetBlocks per encoder level: fast on 2 CPU cores."""
+    base = dict(name="tiny", ch=32, ch_mult=(1, 2), num_res_blocks=2, z_channels=4, embed_dim=4,
+                time_mode=time_mode)
+    base.update(changes)
+    return VAEConfig(**base)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter and float buffer random values, zero-initialised ones and mix_factor included.
+
+    Weights ~ N(0, 1/fan_in) keep activations O(1); norm scales ~ 1 ± 0.2; biases ~ N(0, 0.1);
+    mix_factor ~ N(0, 2), so sigmoid(mix_factor) spans (0, 1).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            if not tensor.is_floating_point():
+                continue
+            noise = torch.randn(tensor.shape, generator=gen)
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "mix_factor":
+                value = 2.0 * noise
+            elif tensor.ndim == 1 and leaf == "weight":  # GroupNorm / LayerNorm scale
+                value = 1.0 + 0.2 * noise
+            elif leaf == "bias":
+                value = 0.1 * noise
+            else:
+                fan_in = math.prod(tensor.shape[1:])
+                value = noise / math.sqrt(fan_in)
+            tensor.copy_(value.to(tensor.dtype))
+    return module
+
+
+def random_vae(config: VAEConfig, seed: int = 0, attention: str = "math") -> VAE:
+    return randomize_(VAE(config, AttentionBackend(attention)), seed).eval().requires_grad_(False)
+
+
+def frames(t: int = 4, h: int = 32, w: int = 32, seed: int = 1) -> torch.Tensor:
+    """Random frames (t, 3, h, w) in [-1, 1]."""
+    return torch.rand(t, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def latents(t: int = 4, h: int = 8, w: int = 8, c: int = 4, seed: int = 2) -> torch.Tensor:
+    return torch.randn(t, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def diffusers_temporal(config: VAEConfig, sgm_state: dict):
+    """diffusers' AutoencoderKLTemporalDecoder holding the same weights (identity quant_conv added)."""
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    from vaecli.model import keymap
+
+    state = dict(sgm_state)
+    c = 2 * config.z_channels
+    state.setdefault("quant_conv.weight", torch.eye(c)[:, :, None, None])
+    state.setdefault("quant_conv.bias", torch.zeros(c))
+    ref = AutoencoderKLTemporalDecoder(
+        in_channels=config.in_channels, out_channels=config.out_channels,
+        down_block_types=["DownEncoderBlock2D"] * len(config.ch_mult),
+        block_out_channels=[config.ch * m for m in config.ch_mult],
+        layers_per_block=config.num_res_blocks, latent_channels=config.latent_channels,
+    )
+    ref.load_state_dict(keymap.to_diffusers(state, temporal=True), strict=True)
+    return ref.eval().requires_grad_(False)
+
+
+def diffusers_image(config: VAEConfig, sgm_state: dict):
+    """diffusers' AutoencoderKL holding the same weights."""
+    from diffusers import AutoencoderKL
+
+    from vaecli.model import keymap
+
+    n = len(config.ch_mult)
+    ref = AutoencoderKL(
+        in_channels=config.in_channels, out_channels=config.out_channels,
+        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=[config.ch * m for m in config.ch_mult],
+        layers_per_block=config.num_res_blocks, latent_channels=config.latent_channels, norm_num_groups=32,
+    )
+    ref.load_state_dict(keymap.to_diffusers(sgm_state, temporal=False), strict=True)
+    return ref.eval().requires_grad_(False)

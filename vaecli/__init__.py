@@ -1,0 +1,28 @@
+"""vaecli: encode videos into latents and decode latents back into videos with the SVD temporal VAE.
+
+Public API (imported lazily, so `import vaecli` stays cheap):
+    load_vae(source=None, *, device="cpu", dtype=torch.float32, attention="auto") -> VAE
+    VAE, VAEConfig
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["load_vae", "VAE", "VAEConfig", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "load_vae":
+        from vaecli.model.checkpoint import load_vae
+
+        return load_vae
+    if name == "VAE":
+        from vaecli.model.vae import VAE
+
+        return VAE
+    if name == "VAEConfig":
+        from vaecli.model.config import VAEConfig
+
+        return VAEConfig
+    raise AttributeError(f"module 'vaecli' has no attribute {name!r}")

@@ -1,0 +1,36 @@
+"""The one exception hierarchy of vaecli.
+
+Every error a user can cause is a `VaecliError`; its message is one line that says what went wrong and
+what to do. The CLI prints it and exits with `exit_code` (1 for failures, 2 for usage errors); tracebacks
+only appear with `--debug`. This module imports nothing from vaecli, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+
+class VaecliError(Exception):
+    """Base class: a failure with a short, actionable message."""
+
+    exit_code = 1
+
+
+class UsageError(VaecliError):
+    """The command line or the API call itself is wrong (unknown name, bad value)."""
+
+    exit_code = 2
+
+
+class InputError(VaecliError):
+    """An input file is missing, unreadable or not what it claims to be."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint cannot be used: unsafe format, corrupt, no VAE inside, wrong tensor shapes."""
+
+
+class BackendError(VaecliError):
+    """An attention backend or device is not available here."""
+
+
+class OutputError(VaecliError):
+    """An output cannot be written (exists without --overwrite, directory missing, disk full)."""

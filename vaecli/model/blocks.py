@@ -1,0 +1,110 @@
+"""The 2D building blocks of the SD/SVD VAE, named after the sgm checkpoint keys.
+
+All blocks take and return images laid out `(N, C, H, W)`, N = frames (clips concatenated frame by frame,
+clip-major: clip 0's frames first). Decoder blocks also take `clips` (a `Clips` value saying how N splits into
+clips); the 2D blocks ignore it, so the decoder can call every block the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from vaecli.ops.attention import AttentionBackend
+from vaecli.ops.norm import spatial_norm
+
+
+@dataclass(frozen=True)
+class Clips:
+    """How the frame axis of a decoder input splits into independent clips.
+
+    num_frames: frames per clip; the input's N must be a multiple of it (N // num_frames clips).
+    skip_video: decode every frame alone with the spatial path only (equals the 2D decoder exactly).
+    image_only: optional bool tensor (N,), frames to treat as still images (merge strategy
+        "learned_with_images" only): they take the spatial path of every temporal blend.
+    """
+
+    num_frames: int
+    skip_video: bool = False
+    image_only: torch.Tensor | None = None
+
+
+class ResnetBlock(nn.Module):
+    """sgm `ResnetBlock` without time embedding: x + conv2(silu(norm2(conv1(silu(norm1(x)))))).
+
+    GroupNorm(32, eps 1e-6); a 1x1 `nin_shortcut` when the channel count changes.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.norm1 = spatial_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = spatial_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, clips: Clips | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.in_channels != self.out_channels:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class Downsample(nn.Module):
+    """Halve H and W: zero-pad right and bottom by one, then a 3x3 conv with stride 2 (sgm `Downsample`)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour upsampling, then a 3x3 conv (sgm `Upsample`)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions of each frame (sgm `AttnBlock`).
+
+    q, k, v and proj_out are 1x1 convs (weights [C, C, 1, 1]); the scale is 1/sqrt(C);
+    out = x + proj_out(attend(x)). `attention` is the backend that computes softmax(q kᵀ/√C) v.
+    """
+
+    def __init__(self, channels: int, attention: AttentionBackend):
+        super().__init__()
+        self.channels = channels
+        self.attention_backend = attention
+        self.norm = spatial_norm(channels)
+        self.q = nn.Conv2d(channels, channels, kernel_size=1)
+        self.k = nn.Conv2d(channels, channels, kernel_size=1)
+        self.v = nn.Conv2d(channels, channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> attention output (N, C, H, W), before proj_out and the residual."""
+        h = self.norm(x)
+        height, width = h.shape[-2:]
+        # (N, C, H, W) -> (N, heads=1, tokens=H*W, C)
+        q, k, v = (rearrange(layer(h), "n c h w -> n 1 (h w) c") for layer in (self.q, self.k, self.v))
+        out = self.attention_backend(q, k, v)
+        return rearrange(out, "n 1 (h w) c -> n c h w", h=height, w=width)
+
+    def forward(self, x: torch.Tensor, clips: Clips | None = None) -> torch.Tensor:
+        return x + self.proj_out(self.attend(x))

@@ -1,0 +1,465 @@
+"""Checkpoint loading and saving: safetensors only, every layout, config inferred from tensor shapes.
+
+Layouts read (the prefix is found from the file, the naming from its keys):
+- `sgm` checkpoint: a full SVD / SD checkpoint, VAE under `first_stage_model.` among UNet and conditioner tensors;
+- `sgm` standalone: a ComfyUI / standalone VAE file, the same keys with no prefix (or a `vae.` prefix);
+- `diffusers`: `AutoencoderKLTemporalDecoder` (SVD) or `AutoencoderKL` (SD/SDXL), a file or a folder holding
+  `diffusion_pytorch_model.safetensors` (directly or in `vae/`), with its `config.json`;
+- the plain image VAE of SD 1.x/2.x/SDXL in ldm naming (= sgm naming with quant_conv + post_quant_conv).
+
+Pickle-based files (.ckpt, .pt, .pth, .bin) are refused and never opened with pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from vaecli.errors import CheckpointError, UsageError
+from vaecli.model import keymap
+from vaecli.model.config import VAEConfig, load_config, named_configs
+from vaecli.model.vae import VAE
+from vaecli.ops.attention import AttentionBackend, resolve_attention
+from vaecli.ops.device import parse_device, parse_dtype
+from vaecli.ops.files import atomic_output
+
+BUNDLED_MODEL = "vaecli-small.safetensors"
+PREFIXES = ("first_stage_model.", "vae.", "")
+DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+# Config names tried, in order, when a checkpoint's shapes match several named configs (SD and SDXL share shapes).
+CONFIG_PREFERENCE = ("svd-vae", "sd-vae", "sdxl-vae")
+LAYOUTS_TRIED = (
+    "sgm/ComfyUI (encoder.*, decoder.*), full checkpoint (first_stage_model.*), vae.* prefix, "
+    "diffusers (encoder.down_blocks.*, decoder.up_blocks.*)"
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where and how a VAE is stored in a file.
+
+    naming: "sgm" (sgm/ldm/ComfyUI names) or "diffusers"; prefix: stripped before mapping;
+    temporal: the decoder has temporal layers.
+    """
+
+    naming: str
+    prefix: str
+    temporal: bool
+
+    def describe(self) -> str:
+        kind = "temporal VAE (SVD)" if self.temporal else "image VAE"
+        where = {"first_stage_model.": "full checkpoint, prefix first_stage_model.", "vae.": "prefix vae.",
+                 "": "standalone"}[self.prefix]
+        return f"{self.naming} {kind}, {where}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A VAE read from a file: tensors in sgm naming (no prefix), its layout, config and file facts."""
+
+    path: Path
+    layout: Layout
+    state: dict[str, torch.Tensor]
+    config: VAEConfig
+    file_dtypes: tuple[str, ...]
+    metadata: dict[str, str]
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel() for t in self.state.values())
+
+
+# ----------------------------------------------------------------------------------------------- reading files
+
+
+def find_weights_file(source: str | os.PathLike) -> tuple[Path, dict]:
+    """A checkpoint path -> (safetensors file, diffusers config.json contents or {}).
+
+    A folder is searched for `diffusion_pytorch_model[.fp16].safetensors`, directly or in `vae/`.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        for folder in (path, path / "vae"):
+            for name in DIFFUSERS_FILES:
+                if (folder / name).is_file():
+                    return folder / name, _read_json(folder / "config.json")
+        pickles = sorted(p.name for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES)[:3]
+        hint = f" (found {', '.join(pickles)}: pickle files are never loaded)" if pickles else ""
+        raise CheckpointError(f"{path}: a folder without diffusion_pytorch_model.safetensors (in it or in vae/){hint}")
+    config_json = path.parent / "config.json"
+    return path, (_read_json(config_json) if path.name in DIFFUSERS_FILES else {})
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable config.json ({e})") from None
+
+
+def read_header(path: Path) -> tuple[dict, dict[str, str]]:
+    """Validate a safetensors file without loading tensors -> (tensor entries, `__metadata__`).
+
+    Refuses pickle/zip files (torch.save) by their first bytes, and truncated or corrupt files.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix in PICKLE_SUFFIXES:
+                raise CheckpointError(
+                    f"{path}: a pickle-based PyTorch file; vaecli never unpickles files (they can run code). "
+                    "Convert it to .safetensors with a tool you trust, or use the model's safetensors release")
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, 100 << 20):
+                raise CheckpointError(f"{path}: not a safetensors file, or truncated (header of {header_len} bytes "
+                                      f"in a {size}-byte file)")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    metadata = header.pop("__metadata__", None) or {}
+    end = 0
+    for name, entry in header.items():
+        try:
+            end = max(end, int(entry["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header (entry {name!r})") from None
+    if 8 + header_len + end > size:
+        raise CheckpointError(f"{path}: truncated: tensors need {8 + header_len + end} bytes, the file has {size}")
+    return header, metadata
+
+
+def detect_layout(keys) -> Layout:
+    """Find the VAE among a file's keys; raise a CheckpointError naming the layouts tried and a few keys found."""
+    keys = set(keys)
+    for prefix in PREFIXES:
+        if prefix + "decoder.conv_in.weight" not in keys:
+            continue
+        if prefix + "encoder.conv_in.weight" not in keys:
+            raise CheckpointError("the file holds a VAE decoder but no encoder (as SV3D checkpoints do); "
+                                  "vaecli needs both")
+        vae_keys = [k for k in keys if k.startswith(prefix + "decoder.")]
+        if any(k.startswith(prefix + "decoder.mid_block.") for k in vae_keys):
+            temporal = any(".spatial_res_block." in k or ".time_conv_out." in k for k in vae_keys)
+            return Layout("diffusers", prefix, temporal)
+        temporal = any(re.search(r"\.(mix_factor|time_stack\.|time_mix_conv\.|time_mix_block\.)", k) for k in vae_keys)
+        return Layout("sgm", prefix, temporal)
+    sample = ", ".join(sorted(keys)[:5]) or "none"
+    raise CheckpointError(f"no VAE found; layouts tried: {LAYOUTS_TRIED}; {len(keys)} keys, e.g. {sample}")
+
+
+def read_checkpoint(source: str | os.PathLike, config: VAEConfig | str | None = None) -> Checkpoint:
+    """Read the VAE tensors of a checkpoint (only those) in sgm naming, and work out its config."""
+    path, config_json = find_weights_file(source)
+    header, metadata = read_header(path)
+    layout = detect_layout(header)
+    vae_prefixes = tuple(layout.prefix + p for p in ("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
+    names = [k for k in header if k.startswith(vae_prefixes)]
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = {name[len(layout.prefix):]: f.get_tensor(name) for name in names}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot read tensors ({e})") from None
+    state = keymap.from_diffusers(raw, layout.temporal) if layout.naming == "diffusers" else raw
+    state = {k: v[:, :, None, None] if keymap.is_attention_weight(k) and v.ndim == 2 else v for k, v in state.items()}
+    stem = path.parent.name if path.name in DIFFUSERS_FILES else path.stem
+    scaling = config_json.get("scaling_factor")
+    inferred = infer_config(state, _base_config(config, metadata), name=stem,
+                            scaling_factor=None if scaling is None else float(scaling))
+    dtypes = tuple(sorted({str(header[n]["dtype"]) for n in names}))
+    return Checkpoint(path, layout, state, inferred, dtypes, dict(metadata))
+
+
+def _base_config(config: VAEConfig | str | None, metadata: dict) -> VAEConfig | None:
+    """The config the user named, else the one vaecli stored in the file's metadata, else None."""
+    if isinstance(config, str):
+        return load_config(config)
+    if config is not None:
+        return config
+    if "vaecli.config" in metadata:
+        try:
+            return VAEConfig.from_dict(json.loads(metadata["vaecli.config"]))
+        except (ValueError, TypeError, UsageError):
+            pass  # foreign or older metadata: fall back to the shapes
+    return None
+
+
+# ----------------------------------------------------------------------------------------- config from shapes
+
+
+def _count(keys, pattern: str) -> int:
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def infer_config(state: dict[str, torch.Tensor], base: VAEConfig | None = None, name: str = "custom",
+                 scaling_factor: float | None = None) -> VAEConfig:
+    """Work out a VAEConfig from tensor shapes (sgm naming, no prefix).
+
+    Shapes give channels, levels, blocks, z channels, time mode, video kernel size, attention levels and quant
+    convs. The rest (scaling factor, merge strategy, name) comes from `base` (which must have the same
+    architecture), else from the first named config with that architecture (and `scaling_factor`, e.g. from a
+    diffusers config.json, when given), else defaults.
+    """
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state:
+            raise CheckpointError(f"the VAE has no tensor {key!r}; the file is incomplete or not a supported VAE")
+        return tuple(state[key].shape)
+
+    ch, in_channels = shape("encoder.conv_in.weight")[:2]
+    levels = keymap.count_levels(state, "encoder.down.")
+    widths = [shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)]
+    if any(w % ch for w in widths):
+        raise CheckpointError(f"level widths {widths} are not multiples of the base width {ch}")
+    num_res_blocks = _count(state, r"encoder\.down\.0\.block\.(\d+)\.")
+    decoder_blocks = _count(state, r"decoder\.up\.0\.block\.(\d+)\.")
+    if decoder_blocks != num_res_blocks + 1:
+        raise CheckpointError(f"the decoder has {decoder_blocks} blocks per level and the encoder {num_res_blocks}; "
+                              "vaecli supports decoders with one block more than the encoder, as in SD and SVD")
+    z_channels = shape("decoder.conv_in.weight")[1]
+    embed_dim = z_channels
+    if "quant_conv.weight" in state:
+        embed_dim = shape("quant_conv.weight")[0] // 2
+    elif "post_quant_conv.weight" in state:
+        embed_dim = shape("post_quant_conv.weight")[1]
+    has = lambda pattern: any(re.search(pattern, k) for k in state)  # noqa: E731
+    temporal_res = has(r"^decoder\..*\.time_stack\.")
+    temporal_out = "decoder.conv_out.time_mix_conv.weight" in state
+    temporal_attn = has(r"^decoder\..*\.time_mix_block\.")
+    modes = {(False, False, False): "image", (True, True, False): "conv-only", (True, True, True): "all",
+             (False, False, True): "attn-only", (False, True, False): "only-last-conv"}
+    time_mode = modes.get((temporal_res, temporal_out, temporal_attn))
+    if time_mode is None:
+        raise CheckpointError("the decoder mixes temporal layers in a way no SVD time mode does "
+                              f"(temporal ResnetBlocks {temporal_res}, temporal conv_out {temporal_out}, "
+                              f"temporal attention {temporal_attn})")
+    kernel = (3, 1, 1)
+    for key in state:
+        if key.endswith("time_stack.in_layers.2.weight") or key == "decoder.conv_out.time_mix_conv.weight":
+            kernel = tuple(state[key].shape[2:])
+            break
+    found = VAEConfig(
+        name=name,
+        in_channels=in_channels,
+        out_channels=shape("decoder.conv_out.weight")[0],
+        ch=ch,
+        ch_mult=tuple(w // ch for w in widths),
+        num_res_blocks=num_res_blocks,
+        z_channels=z_channels,
+        embed_dim=embed_dim,
+        attn_levels=tuple(i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in state),
+        time_mode=time_mode,
+        video_kernel_size=kernel,
+        quant_conv="quant_conv.weight" in state,
+        post_quant_conv="post_quant_conv.weight" in state,
+    )
+    if base is not None:
+        if base.architecture() != found.architecture():
+            diffs = [f"{k} {v!r} (checkpoint: {found.architecture()[k]!r})"
+                     for k, v in base.architecture().items() if found.architecture()[k] != v]
+            raise CheckpointError(f"config {base.name!r} does not fit this checkpoint: " + "; ".join(diffs))
+        return base
+    named = _matching_named(found, scaling_factor)
+    if named is not None:
+        return named
+    return found if scaling_factor is None else found.replace(scaling_factor=scaling_factor)
+
+
+def _matching_named(found: VAEConfig, scaling_factor: float | None = None) -> VAEConfig | None:
+    """The first named config with the architecture of `found` (and `scaling_factor`, when given)."""
+    configs = named_configs()
+    order = [n for n in CONFIG_PREFERENCE if n in configs] + sorted(set(configs) - set(CONFIG_PREFERENCE))
+    for name in order:
+        c = configs[name]
+        if c.architecture() == found.architecture() and scaling_factor in (None, c.scaling_factor):
+            return c
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- building
+
+
+def bundled_model_path() -> Path:
+    path = Path(str(resources.files("vaecli"))) / "weights" / BUNDLED_MODEL
+    if not path.is_file():
+        raise CheckpointError("no bundled model is installed in this version of vaecli yet; pass a checkpoint "
+                              "(load_vae('svd_xt.safetensors') or --model PATH)")
+    return path
+
+
+def build_vae(config: VAEConfig, state: dict[str, torch.Tensor], *, device: torch.device,
+              dtype: torch.dtype, attention: AttentionBackend) -> VAE:
+    """Build the model on the meta device and load `state` strictly (no random init that gets overwritten).
+
+    Shapes are checked first so that a wrong tensor is named with both shapes.
+    """
+    with torch.device("meta"):
+        vae = VAE(config, attention)
+    expected = vae.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise CheckpointError(f"the tensors do not match a {config.time_mode} VAE: " + "; ".join(parts))
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"tensor {key} has shape {list(state[key].shape)}, "
+                                  f"the model needs {list(tensor.shape)}")
+    loaded = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    vae.load_state_dict(loaded, strict=True, assign=True)
+    return vae.eval().requires_grad_(False)
+
+
+def load_vae(source: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
+             dtype: str | torch.dtype = torch.float32, attention: str | AttentionBackend = "auto",
+             config: VAEConfig | str | None = None) -> VAE:
+    """Load a VAE from a safetensors checkpoint (any supported layout), or the bundled model when `source` is None.
+
+    device: "cpu", "cuda", "cuda:N" or "auto"; dtype: torch dtype or "fp32"/"fp16"/"bf16" (tensors of any
+    float dtype in the file are converted); attention: a backend name, "auto", or an AttentionBackend;
+    config: a named config, a TOML path or a VAEConfig, for what shapes cannot tell (e.g. "sdxl-vae").
+    The returned model is in eval mode; `vae.config` and `vae.attention` say what was built.
+    """
+    device = parse_device(device)
+    dtype = parse_dtype(dtype)
+    backend = attention if isinstance(attention, AttentionBackend) else resolve_attention(attention, device, dtype)
+    ckpt = read_checkpoint(bundled_model_path() if source is None else source, config)
+    return build_vae(ckpt.config, ckpt.state, device=device, dtype=dtype, attention=backend)
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+def _is_identity_quant(state: dict[str, torch.Tensor]) -> bool:
+    w, b = state.get("quant_conv.weight"), state.get("quant_conv.bias")
+    if w is None or b is None or w.shape[0] != w.shape[1]:
+        return False
+    eye = torch.eye(w.shape[0], dtype=w.dtype)[:, :, None, None]
+    return bool(torch.equal(w, eye) and torch.equal(b, torch.zeros_like(b)))
+
+
+def diffusers_config(config: VAEConfig) -> dict:
+    """config.json for diffusers' AutoencoderKLTemporalDecoder / AutoencoderKL."""
+    common = {
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * len(config.ch_mult),
+        "block_out_channels": [config.ch * m for m in config.ch_mult],
+        "layers_per_block": config.num_res_blocks,
+        "latent_channels": config.latent_channels,
+        "scaling_factor": config.scaling_factor,
+        "force_upcast": True,
+    }
+    if config.is_video:
+        return {"_class_name": "AutoencoderKLTemporalDecoder", **common}
+    return {"_class_name": "AutoencoderKL", **common, "up_block_types": ["UpDecoderBlock2D"] * len(config.ch_mult),
+            "act_fn": "silu", "norm_num_groups": 32, "use_quant_conv": config.quant_conv,
+            "use_post_quant_conv": config.post_quant_conv}
+
+
+def to_layout(ckpt: Checkpoint, to: str) -> tuple[dict[str, torch.Tensor], VAEConfig]:
+    """The checkpoint's tensors in layout `to` ("sgm" or "diffusers") and the config they describe."""
+    state, config = dict(ckpt.state), ckpt.config
+    if to == "sgm":
+        if config.is_video and _is_identity_quant(state) and not config.post_quant_conv:
+            del state["quant_conv.weight"], state["quant_conv.bias"]  # diffusers' identity: sgm has none
+            config = config.replace(quant_conv=False)
+        return state, config
+    if to != "diffusers":
+        raise UsageError(f"unknown layout {to!r}; use sgm or diffusers")
+    if config.time_mode not in ("image", "conv-only"):
+        raise CheckpointError(f"diffusers has no model for time_mode {config.time_mode!r}; convert with --to sgm")
+    if config.attn_levels:
+        raise CheckpointError("diffusers' VAE blocks have no attention outside the mid block; convert with --to sgm")
+    if config.is_video:
+        if config.num_res_blocks != 2 or config.post_quant_conv:
+            raise CheckpointError("diffusers' AutoencoderKLTemporalDecoder needs 2 ResnetBlocks per encoder level "
+                                  "and no post_quant_conv; convert with --to sgm")
+        if not config.quant_conv:  # diffusers always has one: add the identity
+            c = 2 * config.z_channels
+            state["quant_conv.weight"] = torch.eye(c, dtype=state["encoder.conv_out.weight"].dtype)[:, :, None, None]
+            state["quant_conv.bias"] = torch.zeros(c, dtype=state["encoder.conv_out.bias"].dtype)
+            config = config.replace(quant_conv=True)
+    return keymap.to_diffusers(state, config.is_video), config
+
+
+def save_checkpoint(state: dict[str, torch.Tensor], config: VAEConfig, out: str | os.PathLike, *, layout: str,
+                    overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write tensors (already in `layout`) atomically.
+
+    sgm: one safetensors file. diffusers: a `.safetensors` file, or a folder with `config.json` and
+    `diffusion_pytorch_model.safetensors`. The vaecli config travels in the safetensors metadata.
+    """
+    from vaecli import __version__
+
+    out = Path(out)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.contiguous() for k, v in state.items()}
+    metadata = {"format": "pt", "vaecli.version": __version__, "vaecli.layout": layout,
+                "vaecli.config": config.to_json()}
+    folder = layout == "diffusers" and out.suffix != ".safetensors"
+    if not folder and out.suffix != ".safetensors":
+        raise UsageError(f"{out}: the output of --to {layout} must end in .safetensors")
+    with atomic_output(out, overwrite) as tmp:
+        if folder:
+            tmp.mkdir()
+            save_file(state, str(tmp / DIFFUSERS_FILES[0]), metadata=metadata)
+            (tmp / "config.json").write_text(json.dumps(diffusers_config(config), indent=2) + "\n", encoding="utf-8")
+        else:
+            save_file(state, str(tmp), metadata=metadata)
+    return out
+
+
+def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, to: str, dtype: str | None = None,
+                       overwrite: bool = False, config: VAEConfig | str | None = None) -> Path:
+    """Read any supported layout, write it as `to` ("sgm" or "diffusers"); extracts the VAE of a full checkpoint."""
+    ckpt = read_checkpoint(source, config)
+    state, new_config = to_layout(ckpt, to)
+    return save_checkpoint(state, new_config, out, layout=to, overwrite=overwrite,
+                           dtype=parse_dtype(dtype) if dtype else None)
+
+
+def describe_checkpoint(source: str | os.PathLike, config: VAEConfig | str | None = None) -> dict:
+    """What `vaecli info` prints for a checkpoint."""
+    ckpt = read_checkpoint(source, config)
+    return {
+        "kind": "checkpoint",
+        "path": str(ckpt.path),
+        "layout": ckpt.layout.naming,
+        "layout_detail": ckpt.layout.describe(),
+        "prefix": ckpt.layout.prefix,
+        "config": ckpt.config.to_dict(),
+        "parameters": ckpt.parameters,
+        "tensors": len(ckpt.state),
+        "dtypes": list(ckpt.file_dtypes),
+        "latent_channels": ckpt.config.latent_channels,
+        "scaling_factor": ckpt.config.scaling_factor,
+        "time_mode": ckpt.config.time_mode,
+    }

@@ -1,0 +1,100 @@
+"""The decoder: the plain 2D `Decoder` (time_mode "image") and SVD's `VideoDecoder` modes, in one class.
+
+Which block goes where, per time mode (sgm `VideoDecoder`'s `_make_resblock`, `_make_attn`, `_make_conv`):
+
+| time_mode        | ResnetBlocks   | attention         | conv_out  |
+|------------------|----------------|-------------------|-----------|
+| image            | ResnetBlock    | AttnBlock         | Conv2d    |
+| conv-only (SVD)  | VideoResBlock  | AttnBlock         | AE3DConv  |
+| all              | VideoResBlock  | VideoBlock        | AE3DConv  |
+| attn-only        | ResnetBlock    | VideoBlock        | Conv2d    |
+| only-last-conv   | ResnetBlock    | AttnBlock         | AE3DConv  |
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaecli.model.blocks import AttnBlock, Clips, ResnetBlock, Upsample
+from vaecli.model.config import VAEConfig
+from vaecli.model.encoder import MidBlock
+from vaecli.model.temporal import AE3DConv, VideoBlock, VideoResBlock
+from vaecli.ops.attention import AttentionBackend
+from vaecli.ops.norm import spatial_norm
+
+
+class DecoderLevel(nn.Module):
+    """One resolution level: `block` (num_res_blocks + 1 blocks), `attn` (if any), `upsample` (not at level 0)."""
+
+    def __init__(self, blocks: list[nn.Module], attns: list[nn.Module], upsample: Upsample | None):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList(attns)
+        if upsample is not None:
+            self.upsample = upsample
+
+
+class Decoder(nn.Module):
+    """Latents (N, z_channels, h, w) -> frames (N, out_channels, h·f, w·f), ≈[-1, 1].
+
+    conv_in -> mid -> levels from the lowest resolution up (`up[L-1]` first, as in ldm) -> GroupNorm -> SiLU
+    -> conv_out. Temporal layers see N as clips of `clips.num_frames` frames (see `Clips`).
+    """
+
+    def __init__(self, config: VAEConfig, attention: AttentionBackend):
+        super().__init__()
+        self.time_mode = config.time_mode
+        mode = config.time_mode
+        temporal_res = mode in ("conv-only", "all")
+        temporal_attn = mode in ("all", "attn-only")
+        temporal_out = mode in ("conv-only", "all", "only-last-conv")
+
+        def resblock(cin: int, cout: int) -> nn.Module:
+            if temporal_res:
+                return VideoResBlock(cin, cout, config.video_kernel_size, config.merge_strategy, config.alpha)
+            return ResnetBlock(cin, cout)
+
+        def attn(channels: int) -> nn.Module:
+            if temporal_attn:
+                return VideoBlock(channels, attention, config.merge_strategy, config.alpha)
+            return AttnBlock(channels, attention)
+
+        widths = [config.ch * m for m in config.ch_mult]
+        levels = len(widths)
+        top = widths[-1]
+        self.conv_in = nn.Conv2d(config.z_channels, top, kernel_size=3, padding=1)
+        self.mid = MidBlock(resblock(top, top), attn(top), resblock(top, top))
+        up = []
+        cin = top
+        for i in reversed(range(levels)):
+            blocks = []
+            for _ in range(config.num_res_blocks + 1):
+                blocks.append(resblock(cin, widths[i]))
+                cin = widths[i]
+            attns = [attn(cin) for _ in blocks] if i in config.attn_levels else []
+            up.insert(0, DecoderLevel(blocks, attns, Upsample(cin) if i != 0 else None))
+        self.up = nn.ModuleList(up)
+        self.norm_out = spatial_norm(cin)
+        if temporal_out:
+            self.conv_out = AE3DConv(cin, config.out_channels, config.video_kernel_size)
+        else:
+            self.conv_out = nn.Conv2d(cin, config.out_channels, kernel_size=3, padding=1)
+
+    def forward(self, z: torch.Tensor, clips: Clips | None = None) -> torch.Tensor:
+        """z: (N, z_channels, h, w), clip-major. `clips=None` (or skip_video) decodes every frame alone, 2D only."""
+        if clips is not None and z.shape[0] % clips.num_frames:
+            raise ValueError(f"{z.shape[0]} frames do not split into clips of {clips.num_frames}")
+        h = self.mid(self.conv_in(z), clips)
+        for level in reversed(self.up):
+            for j, block in enumerate(level.block):
+                h = block(h, clips)
+                if len(level.attn):
+                    h = level.attn[j](h, clips)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        h = F.silu(self.norm_out(h))
+        if isinstance(self.conv_out, AE3DConv):
+            return self.conv_out(h, clips)
+        return self.conv_out(h)

@@ -1,0 +1,95 @@
+"""The 2D KL encoder (sgm `Encoder`) and its diagonal Gaussian posterior."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaecli.model.blocks import AttnBlock, Downsample, ResnetBlock
+from vaecli.model.config import VAEConfig
+from vaecli.ops.attention import AttentionBackend
+from vaecli.ops.norm import spatial_norm
+
+
+class EncoderLevel(nn.Module):
+    """One resolution level: `block` (ResnetBlocks), `attn` (after each block, if any), `downsample` (not last)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, with_attn: bool, downsample: bool,
+                 attention: AttentionBackend):
+        super().__init__()
+        channels = [in_channels] + [out_channels] * num_blocks
+        self.block = nn.ModuleList(ResnetBlock(channels[j], channels[j + 1]) for j in range(num_blocks))
+        self.attn = nn.ModuleList(AttnBlock(out_channels, attention) for _ in range(num_blocks if with_attn else 0))
+        if downsample:
+            self.downsample = Downsample(out_channels)
+
+
+class MidBlock(nn.Module):
+    """block_1 -> attn_1 -> block_2 at the lowest resolution (shared shape by encoder and decoder)."""
+
+    def __init__(self, block_1: nn.Module, attn_1: nn.Module, block_2: nn.Module):
+        super().__init__()
+        self.block_1 = block_1
+        self.attn_1 = attn_1
+        self.block_2 = block_2
+
+    def forward(self, x: torch.Tensor, clips=None) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x, clips), clips), clips)
+
+
+class Encoder(nn.Module):
+    """Frames (N, in_channels, H, W) in [-1, 1] -> moments (N, 2·z_channels, H/f, W/f), f = 2**(levels-1).
+
+    conv_in -> per level: ResnetBlocks (+ AttnBlocks) and a Downsample except at the last level ->
+    mid (ResnetBlock, AttnBlock, ResnetBlock) -> GroupNorm -> SiLU -> conv_out. Each frame is independent.
+    """
+
+    def __init__(self, config: VAEConfig, attention: AttentionBackend):
+        super().__init__()
+        widths = [config.ch * m for m in config.ch_mult]
+        levels = len(widths)
+        self.conv_in = nn.Conv2d(config.in_channels, config.ch, kernel_size=3, padding=1)
+        in_widths = [config.ch] + widths[:-1]
+        self.down = nn.ModuleList(
+            EncoderLevel(in_widths[i], widths[i], config.num_res_blocks, i in config.attn_levels, i != levels - 1,
+                         attention)
+            for i in range(levels)
+        )
+        top = widths[-1]
+        self.mid = MidBlock(ResnetBlock(top, top), AttnBlock(top, attention), ResnetBlock(top, top))
+        self.norm_out = spatial_norm(top)
+        self.conv_out = nn.Conv2d(top, 2 * config.z_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class DiagonalGaussian:
+    """The KL posterior: moments (N, 2C, h, w) split into mean and log-variance (clamped to [-30, 20])."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = torch.chunk(moments, 2, dim=1)
+        self.logvar = torch.clamp(logvar, -30.0, 20.0)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """mean + std·ε, ε ~ N(0, 1) drawn from `generator` (on the generator's device, then moved)."""
+        gen_device = generator.device if generator is not None else self.mean.device
+        noise = torch.randn(self.mean.shape, generator=generator, device=gen_device, dtype=torch.float32)
+        return self.mean + self.std * noise.to(device=self.mean.device, dtype=self.mean.dtype)

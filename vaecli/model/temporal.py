@@ -1,0 +1,240 @@
+"""The temporal blocks of the SVD `VideoDecoder`, named after the sgm checkpoint keys.
+
+Frames arrive as `(N, C, H, W)` with N = clips * num_frames, clip-major (`(b t) c h w`). Temporal layers view
+them as `(b, C, t, H, W)`: convolutions along t zero-pad at clip edges and GroupNorm statistics span all t
+frames of a clip, so how frames are grouped into clips changes the result (see `Clips`).
+
+Two blend conventions exist and both are kept exactly as sgm defines them:
+- `VideoResBlock`: out = α·temporal + (1-α)·spatial (α weights the temporal branch).
+- `VideoBlock` (temporal attention): out = α·spatial + (1-α)·temporal (α weights the spatial branch).
+with α = mix_factor ("fixed") or sigmoid(mix_factor) ("learned", "learned_with_images"). With
+"learned_with_images", frames flagged in `Clips.image_only` take the pure spatial branch in both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from vaecli.model.blocks import AttnBlock, Clips, ResnetBlock
+from vaecli.ops.attention import AttentionBackend
+from vaecli.ops.norm import temporal_norm
+
+
+def make_mix_factor(module: nn.Module, strategy: str, alpha: float) -> None:
+    """Register `mix_factor` on `module` as sgm does: a buffer for "fixed", a parameter otherwise."""
+    value = torch.tensor([float(alpha)])
+    if strategy == "fixed":
+        module.register_buffer("mix_factor", value)
+    else:
+        module.register_parameter("mix_factor", nn.Parameter(value))
+
+
+def blend_alpha(mix_factor: torch.Tensor, strategy: str) -> torch.Tensor:
+    """The blend weight α ([1]) for a merge strategy."""
+    return mix_factor if strategy == "fixed" else torch.sigmoid(mix_factor)
+
+
+def image_frames_alpha(alpha: torch.Tensor, clips: Clips, image_value: float) -> torch.Tensor:
+    """α per frame, shaped (N, 1, 1, 1): `image_value` for frames flagged in `clips.image_only`, α elsewhere."""
+    flags = clips.image_only.to(device=alpha.device, dtype=torch.bool).reshape(-1, 1, 1, 1)
+    return torch.where(flags, torch.full_like(alpha, image_value), alpha)
+
+
+class TimeStack(nn.Module):
+    """sgm `openaimodel.ResBlock(dims=3, kernel_size=video_kernel_size, skip_t_emb=True)`, channels unchanged.
+
+    Input and output `(b, C, t, H, W)`: x + out_layers(in_layers(x)), where
+    in_layers = [GroupNorm32 (eps 1e-5, fp32), SiLU, Conv3d] and out_layers = [GroupNorm32, SiLU, Dropout, Conv3d];
+    the Conv3d kernel is (3, 1, 1) with zero padding along t only for SVD.
+    """
+
+    def __init__(self, channels: int, kernel_size: tuple[int, int, int]):
+        super().__init__()
+        padding = tuple(k // 2 for k in kernel_size)
+        self.in_layers = nn.Sequential(
+            temporal_norm(channels), nn.SiLU(), nn.Conv3d(channels, channels, kernel_size, padding=padding)
+        )
+        self.out_layers = nn.Sequential(
+            temporal_norm(channels),
+            nn.SiLU(),
+            nn.Dropout(0.0),
+            nn.Conv3d(channels, channels, kernel_size, padding=padding),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.out_layers(self.in_layers(x))
+
+
+class VideoResBlock(ResnetBlock):
+    """A spatial `ResnetBlock` followed by a temporal `time_stack`, blended by α (sgm `VideoResBlock`).
+
+    x_s = ResnetBlock(x) per frame; x_t = time_stack(x_s) per clip; out = α·x_t + (1-α)·x_s.
+    With `clips.skip_video` it returns x_s (the 2D decoder's result, bit for bit).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int, int],
+                 merge_strategy: str = "learned", alpha: float = 0.0):
+        super().__init__(in_channels, out_channels)
+        self.merge_strategy = merge_strategy
+        self.time_stack = TimeStack(out_channels, kernel_size)
+        make_mix_factor(self, merge_strategy, alpha)
+
+    def forward(self, x: torch.Tensor, clips: Clips | None = None) -> torch.Tensor:
+        x = super().forward(x)
+        if clips is None or clips.skip_video:
+            return x
+        x_spatial = rearrange(x, "(b t) c h w -> b c t h w", t=clips.num_frames)
+        x_temporal = self.time_stack(x_spatial)
+        alpha = blend_alpha(self.mix_factor, self.merge_strategy).to(x.dtype)
+        if clips.image_only is not None and self.merge_strategy == "learned_with_images":
+            # per frame (N,1,1,1) -> (b,1,t,1,1) to broadcast over (b, c, t, h, w)
+            alpha = image_frames_alpha(alpha, clips, 0.0)
+            alpha = rearrange(alpha, "(b t) c h w -> b c t h w", t=clips.num_frames)
+        out = alpha * x_temporal + (1.0 - alpha) * x_spatial
+        return rearrange(out, "b c t h w -> (b t) c h w")
+
+
+class AE3DConv(nn.Conv2d):
+    """The decoder's conv_out followed by a temporal Conv3d `time_mix_conv`, with no residual (sgm `AE3DConv`).
+
+    (N, C_in, H, W) -> 2D conv -> (b, C_out, t, H, W) -> time_mix_conv -> (N, C_out, H, W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int, int]):
+        super().__init__(in_channels, out_channels, kernel_size=3, padding=1)
+        self.time_mix_conv = nn.Conv3d(out_channels, out_channels, kernel_size, padding=tuple(k // 2 for k in kernel_size))
+
+    def forward(self, x: torch.Tensor, clips: Clips | None = None) -> torch.Tensor:
+        x = super().forward(x)
+        if clips is None or clips.skip_video:
+            return x
+        x = rearrange(x, "(b t) c h w -> b c t h w", t=clips.num_frames)
+        return rearrange(self.time_mix_conv(x), "b c t h w -> (b t) c h w")
+
+
+def frame_embedding(frame_index: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of frame indices, cos first: (N,) -> (N, dim), fp32 (sgm `util.timestep_embedding`).
+
+    freqs_i = exp(-ln(max_period) * i / half) for i < half = dim // 2; emb = [cos(t·f), sin(t·f)] (+ a zero
+    column for odd dim). Not to be confused with sgm `model.get_timestep_embedding` (sin first, half - 1).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=frame_index.device) / half)
+    args = frame_index.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class GEGLU(nn.Module):
+    """Linear to 2·dim_out, split into value and gate: value * gelu(gate) (exact erf GELU)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """sgm `FeedForward(glu=True, mult=4)`: net = [GEGLU(dim -> 4·dim), Dropout, Linear(4·dim -> dim_out)]."""
+
+    def __init__(self, dim: int, dim_out: int):
+        super().__init__()
+        inner = 4 * dim
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SelfAttention(nn.Module):
+    """sgm `CrossAttention` used as self-attention: to_q/to_k/to_v (no bias), to_out.0 (with bias).
+
+    x: (B, L, C) -> (B, L, C); `heads` heads of C // heads channels, scale 1/sqrt(C // heads).
+    """
+
+    def __init__(self, dim: int, heads: int, attention: AttentionBackend):
+        super().__init__()
+        self.heads = heads
+        self.attention_backend = attention
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, L, heads*d) -> (B, heads, L, d)
+        q, k, v = (rearrange(layer(x), "b l (h d) -> b h l d", h=self.heads) for layer in (self.to_q, self.to_k, self.to_v))
+        out = self.attention_backend(q, k, v)
+        return self.to_out(rearrange(out, "b h l d -> b l (h d)"))
+
+
+class VideoTransformerBlock(nn.Module):
+    """sgm `VideoTransformerBlock(dim=C, n_heads=1, d_head=C, ff_in=True)`: attention along time.
+
+    x: (N, S, C) with N = b·t frames and S = H·W positions -> regrouped to (b·S, t, C), then
+    x = ff_in(norm_in(x)) + x; x = attn1(norm1(x)) + x; x = attn2(norm2(x)) + x (a second self-attention,
+    there is no context); x = ff(norm3(x)) + x; regrouped back to (N, S, C). LayerNorms have eps 1e-5.
+    """
+
+    def __init__(self, dim: int, attention: AttentionBackend):
+        super().__init__()
+        self.norm_in = nn.LayerNorm(dim)
+        self.ff_in = FeedForward(dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = SelfAttention(dim, 1, attention)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = SelfAttention(dim, 1, attention)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, dim)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        positions = x.shape[1]
+        x = rearrange(x, "(b t) s c -> (b s) t c", t=num_frames)
+        x = self.ff_in(self.norm_in(x)) + x
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x)) + x
+        x = self.ff(self.norm3(x)) + x
+        return rearrange(x, "(b s) t c -> (b t) s c", s=positions)
+
+
+class VideoBlock(AttnBlock):
+    """Spatial attention plus attention along time (sgm `VideoBlock`, ComfyUI `AttnVideoBlock`).
+
+    h = attend(x) (norm, q, k, v, softmax; no proj_out) as (N, S, C);
+    m = time_mix_block(h + video_time_embed(frame_embedding(frame index within its clip)));
+    out = x + proj_out(α·h + (1-α)·m), α weighting the *spatial* branch.
+    With `clips.skip_video` (or no clips) it is the plain `AttnBlock`.
+    """
+
+    def __init__(self, channels: int, attention: AttentionBackend, merge_strategy: str = "learned", alpha: float = 0.0):
+        super().__init__(channels, attention)
+        self.merge_strategy = merge_strategy
+        self.time_mix_block = VideoTransformerBlock(channels, attention)
+        self.video_time_embed = nn.Sequential(
+            nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, channels)
+        )
+        make_mix_factor(self, merge_strategy, alpha)
+
+    def forward(self, x: torch.Tensor, clips: Clips | None = None) -> torch.Tensor:
+        if clips is None or clips.skip_video:
+            return super().forward(x)
+        height, width = x.shape[-2:]
+        h = rearrange(self.attend(x), "n c h w -> n (h w) c")
+        frames = torch.arange(clips.num_frames, device=x.device).repeat(x.shape[0] // clips.num_frames)  # (b t)
+        emb = self.video_time_embed(frame_embedding(frames, self.channels).to(x.dtype))  # (N, C)
+        mixed = self.time_mix_block(h + emb[:, None, :], clips.num_frames)
+        alpha = blend_alpha(self.mix_factor, self.merge_strategy).to(x.dtype)
+        if clips.image_only is not None and self.merge_strategy == "learned_with_images":
+            alpha = image_frames_alpha(alpha, clips, 1.0).reshape(-1, 1, 1)  # (N, 1, 1) over (N, S, C)
+        h = alpha * h + (1.0 - alpha) * mixed
+        return x + self.proj_out(rearrange(h, "n (h w) c -> n c h w", h=height, w=width))

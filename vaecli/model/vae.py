@@ -1,0 +1,78 @@
+"""`VAE`: encoder + decoder (+ optional quant convs), with the public encode/decode API."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vaecli.errors import UsageError
+from vaecli.model.blocks import Clips
+from vaecli.model.config import VAEConfig
+from vaecli.model.decoder import Decoder
+from vaecli.model.encoder import DiagonalGaussian, Encoder
+from vaecli.ops.attention import AttentionBackend
+
+
+class VAE(nn.Module):
+    """A KL VAE whose decoder may mix frames (SVD) or code them one by one (SD image VAE).
+
+    State-dict keys are the sgm/ldm keys without prefix: `encoder.*`, `decoder.*`, and `quant_conv.*` /
+    `post_quant_conv.*` where the config has them. `attention` is the backend every attention layer uses.
+    """
+
+    def __init__(self, config: VAEConfig, attention: AttentionBackend | None = None):
+        super().__init__()
+        self.config = config
+        self.attention = attention if attention is not None else AttentionBackend("sdpa")
+        self.encoder = Encoder(config, self.attention)
+        self.decoder = Decoder(config, self.attention)
+        if config.quant_conv:
+            self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, kernel_size=1)
+        if config.post_quant_conv:
+            self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, kernel_size=1)
+
+    def _check_frames(self, x: torch.Tensor, channels: int, what: str, multiple: int = 1) -> None:
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise UsageError(f"{what} must be (T, {channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[-2] % multiple or x.shape[-1] % multiple:
+            raise UsageError(f"{what} height and width must be multiples of {multiple}, got {tuple(x.shape[-2:])}")
+
+    def encode_moments(self, x: torch.Tensor) -> DiagonalGaussian:
+        """Frames (T, 3, H, W) in [-1, 1] -> the posterior over latents (T, C, H/8, W/8)."""
+        self._check_frames(x, self.config.in_channels, "frames", self.config.downscale)
+        moments = self.encoder(x)
+        if self.config.quant_conv:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian(moments)
+
+    def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Frames (T, 3, H, W) in [-1, 1] -> unscaled latents (T, C, H/8, W/8): the posterior mode, or a sample."""
+        posterior = self.encode_moments(x)
+        return posterior.sample(generator) if sample else posterior.mode()
+
+    def decode(self, z: torch.Tensor, num_frames: int | None = None, *, per_frame: bool = False,
+               image_only: torch.Tensor | None = None) -> torch.Tensor:
+        """Unscaled latents (T, C, h, w) -> frames (T, 3, 8h, 8w), ≈[-1, 1].
+
+        num_frames: consecutive groups of this many frames are decoded as independent clips (temporal convs
+            zero-pad at each clip's edges, temporal GroupNorm spans each clip); default: all T frames, one clip.
+        per_frame: decode every frame alone with the spatial path (the 2D decoder on the same weights).
+        image_only: bool (T,), frames treated as still images (merge strategy "learned_with_images").
+        An image VAE (time_mode "image") always decodes frame by frame.
+        """
+        self._check_frames(z, self.config.latent_channels, "latents")
+        frames = z.shape[0]
+        num_frames = frames if num_frames is None else num_frames
+        if num_frames < 1 or frames % num_frames:
+            raise UsageError(f"{frames} latent frames do not split into clips of {num_frames} frames")
+        if image_only is not None and image_only.shape != (frames,):
+            raise UsageError(f"image_only must have shape ({frames},), got {tuple(image_only.shape)}")
+        if self.config.post_quant_conv:
+            z = self.post_quant_conv(z)
+        if not self.config.is_video or per_frame:
+            return self.decoder(z, None)
+        return self.decoder(z, Clips(num_frames, image_only=image_only))
+
+    def forward(self, x: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        """Reconstruct frames: decode(encode(x)) with the posterior mode."""
+        return self.decode(self.encode(x), num_frames)

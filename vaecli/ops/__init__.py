@@ -1,0 +1,1 @@
+"""Operations below the model: attention backends, norms, device and memory queries."""

@@ -1,0 +1,87 @@
+"""Device and dtype parsing and free-memory queries. Imports nothing from vaecli but errors."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from vaecli.errors import BackendError, UsageError
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """`"fp16"`, `"bf16"`, `"fp32"` (or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPE_NAMES:
+            raise UsageError(f"unsupported dtype {dtype}; use fp32, fp16 or bf16")
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise UsageError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """`"cpu"`, `"cuda"`, `"cuda:1"` or `"auto"` -> torch device; `auto` takes the CUDA device with most free memory."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            best = max(range(torch.cuda.device_count()), key=lambda i: free_memory(torch.device("cuda", i)))
+            return torch.device("cuda", best)
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BackendError(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise UsageError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device`.
+
+    CUDA: the driver's free memory plus what torch's caching allocator holds but does not use.
+    CPU: MemAvailable from /proc/meminfo (or a conservative 4 GiB where that file does not exist).
+    """
+    if device.type == "cuda":
+        stats = torch.cuda.memory_stats(device)
+        cached_unused = stats.get("reserved_bytes.all.current", 0) - stats.get("active_bytes.all.current", 0)
+        driver_free, _total = torch.cuda.mem_get_info(device)
+        return int(driver_free + cached_unused)
+    return _cpu_available_bytes()
+
+
+def _cpu_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return 4 << 30

@@ -1,0 +1,1 @@
+"""Video I/O, latent files, planning and running (built by the CLI issue)."""
