@@ -7,7 +7,7 @@ Public API (imported lazily, so `import vaecli` stays cheap):
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from vaecli._version import __version__
 
 __all__ = ["load_vae", "VAE", "VAEConfig", "__version__"]
 

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from vaecli._version import __version__
 from vaecli.errors import CheckpointError, UsageError
 from vaecli.model import keymap
 from vaecli.model.config import VAEConfig, load_config, named_configs
@@ -288,11 +289,14 @@ def infer_config(state: dict[str, torch.Tensor], base: VAEConfig | None = None, 
 
 
 def _matching_named(found: VAEConfig, scaling_factor: float | None = None) -> VAEConfig | None:
-    """The first named config with the architecture of `found` (and `scaling_factor`, when given)."""
+    """The first named config with the architecture of `found` (and `scaling_factor`, when given).
+
+    Quant convs do not count: the same SVD VAE has none in sgm files and an identity quant_conv in diffusers'.
+    """
     configs = named_configs()
     order = [n for n in CONFIG_PREFERENCE if n in configs] + sorted(set(configs) - set(CONFIG_PREFERENCE))
     for name in order:
-        c = configs[name]
+        c = configs[name].replace(quant_conv=found.quant_conv, post_quant_conv=found.post_quant_conv)
         if c.architecture() == found.architecture() and scaling_factor in (None, c.scaling_factor):
             return c
     return None
@@ -416,8 +420,6 @@ def save_checkpoint(state: dict[str, torch.Tensor], config: VAEConfig, out: str 
     sgm: one safetensors file. diffusers: a `.safetensors` file, or a folder with `config.json` and
     `diffusion_pytorch_model.safetensors`. The vaecli config travels in the safetensors metadata.
     """
-    from vaecli import __version__
-
     out = Path(out)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
