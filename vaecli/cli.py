@@ -33,31 +33,27 @@ ConfigOpt = Annotated[Optional[str], typer.Option(
 
 
 def _debug(ctx: typer.Context | None) -> bool:
-    flag = bool(ctx and ctx.find_root().params.get("debug"))
+    flag = bool(ctx is not None and ctx.find_root().params.get("debug"))
     return flag or os.environ.get("VAECLI_DEBUG", "") not in ("", "0")
 
 
 def handle_errors(command):
-    """Turn VaecliErrors into one-line messages and exit codes; keep tracebacks for --debug."""
+    """Turn VaecliErrors into one-line messages and exit codes; keep tracebacks for --debug.
+
+    The wrapped command takes `ctx: typer.Context` so that the root's --debug flag can be read.
+    """
 
     @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+    def wrapper(ctx: typer.Context, *args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            return command(ctx, *args, **kwargs)
         except VaecliError as e:
-            ctx = click_context()
             if _debug(ctx):
                 traceback.print_exc()
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
 
     return wrapper
-
-
-def click_context() -> typer.Context | None:
-    import click
-
-    return click.get_current_context(silent=True)
 
 
 def _version_callback(value: bool) -> None:
@@ -85,6 +81,7 @@ def _print_result(result: dict, as_json: bool, human: list[str]) -> None:
 @app.command()
 @handle_errors
 def info(
+    ctx: typer.Context,
     path: Annotated[Path, typer.Argument(help="A checkpoint: safetensors file or diffusers folder.")],
     config: ConfigOpt = None,
     device: Annotated[str, typer.Option(help="Device to resolve the attention backend for: auto, cpu, cuda[:i].")] = "cpu",
@@ -122,6 +119,7 @@ def info(
 @app.command()
 @handle_errors
 def convert(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="Any supported checkpoint (full SVD file, ComfyUI, diffusers).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output .safetensors file (or folder for diffusers).")],
     to: Annotated[str, typer.Option("--to", help="Target layout: sgm (ComfyUI/standalone) or diffusers.")] = "sgm",

@@ -120,17 +120,19 @@ def read_header(path: Path) -> tuple[dict, dict[str, str]]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix in PICKLE_SUFFIXES:
+            head = f.read(9)
+            header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+            looks_safetensors = len(head) == 9 and head[8:9] == b"{" and header_len <= size - 8
+            if not looks_safetensors and (_looks_pickled(head) or path.suffix in PICKLE_SUFFIXES):
                 raise CheckpointError(
                     f"{path}: a pickle-based PyTorch file; vaecli never unpickles files (they can run code). "
                     "Convert it to .safetensors with a tool you trust, or use the model's safetensors release")
-            if len(head) < 8:
+            if len(head) < 9:
                 raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
-            (header_len,) = struct.unpack("<Q", head)
             if header_len > min(size - 8, 100 << 20):
                 raise CheckpointError(f"{path}: not a safetensors file, or truncated (header of {header_len} bytes "
                                       f"in a {size}-byte file)")
+            f.seek(8)
             raw = f.read(header_len)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
@@ -150,6 +152,11 @@ def read_header(path: Path) -> tuple[dict, dict[str, str]]:
     if 8 + header_len + end > size:
         raise CheckpointError(f"{path}: truncated: tensors need {8 + header_len + end} bytes, the file has {size}")
     return header, metadata
+
+
+def _looks_pickled(head: bytes) -> bool:
+    """A zip archive (torch.save since 1.6) or a raw pickle stream (protocol 2-5 opcode)."""
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def detect_layout(keys) -> Layout:
