@@ -1,0 +1,49 @@
+"""Precision rules: temporal GroupNorm in fp32 for half inputs; mixed parameter/input dtypes work on CPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import latents, random_vae, tiny_config
+from vaecli.ops.device import parse_device, parse_dtype
+from vaecli.errors import UsageError
+from vaecli.ops.norm import GroupNorm32, spatial_norm, temporal_norm
+
+
+def test_temporal_norm_is_fp32_groupnorm_cast_back():
+    norm = temporal_norm(64)
+    assert norm.eps == 1e-5 and spatial_norm(64).eps == 1e-6
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (torch.randn(2, 64, 3, 4, 4) * 50 + 300).to(torch.bfloat16)
+    out = norm(x)
+    expected = F.group_norm(x.float(), 32, norm.weight, norm.bias, 1e-5).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    fp32 = torch.randn(2, 64, 3, 4, 4)
+    assert torch.equal(norm(fp32), F.group_norm(fp32, 32, norm.weight, norm.bias, 1e-5))
+
+
+def test_half_parameters_with_fp32_input_work_on_cpu():
+    norm = GroupNorm32(32, 64, eps=1e-5).to(torch.bfloat16)
+    out = norm(torch.randn(1, 64, 2, 2, 2))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_bf16_model_decodes_close_to_fp32():
+    vae = random_vae(tiny_config(), seed=50)
+    z = latents(4, 8, 8)
+    with torch.no_grad():
+        ref = vae.decode(z)
+        low = vae.to(torch.bfloat16).decode(z.bfloat16()).float()
+    assert torch.isfinite(low).all()
+    assert (low - ref).abs().mean() < 0.03
+
+
+def test_dtype_and_device_parsing():
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype(torch.float16) is torch.float16
+    assert parse_device("cpu") == torch.device("cpu")
+    with pytest.raises(UsageError, match="unknown dtype 'int8'"):
+        parse_dtype("int8")
+    with pytest.raises(UsageError, match="unknown device"):
+        parse_device("tpu:0")
