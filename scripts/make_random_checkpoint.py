@@ -11,34 +11,17 @@ Weights are seeded normals scaled by 1/sqrt(fan_in); mix_factor and the zero-ini
 from __future__ import annotations
 
 import argparse
-import math
-
 import torch
 from safetensors.torch import save_file
 
-from vaecli.model.checkpoint import save_checkpoint, to_layout, Checkpoint, Layout
+from vaecli.model.checkpoint import Checkpoint, Layout, save_checkpoint, to_layout
 from vaecli.model.config import VAEConfig, load_config
-from vaecli.model.vae import VAE
+from vaecli.model.vae import VAE, randomize_weights_
 from vaecli.ops.files import atomic_output
 
 
 def random_state(config: VAEConfig, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in VAE(config).state_dict().items()}
-    state = {}
-    for key, shape in shapes.items():
-        noise = torch.randn(shape, generator=gen)
-        leaf = key.rsplit(".", 1)[-1]
-        if leaf == "mix_factor":
-            state[key] = 2.0 * noise
-        elif len(shape) == 1 and leaf == "weight":
-            state[key] = 1.0 + 0.2 * noise
-        elif leaf == "bias":
-            state[key] = 0.1 * noise
-        else:
-            state[key] = noise / math.sqrt(math.prod(shape[1:]))
-    return state
+    return randomize_weights_(VAE(config), seed).state_dict()
 
 
 def main() -> None:

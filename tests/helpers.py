@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from vaecli.model.config import VAEConfig
-from vaecli.model.vae import VAE
+from vaecli.model.vae import VAE, randomize_weights_ as randomize_
 from vaecli.ops.attention import AttentionBackend
 
 
@@ -17,32 +15,6 @@ def tiny_config(time_mode: str = "conv-only", **changes) -> VAEConfig:
                 time_mode=time_mode)
     base.update(changes)
     return VAEConfig(**base)
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter and float buffer random values, zero-initialised ones and mix_factor included.
-
-    Weights ~ N(0, 1/fan_in) keep activations O(1); norm scales ~ 1 ± 0.2; biases ~ N(0, 0.1);
-    mix_factor ~ N(0, 2), so sigmoid(mix_factor) spans (0, 1).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.randn(tensor.shape, generator=gen)
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "mix_factor":
-                value = 2.0 * noise
-            elif tensor.ndim == 1 and leaf == "weight":  # GroupNorm / LayerNorm scale
-                value = 1.0 + 0.2 * noise
-            elif leaf == "bias":
-                value = 0.1 * noise
-            else:
-                fan_in = math.prod(tensor.shape[1:])
-                value = noise / math.sqrt(fan_in)
-            tensor.copy_(value.to(tensor.dtype))
-    return module
 
 
 def random_vae(config: VAEConfig, seed: int = 0, attention: str = "math") -> VAE:
