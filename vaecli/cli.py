@@ -30,6 +30,17 @@ app = typer.Typer(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 ConfigOpt = Annotated[Optional[str], typer.Option(
     "--config", help="Named config (svd-vae, sd-vae, sdxl-vae) or TOML file for what shapes cannot tell.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Checkpoint file or diffusers folder (default: the bundled model).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA), fp32, fp16 or bf16.")]
+AttentionOpt = Annotated[str, typer.Option(help="auto, math, sdpa, split, sub-quadratic or xformers.")]
+OutOpt = Annotated[Optional[Path], typer.Option("-o", "--out", help="Output path (one input only).")]
+OutDirOpt = Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for the outputs of many inputs.")]
+ManifestOpt = Annotated[Optional[Path], typer.Option(help="A file listing inputs, one path per line.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace existing outputs.")]
+SkipOpt = Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose output exists (resume a batch).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary on stderr.")]
 
 
 def _debug(ctx: typer.Context | None) -> bool:
@@ -82,14 +93,34 @@ def _print_result(result: dict, as_json: bool, human: list[str]) -> None:
 @handle_errors
 def info(
     ctx: typer.Context,
-    path: Annotated[Path, typer.Argument(help="A checkpoint: safetensors file or diffusers folder.")],
+    path: Annotated[Path, typer.Argument(help="A video, image folder, GIF, latent file or checkpoint.")],
     config: ConfigOpt = None,
     device: Annotated[str, typer.Option(help="Device to resolve the attention backend for: auto, cpu, cuda[:i].")] = "cpu",
     dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
-    attention: Annotated[str, typer.Option(help="auto, math, sdpa, split, sub-quadratic or xformers.")] = "auto",
+    attention: AttentionOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Show a checkpoint's layout, configuration, parameter count and dtypes, and the attention backend."""
+    """Describe a video (streams, frames, fps, size), a latent file (shape, metadata) or a checkpoint."""
+    kind = _file_kind(path)
+    if kind == "latents":
+        from vaecli.pipeline.latents_io import describe_latents
+
+        result = describe_latents(path)
+        meta = result["metadata"]
+        human = [f"file:      {result['path']}", f"latents:   {result['tensor']} {result['shape']} {result['dtype']}"
+                 f" ({'scaled by the model' if result['scaled'] else 'raw, ComfyUI'})"]
+        human += [f"{k + ':':<17}{v}" for k, v in sorted(meta.items()) if k != "__metadata__"]
+        if not result["vaecli_metadata"]:
+            human.append("no vaecli metadata: decode it with --fps (and --model)")
+        return _print_result(result, as_json, human)
+    if kind == "video":
+        from vaecli.pipeline.video_io import describe_video
+
+        result = describe_video(path)
+        human = [f"file:      {result['path']}", f"kind:      {result['kind']} ({result['codec']})",
+                 f"frames:    {result['frames']}", f"fps:       {result['fps']} ({result['fps_float']})",
+                 f"size:      {result['width']}x{result['height']}", f"duration:  {result['duration_s']} s"]
+        return _print_result(result, as_json, human)
     from vaecli.model.checkpoint import describe_checkpoint
     from vaecli.ops.attention import resolve_attention
     from vaecli.ops.device import dtype_name, parse_device, parse_dtype
@@ -116,6 +147,22 @@ def info(
     _print_result(result, as_json, human)
 
 
+def _file_kind(path: Path) -> str:
+    """"latents", "checkpoint" or "video" (videos, GIFs, images, image folders and globs)."""
+    if path.is_dir():
+        has_weights = any((path / sub / name).is_file() for sub in ("", "vae")
+                          for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"))
+        return "checkpoint" if has_weights else "video"
+    if path.suffix in (".safetensors", ".latent"):
+        from vaecli.model.checkpoint import read_header
+
+        header, _ = read_header(path)
+        return "latents" if "latents" in header or "latent_tensor" in header else "checkpoint"
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        return "checkpoint"
+    return "video"
+
+
 @app.command()
 @handle_errors
 def convert(
@@ -136,6 +183,281 @@ def convert(
     written = convert_checkpoint(checkpoint, out, to=to, dtype=dtype, overwrite=overwrite, config=config)
     _print_result({"input": str(checkpoint), "output": str(written), "layout": to, "dtype": dtype},
                   as_json, [str(written)])
+
+
+# ------------------------------------------------------------------------------------------ encode / decode
+
+
+def _load_model(model: str | None, config: str | None, device: str, dtype: str, attention: str):
+    from vaecli.model.checkpoint import BUNDLED_MODEL, load_vae
+    from vaecli.ops.device import parse_device, parse_dtype
+    from vaecli.pipeline.runner import Model
+
+    dev = parse_device(device)
+    if dtype == "auto":
+        import torch
+
+        dt = torch.float32 if dev.type == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    else:
+        dt = parse_dtype(dtype)
+    source = None if model in (None, BUNDLED_MODEL.removesuffix(".safetensors")) else model
+    vae = load_vae(source, device=dev, dtype=dt, attention=attention, config=config)
+    return Model.wrap(vae, vae.config.name)
+
+
+def _inputs(items: list[str] | None, manifest: Path | None) -> list[str]:
+    found = list(items or [])
+    if manifest is not None:
+        try:
+            lines = manifest.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise UsageError(f"cannot read manifest {manifest}: {e.strerror}") from None
+        found += [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    if not found:
+        raise UsageError("no inputs: give files on the command line or --manifest FILE")
+    return found
+
+
+def _batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, default_name, work, *,
+           skip_existing: bool, as_json: bool, quiet: bool, verb: str) -> None:
+    """Run `work(input, output)` for every input: failures are reported and the rest go on; exit 1 if any failed.
+
+    `out` is passed to `work` as given (a str keeps the trailing "/" that asks decode for a PNG folder).
+    """
+    import time
+
+    from tqdm import tqdm
+
+    if out is not None and len(inputs) > 1:
+        raise UsageError(f"-o takes one input, {len(inputs)} were given; use --out-dir")
+    if out_dir is not None and not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir} is not a folder; create it first")
+    started = time.perf_counter()
+    done = failed = skipped = 0
+    files = tqdm(inputs, desc=f"{verb} files", unit="file", file=sys.stderr, leave=False,
+                 disable=quiet or len(inputs) < 2 or not sys.stderr.isatty())
+    for item in files:
+        target = out if out is not None else (out_dir or Path(item).parent) / default_name(Path(item))
+        if isinstance(target, Path) and default_name(Path(item)).endswith("/"):
+            target = f"{target}/"
+        if skip_existing and Path(target).exists():
+            skipped += 1
+            result = {"input": item, "output": str(target), "skipped": True}
+        else:
+            try:
+                result = work(item, target)
+                done += 1
+            except VaecliError as e:
+                failed += 1
+                result = {"input": item, "output": str(target), "error": str(e)}
+                typer.echo(f"error: {item}: {e}", err=True)
+        if as_json:
+            typer.echo(json.dumps(result, sort_keys=True))
+        elif "error" not in result:
+            typer.echo(result["output"])
+    if not quiet and len(inputs) > 1:
+        typer.echo(f"{verb}: {done} done, {skipped} skipped, {failed} failed in {time.perf_counter() - started:.1f} s",
+                   err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _latents_name(path: Path) -> str:
+    stem = path.name.rstrip("/*?") or "frames"
+    stem = Path(stem).stem if "*" not in str(path) else path.parent.name
+    return f"{stem}.latents.safetensors"
+
+
+def _decoded_name(fmt: str | None):
+    def name(path: Path) -> str:
+        stem = path.name
+        for suffix in (".latents.safetensors", ".safetensors", ".latent"):
+            if stem.endswith(suffix):
+                stem = stem[: -len(suffix)]
+                break
+        return f"{stem}.decoded/" if fmt == "png" else f"{stem}.decoded.{fmt or 'mp4'}"
+
+    return name
+
+
+@app.command()
+@handle_errors
+def encode(
+    ctx: typer.Context,
+    inputs: Annotated[Optional[list[str]], typer.Argument(help="Videos, GIFs, images, image folders or globs.")] = None,
+    out: OutOpt = None,
+    out_dir: OutDirOpt = None,
+    manifest: ManifestOpt = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    start: Annotated[int, typer.Option(help="First source frame to take.")] = 0,
+    frames: Annotated[Optional[int], typer.Option("--frames", help="How many frames to take (default: all).")] = None,
+    stride: Annotated[int, typer.Option(help="Take every K-th frame.")] = 1,
+    size: Annotated[Optional[str], typer.Option(help="Resize frames to WxH first.")] = None,
+    fit: Annotated[str, typer.Option(help="Sizes not multiple of 8: pad (reflect), crop or resize.")] = "pad",
+    sample: Annotated[bool, typer.Option(help="Sample the posterior instead of taking its mode.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for --sample (per frame, independent of batching).")] = 0,
+    batch: Annotated[int, typer.Option(help="Frames per encoder call.")] = 8,
+    save_moments: Annotated[bool, typer.Option(help="Also store the posterior mean and logvar.")] = False,
+    export: Annotated[Optional[str], typer.Option(help="Also write another format: comfy (.latent).")] = None,
+    latent_dtype: Annotated[str, typer.Option(help="Stored dtype of the latents: fp32, fp16 or bf16.")] = "fp32",
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    attention: AttentionOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    skip_existing: SkipOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Encode videos into latent files (INPUT -> INPUT.latents.safetensors).
+
+    \b
+    Examples:
+      vaecli encode clip.mp4
+      vaecli encode clip.mp4 -o clip.latents.safetensors --frames 25 --size 1024x576
+      vaecli encode *.mp4 --out-dir latents/ --skip-existing --json > log.jsonl
+    """
+    from vaecli.ops.device import parse_dtype
+    from vaecli.pipeline.frames import parse_size
+    from vaecli.pipeline.runner import EncodeOptions, encode_file
+    from vaecli.pipeline.video_io import Selection
+
+    if export not in (None, "comfy"):
+        raise UsageError(f"--export takes comfy, not {export!r}")
+    if batch < 1:
+        raise UsageError("--batch must be at least 1")
+    opts = EncodeOptions(selection=Selection(start, frames, stride), size=parse_size(size), fit=fit, sample=sample,
+                         seed=seed, batch=batch, save_moments=save_moments, export_comfy=export == "comfy",
+                         latent_dtype=parse_dtype(latent_dtype), overwrite=overwrite)
+    if fit not in ("pad", "crop", "resize"):
+        raise UsageError(f"--fit must be pad, crop or resize, not {fit!r}")
+    loaded = []
+
+    def work(item: str, target: Path) -> dict:
+        if not loaded:
+            loaded.append(_load_model(model, config, device, dtype, attention))
+        m = loaded[0]
+        result = encode_file(m, item, Path(target), opts, quiet=quiet)
+        result.update(device=str(m.device), dtype=_dtype_name(m.dtype), attention=m.vae.attention.name,
+                      model=m.name)
+        return result
+
+    _batch(_inputs(inputs, manifest), out, out_dir, _latents_name, work, skip_existing=skip_existing,
+           as_json=as_json, quiet=quiet, verb="encode")
+
+
+def _dtype_name(dtype) -> str:
+    from vaecli.ops.device import dtype_name
+
+    return dtype_name(dtype)
+
+
+@app.command()
+@handle_errors
+def decode(
+    ctx: typer.Context,
+    inputs: Annotated[Optional[list[str]], typer.Argument(help="Latent files (.latents.safetensors or .latent).")] = None,
+    out: Annotated[Optional[str], typer.Option("-o", "--out", help="Output video, folder/ or %05d pattern for PNGs.")] = None,
+    out_dir: OutDirOpt = None,
+    manifest: ManifestOpt = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="mp4 (H.264), webm (VP9), gif or png.")] = None,
+    crf: Annotated[int, typer.Option(help="Quality for mp4/webm (lower is better; 0 is lossless H.264).")] = 18,
+    fps: Annotated[Optional[str], typer.Option(help="Frame rate (default: from the latents' metadata).")] = None,
+    chunk: Annotated[Optional[int], typer.Option(help="Decode clips of N frames each (default: one clip).")] = None,
+    native_size: Annotated[bool, typer.Option(help="Keep the model's size; do not undo padding/cropping/resizing.")] = False,
+    allow_model_mismatch: Annotated[bool, typer.Option(help="Decode with another model than the encoding one.")] = False,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    attention: AttentionOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    skip_existing: SkipOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Decode latent files into videos (X.latents.safetensors -> X.decoded.mp4).
+
+    \b
+    Examples:
+      vaecli decode clip.latents.safetensors
+      vaecli decode clip.latents.safetensors -o clip.webm --crf 30
+      vaecli decode clip.latents.safetensors -o frames/          # lossless PNG sequence
+      vaecli decode generated.safetensors --fps 7 -o out.mp4     # latents without vaecli metadata
+    """
+    from vaecli.pipeline.latents_io import parse_fps
+    from vaecli.pipeline.runner import DecodeOptions, decode_file
+
+    if fmt is not None and fmt not in ("mp4", "webm", "gif", "png"):
+        raise UsageError(f"--format must be mp4, webm, gif or png, not {fmt!r}")
+    if chunk is not None and chunk < 1:
+        raise UsageError("--chunk must be at least 1")
+    opts = DecodeOptions(fmt=fmt, crf=crf, fps=parse_fps(fps), chunk=chunk, native_size=native_size,
+                         allow_model_mismatch=allow_model_mismatch, overwrite=overwrite)
+    loaded = []
+
+    def work(item: str, target: Path) -> dict:
+        if not loaded:
+            loaded.append(_load_model(model, config, device, dtype, attention))
+        m = loaded[0]
+        result = decode_file(m, Path(item), target, opts, quiet=quiet)  # target keeps a trailing "/" (PNGs)
+        result.update(device=str(m.device), dtype=_dtype_name(m.dtype), attention=m.vae.attention.name,
+                      model=m.name)
+        return result
+
+    _batch(_inputs(inputs, manifest), out, out_dir, _decoded_name(fmt), work, skip_existing=skip_existing,
+           as_json=as_json, quiet=quiet, verb="decode")
+
+
+@app.command()
+@handle_errors
+def roundtrip(
+    ctx: typer.Context,
+    input: Annotated[str, typer.Argument(help="A video, GIF, image folder or glob.")],
+    out: Annotated[str, typer.Option("-o", "--out", help="Reconstructed video (or folder/ for PNGs).")],
+    report: Annotated[Optional[Path], typer.Option(help="Write the metrics as JSON here.")] = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    start: Annotated[int, typer.Option(help="First source frame to take.")] = 0,
+    frames: Annotated[Optional[int], typer.Option("--frames", help="How many frames to take.")] = None,
+    stride: Annotated[int, typer.Option(help="Take every K-th frame.")] = 1,
+    fit: Annotated[str, typer.Option(help="pad, crop or resize.")] = "pad",
+    chunk: Annotated[Optional[int], typer.Option(help="Decode clips of N frames (metrics per clip).")] = None,
+    crf: Annotated[int, typer.Option(help="Quality of the written video.")] = 18,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    attention: AttentionOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Encode and decode a video; print PSNR and SSIM per clip (measured before the output is compressed)."""
+    import tempfile
+
+    from vaecli.ops.files import atomic_output
+    from vaecli.pipeline.runner import DecodeOptions, EncodeOptions, RoundtripMeter, decode_file, encode_file
+    from vaecli.pipeline.video_io import FrameSource, Selection
+
+    if report is not None and report.exists() and not overwrite:
+        raise UsageError(f"{report} exists; pass --overwrite to replace it")
+    m = _load_model(model, config, device, dtype, attention)
+    selection = Selection(start, frames, stride)
+    with tempfile.TemporaryDirectory(prefix="vaecli-roundtrip-") as tmp:
+        latents = Path(tmp) / "roundtrip.latents.safetensors"
+        enc = encode_file(m, input, latents, EncodeOptions(selection=selection, fit=fit), quiet=quiet)
+        meter = RoundtripMeter(FrameSource(input).frames(selection))
+        dec = decode_file(m, latents, Path(out), DecodeOptions(chunk=chunk, crf=crf, overwrite=overwrite),
+                          quiet=quiet, observer=meter)
+    result = {"input": input, "output": dec["output"], "model": m.name, "device": str(m.device),
+              "dtype": _dtype_name(m.dtype), "encode_seconds": enc["seconds"], "decode_seconds": dec["seconds"],
+              "plan": dec["plan"], **meter.summary()}
+    if report is not None:
+        with atomic_output(report, overwrite) as tmp_report:
+            tmp_report.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    human = [f"clip {c['clip']}: {c['frames']} frames  PSNR {c['psnr']:.2f} dB  SSIM {c['ssim']:.4f}" for c in result["clips"]]
+    human.append(f"all:    {result['frames']} frames  PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.4f}"
+                 f"  -> {result['output']}")
+    _print_result(result, as_json, human)
 
 
 def main() -> None:

@@ -1,0 +1,191 @@
+"""Latent files: a streaming safetensors writer, a reader, the metadata schema and ComfyUI's `.latent`.
+
+A vaecli latent file is a safetensors file with
+- `latents` (T, C, h, w): the posterior mode (or a sample), already multiplied by the model's scaling factor;
+- optionally `mean` and `logvar` (T, C, h, w): the unscaled posterior moments (`--save-moments`);
+- string metadata (see METADATA_KEYS and the README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from vaecli.errors import InputError, OutputError, UsageError
+from vaecli.model.checkpoint import read_header
+from vaecli.pipeline.frames import Geometry
+
+FORMAT_VERSION = "1"
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+METADATA_KEYS = (
+    "vaecli.format", "vaecli.version", "model.name", "model.hash", "scaling_factor", "latent_channels",
+    "time_mode", "fps", "source", "frame_start", "frame_stride", "frame_count", "geometry", "dtype",
+    "latents_dtype", "posterior", "seed",
+)
+
+
+class LatentFileWriter:
+    """Collect tensors chunk by chunk along the frame axis in raw side files, then write one safetensors file.
+
+    Memory stays constant however many frames arrive: chunks go straight to disk. `finish(path)` writes the
+    header (now that the frame count is known) and copies the raw data after it. Side files live beside the
+    output and are removed by `close()`.
+    """
+
+    def __init__(self, beside: Path, names: tuple[str, ...], dtype: torch.dtype):
+        self.dtype = dtype
+        self.names = names
+        self.shapes: dict[str, list[int] | None] = {n: None for n in names}
+        self.paths = {n: beside.with_name(f".{beside.name}.{os.getpid()}.{n}.raw") for n in names}
+        self.files = {}
+        try:
+            for n in names:
+                self.files[n] = open(self.paths[n], "wb")
+        except OSError as e:
+            self.close()
+            raise OutputError(f"{beside.parent}: cannot write ({e.strerror})") from None
+
+    def append(self, name: str, chunk: torch.Tensor) -> None:
+        """chunk: (t, C, h, w); appended after the frames written so far."""
+        chunk = chunk.detach().to("cpu", self.dtype).contiguous()
+        shape = self.shapes[name]
+        if shape is None:
+            self.shapes[name] = list(chunk.shape)
+        else:
+            if list(chunk.shape[1:]) != shape[1:]:
+                raise InputError(f"frame size changed mid-stream: latents {list(chunk.shape[1:])} after {shape[1:]}")
+            shape[0] += chunk.shape[0]
+        try:
+            self.files[name].write(chunk.view(torch.uint8).numpy().tobytes())
+        except OSError as e:
+            raise OutputError(f"write failed: {e.strerror}") from None
+
+    def finish(self, path: Path, metadata: dict[str, str], empty: tuple[str, ...] = ()) -> None:
+        """Write the safetensors file at `path`; `empty` names zero-length F32 marker tensors to add."""
+        header, offset = {}, 0
+        for n in self.names:
+            self.files[n].flush()
+            size = self.paths[n].stat().st_size
+            header[n] = {"dtype": SAFETENSORS_DTYPES[self.dtype], "shape": self.shapes[n], "data_offsets": [offset, offset + size]}
+            offset += size
+        for n in empty:
+            header[n] = {"dtype": "F32", "shape": [0], "data_offsets": [offset, offset]}
+        header["__metadata__"] = metadata
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+        try:
+            with open(path, "wb") as out:
+                out.write(struct.pack("<Q", len(raw)))
+                out.write(raw)
+                for n in self.names:
+                    with open(self.paths[n], "rb") as f:
+                        shutil.copyfileobj(f, out, 16 << 20)
+        except OSError as e:
+            raise OutputError(f"{path.name}: write failed ({e.strerror})") from None
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        for p in self.paths.values():
+            p.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class LatentFile:
+    """A latent file opened for reading.
+
+    key: the tensor holding latents; scaled: True when multiplied by the scaling factor (vaecli, diffusers
+    convention), False for ComfyUI's raw `latent_tensor`; metadata: the file's string metadata.
+    """
+
+    path: Path
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    scaled: bool
+    metadata: dict[str, str]
+
+    @property
+    def frames(self) -> int:
+        return self.shape[0]
+
+    @property
+    def has_vaecli_metadata(self) -> bool:
+        return "vaecli.format" in self.metadata
+
+    @property
+    def fps(self) -> Fraction | None:
+        return Fraction(self.metadata["fps"]) if "fps" in self.metadata else None
+
+    @property
+    def geometry(self) -> Geometry | None:
+        text = self.metadata.get("geometry")
+        return Geometry.from_json(text) if text else None
+
+    @property
+    def scaling_factor(self) -> float | None:
+        return float(self.metadata["scaling_factor"]) if "scaling_factor" in self.metadata else None
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Frames [start, stop) of the latents as stored (no rescaling), (t, C, h, w)."""
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_slice(self.key)[start:stop]
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise InputError(f"{self.path}: cannot read latents ({e})") from None
+
+
+def open_latents(path: str | os.PathLike) -> LatentFile:
+    """Open a vaecli latent file, a foreign safetensors with a `latents` tensor, or a ComfyUI `.latent`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    header, metadata = read_header(path)
+    if "latents" in header:
+        key, scaled = "latents", True
+    elif "latent_tensor" in header:
+        key, scaled = "latent_tensor", False
+        if "latent_format_version_0" not in header:
+            raise InputError(f"{path}: an old-format ComfyUI latent (pre latent_format_version_0); re-save it")
+    else:
+        some = ", ".join(sorted(header)[:4]) or "none"
+        raise InputError(f"{path}: no `latents` tensor (found {some}); is it a checkpoint? try `vaecli info`")
+    shape = tuple(header[key]["shape"])
+    if len(shape) != 4:
+        raise InputError(f"{path}: latents must be (T, C, h, w), found shape {list(shape)}")
+    return LatentFile(path, key, shape, header[key]["dtype"], scaled, dict(metadata))
+
+
+def describe_latents(path: str | os.PathLike) -> dict:
+    """What `vaecli info` prints for a latent file."""
+    lf = open_latents(path)
+    return {"kind": "latents", "path": str(lf.path), "tensor": lf.key, "shape": list(lf.shape), "dtype": lf.dtype,
+            "scaled": lf.scaled, "vaecli_metadata": lf.has_vaecli_metadata, "metadata": lf.metadata}
+
+
+def comfy_path(latents_path: Path) -> Path:
+    """`clip.latents.safetensors` -> `clip.latent` (ComfyUI's extension)."""
+    name = latents_path.name
+    stem = name[: -len(".latents.safetensors")] if name.endswith(".latents.safetensors") else latents_path.stem
+    return latents_path.with_name(stem + ".latent")
+
+
+def parse_fps(text: str | None) -> Fraction | None:
+    """"30000/1001", "29.97" or "24" -> Fraction."""
+    if text is None:
+        return None
+    try:
+        fps = Fraction(text).limit_denominator(1_000_000)
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"--fps must be a number or a ratio like 30000/1001, not {text!r}") from None
+    if fps <= 0:
+        raise UsageError(f"--fps must be positive, not {text!r}")
+    return fps

@@ -1,0 +1,250 @@
+"""Reading frames from videos, GIFs and images, and writing them to videos or PNG sequences.
+
+Frames are uint8 numpy arrays `(H, W, 3)` RGB, produced one at a time: a video is decoded with PyAV only as
+far as its frames are asked for, so memory does not grow with its length. Rotation metadata is applied.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import av
+import numpy as np
+
+from vaecli.errors import InputError, OutputError, UsageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+DEFAULT_IMAGE_FPS = Fraction(24)
+FORMATS = ("mp4", "webm", "gif", "png")
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """Any imageio array (H, W), (H, W, 1|3|4) -> uint8 (H, W, 3)."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.dtype != np.uint8:
+        image = (image.astype(np.float64) / np.iinfo(image.dtype).max * 255).round().astype(np.uint8) \
+            if np.issubdtype(image.dtype, np.integer) else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which frames to take: from `start`, every `stride`-th, at most `count` (None = to the end)."""
+
+    start: int = 0
+    count: int | None = None
+    stride: int = 1
+
+    def __post_init__(self):
+        if self.start < 0 or self.stride < 1 or (self.count is not None and self.count < 1):
+            raise UsageError("--start must be >= 0, --stride >= 1 and --frames >= 1")
+
+    def wants(self, index: int) -> bool:
+        return index >= self.start and (index - self.start) % self.stride == 0
+
+    def done(self, taken: int) -> bool:
+        return self.count is not None and taken >= self.count
+
+
+class FrameSource:
+    """Frames of one input: a video file, a GIF, an image, an image folder or a glob pattern."""
+
+    def __init__(self, spec: str | os.PathLike):
+        self.spec = str(spec)
+        path = Path(self.spec)
+        if any(ch in self.spec for ch in "*?[") and not path.exists():
+            self.kind, self.images = "images", sorted(p for p in glob.glob(self.spec) if p.lower().endswith(IMAGE_SUFFIXES))
+            if not self.images:
+                raise InputError(f"{self.spec}: the pattern matches no images")
+        elif path.is_dir():
+            self.kind = "images"
+            self.images = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not self.images:
+                raise InputError(f"{path}: a folder with no images ({', '.join(IMAGE_SUFFIXES)})")
+        elif not path.exists():
+            raise InputError(f"{path}: no such file")
+        elif path.suffix.lower() == ".gif":
+            self.kind, self.images = "gif", [str(path)]
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            self.kind, self.images = "image", [str(path)]
+        else:
+            self.kind, self.images = "video", []
+        self.name = path.name if self.kind != "images" or path.is_dir() else Path(self.images[0]).parent.name
+        self.fps, self.count, self.codec = self._probe()
+
+    def _probe(self) -> tuple[Fraction, int | None, str]:
+        if self.kind == "images":
+            return DEFAULT_IMAGE_FPS, len(self.images), "images"
+        if self.kind == "image":
+            return DEFAULT_IMAGE_FPS, 1, "image"
+        if self.kind == "gif":
+            import imageio.v3 as iio
+
+            try:
+                meta = iio.immeta(self.images[0])
+                count = iio.improps(self.images[0]).shape[0]
+            except (OSError, ValueError, SyntaxError) as e:
+                raise InputError(f"{self.spec}: unreadable GIF ({e})") from None
+            duration = meta.get("duration") or 0
+            fps = Fraction(1000, int(duration)) if duration else Fraction(10)
+            return fps, count, "gif"
+        with self._open() as container:
+            stream = container.streams.video[0]
+            fps = stream.average_rate or stream.guessed_rate or stream.base_rate or DEFAULT_IMAGE_FPS
+            count = stream.frames or None
+            if count is None and stream.duration and stream.time_base:
+                count = int(round(float(stream.duration * stream.time_base * fps)))
+            return Fraction(fps), count, stream.codec_context.name
+
+    def _open(self):
+        try:
+            container = av.open(self.spec)
+        except av.error.FFmpegError as e:
+            raise InputError(f"{self.spec}: not a readable video ({e.strerror or e})") from None
+        except OSError as e:
+            raise InputError(f"{self.spec}: cannot read ({e.strerror})") from None
+        if not container.streams.video:
+            container.close()
+            raise InputError(f"{self.spec}: has no video stream")
+        return container
+
+    def frames(self, selection: Selection = Selection()) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (source frame index, uint8 (H, W, 3)) for the selected frames, decoding only as far as needed."""
+        taken = 0
+        for index, frame in self._all_frames(selection):  # only frames the selection wants
+            taken += 1
+            yield index, frame
+            if selection.done(taken):
+                return
+        if taken == 0:
+            total = self.count if self.count is not None else "an unknown number of"
+            raise InputError(f"{self.spec}: no frames selected (start {selection.start}, video has {total} frames)"
+                             if selection.start else f"{self.spec}: the video has no frames")
+
+    def _all_frames(self, selection: Selection) -> Iterator[tuple[int, np.ndarray]]:
+        if self.kind in ("images", "image"):
+            import imageio.v3 as iio
+
+            for index, name in enumerate(self.images):
+                if not selection.wants(index):
+                    continue
+                try:
+                    yield index, _rgb(iio.imread(name))
+                except (OSError, ValueError, SyntaxError) as e:
+                    raise InputError(f"{name}: unreadable image ({e})") from None
+            return
+        if self.kind == "gif":
+            import imageio.v3 as iio
+
+            try:
+                for index, image in enumerate(iio.imiter(self.images[0])):
+                    if selection.wants(index):
+                        yield index, _rgb(image)
+            except (OSError, ValueError, SyntaxError) as e:
+                raise InputError(f"{self.spec}: unreadable GIF ({e})") from None
+            return
+        with self._open() as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            try:
+                for index, frame in enumerate(container.decode(stream)):
+                    if not selection.wants(index):
+                        continue  # decoded but not converted: cheap skipping
+                    image = frame.to_ndarray(format="rgb24")
+                    turns = (int(frame.rotation or 0) // 90) % 4  # counterclockwise quarter turns for display
+                    yield index, np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+            except av.error.FFmpegError as e:
+                raise InputError(f"{self.spec}: corrupt video data ({e.strerror or e})") from None
+
+
+def describe_video(spec: str | os.PathLike) -> dict:
+    """What `vaecli info` prints for a video, GIF or image sequence (decodes one frame for the size)."""
+    source = FrameSource(spec)
+    index, first = next(source.frames())
+    return {
+        "kind": source.kind if source.kind != "video" else "video",
+        "path": source.spec,
+        "codec": source.codec,
+        "frames": source.count,
+        "fps": f"{source.fps.numerator}/{source.fps.denominator}",
+        "fps_float": round(float(source.fps), 4),
+        "width": int(first.shape[1]),
+        "height": int(first.shape[0]),
+        "duration_s": round(source.count / float(source.fps), 3) if source.count else None,
+    }
+
+
+class VideoWriter:
+    """Encode uint8 (H, W, 3) frames to mp4 (H.264), webm (VP9) or gif with PyAV, frame by frame.
+
+    H.264/VP9 use yuv420p, which needs even sizes; odd sizes are written as yuv444p so that the size is kept.
+    """
+
+    CODECS = {"mp4": "libx264", "webm": "libvpx-vp9", "gif": "gif"}
+
+    def __init__(self, path: str | os.PathLike, fmt: str, fps: Fraction, size: tuple[int, int], crf: int = 18):
+        if fmt not in self.CODECS:
+            raise UsageError(f"video format must be one of {', '.join(self.CODECS)}, not {fmt!r}")
+        width, height = size
+        try:
+            self.container = av.open(str(path), "w", format=fmt)
+            self.stream = self.container.add_stream(self.CODECS[fmt], rate=fps)
+        except (av.error.FFmpegError, OSError) as e:
+            raise OutputError(f"{path}: cannot write ({e})") from None
+        self.stream.width, self.stream.height = width, height
+        if fmt == "gif":
+            self.stream.pix_fmt = "pal8"
+        else:
+            self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+            self.stream.options = {"crf": str(crf)} if fmt == "mp4" else {"crf": str(crf), "b:v": "0"}
+        self.path = path
+
+    def write(self, image: np.ndarray) -> None:
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        self._mux(self.stream.encode(frame))
+
+    def _mux(self, packets) -> None:
+        try:
+            self.container.mux(packets)
+        except OSError as e:
+            raise OutputError(f"{self.path}: write failed ({e.strerror})") from None
+
+    def close(self) -> None:
+        self._mux(self.stream.encode(None))
+        self.container.close()
+
+    def abort(self) -> None:
+        try:
+            self.container.close()
+        except (av.error.FFmpegError, OSError):
+            pass  # the partial file is deleted by the caller
+
+
+class PngWriter:
+    """Write frames as numbered lossless PNGs into a folder (`frame_00000.png`) or after a `%05d` pattern."""
+
+    def __init__(self, folder: Path, pattern: str = "frame_%05d.png"):
+        self.folder, self.pattern, self.count = folder, pattern, 0
+
+    def write(self, image: np.ndarray) -> None:
+        import imageio.v3 as iio
+
+        try:
+            iio.imwrite(self.folder / (self.pattern % self.count), image, extension=".png")
+        except OSError as e:
+            raise OutputError(f"{self.folder}: write failed ({e.strerror})") from None
+        self.count += 1
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
