@@ -65,3 +65,43 @@ def diffusers_image(config: VAEConfig, sgm_state: dict):
     )
     ref.load_state_dict(keymap.to_diffusers(sgm_state, temporal=False), strict=True)
     return ref.eval().requires_grad_(False)
+
+
+def make_video(path, n: int = 6, width: int = 38, height: int = 30, fps=None, codec: str = "libx264",
+               rotation: int | None = None, seed: int = 0):
+    """Write a smooth moving test pattern with PyAV; returns the uint8 frames written (n, H, W, 3)."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    fps = fps or Fraction(30000, 1001)
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=(3,))
+    y, x = np.mgrid[0:height, 0:width]
+    frames = []
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        if codec == "libx264":
+            stream.options = {"crf": "10"}
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for i in range(n):
+            img = np.stack([(x * 5 + i * 9 + base[0]) % 256, (y * 7 + i * 4 + base[1]) % 256,
+                            ((x + y) * 3 + base[2]) % 256], axis=-1).astype(np.uint8)
+            frames.append(img)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        container.mux(stream.encode(None))
+    return np.stack(frames)
+
+
+def read_video(path):
+    """All frames of a video as uint8 (n, H, W, 3), with the frame rate."""
+    from vaecli.pipeline.video_io import FrameSource
+
+    source = FrameSource(path)
+    import numpy as np
+
+    return np.stack([f for _, f in source.frames()]), source.fps

@@ -83,7 +83,7 @@ def test_errors_are_one_line_with_exit_codes(ckpt, tmp_path, args, code, message
 def test_debug_shows_the_traceback(tmp_path):
     result = runner.invoke(app, ["--debug", "info", str(tmp_path / "missing.safetensors")])
     assert result.exit_code == 1
-    assert "Traceback" in result.stderr and "CheckpointError" in result.stderr
+    assert "Traceback" in result.stderr and "InputError" in result.stderr
 
 
 def test_click_usage_errors_exit_2():

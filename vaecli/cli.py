@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from vaecli._version import __version__
-from vaecli.errors import UsageError, VaecliError
+from vaecli.errors import InputError, UsageError, VaecliError
 
 app = typer.Typer(
     name="vaecli",
@@ -149,6 +149,8 @@ def info(
 
 def _file_kind(path: Path) -> str:
     """"latents", "checkpoint" or "video" (videos, GIFs, images, image folders and globs)."""
+    if not path.exists() and not any(ch in str(path) for ch in "*?["):
+        raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
         has_weights = any((path / sub / name).is_file() for sub in ("", "vae")
                           for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"))
@@ -220,7 +222,9 @@ def _inputs(items: list[str] | None, manifest: Path | None) -> list[str]:
 
 def _batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, default_name, work, *,
            skip_existing: bool, as_json: bool, quiet: bool, verb: str) -> None:
-    """Run `work(input, output)` for every input: failures are reported and the rest go on; exit 1 if any failed.
+    """Run `work(input, output)` for every input: failures are reported and the rest go on.
+
+    Exit code 1 if any input failed, 2 if any failed for a usage reason (e.g. latents without fps and no --fps).
 
     `out` is passed to `work` as given (a str keeps the trailing "/" that asks decode for a PNG folder).
     """
@@ -234,6 +238,7 @@ def _batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, defa
         raise UsageError(f"--out-dir {out_dir} is not a folder; create it first")
     started = time.perf_counter()
     done = failed = skipped = 0
+    usage_failed = False
     files = tqdm(inputs, desc=f"{verb} files", unit="file", file=sys.stderr, leave=False,
                  disable=quiet or len(inputs) < 2 or not sys.stderr.isatty())
     for item in files:
@@ -249,6 +254,7 @@ def _batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, defa
                 done += 1
             except VaecliError as e:
                 failed += 1
+                usage_failed = usage_failed or e.exit_code == 2
                 result = {"input": item, "output": str(target), "error": str(e)}
                 typer.echo(f"error: {item}: {e}", err=True)
         if as_json:
@@ -259,7 +265,7 @@ def _batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, defa
         typer.echo(f"{verb}: {done} done, {skipped} skipped, {failed} failed in {time.perf_counter() - started:.1f} s",
                    err=True)
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(2 if usage_failed else 1)
 
 
 def _latents_name(path: Path) -> str:

@@ -30,7 +30,7 @@ from vaecli.ops.device import dtype_name
 from vaecli.ops.files import atomic_output, check_writable
 from vaecli.pipeline.frames import from_model, plan_geometry, ssim, to_model
 from vaecli.pipeline.latents_io import FORMAT_VERSION, LatentFile, LatentFileWriter, comfy_path, open_latents
-from vaecli.pipeline.video_io import FORMATS, FrameSource, PngWriter, Selection, VideoWriter
+from vaecli.pipeline.video_io import FORMATS, FrameSource, GifWriter, PngWriter, Selection, VideoWriter
 
 _DONE = object()
 
@@ -327,6 +327,8 @@ def decode_file(model: Model, latents_path: Path, out: Path, opts: DecodeOptions
         if fmt == "png":
             tmp.mkdir()
             sink = PngWriter(tmp, pattern)
+        elif fmt == "gif":
+            sink = GifWriter(tmp, fps)
         else:
             sink = VideoWriter(tmp, fmt, fps, size, opts.crf)
         writer = BackgroundWriter(sink)

@@ -183,12 +183,12 @@ def describe_video(spec: str | os.PathLike) -> dict:
 
 
 class VideoWriter:
-    """Encode uint8 (H, W, 3) frames to mp4 (H.264), webm (VP9) or gif with PyAV, frame by frame.
+    """Encode uint8 (H, W, 3) frames to mp4 (H.264) or webm (VP9) with PyAV, frame by frame.
 
     H.264/VP9 use yuv420p, which needs even sizes; odd sizes are written as yuv444p so that the size is kept.
     """
 
-    CODECS = {"mp4": "libx264", "webm": "libvpx-vp9", "gif": "gif"}
+    CODECS = {"mp4": "libx264", "webm": "libvpx-vp9"}
 
     def __init__(self, path: str | os.PathLike, fmt: str, fps: Fraction, size: tuple[int, int], crf: int = 18):
         if fmt not in self.CODECS:
@@ -200,11 +200,8 @@ class VideoWriter:
         except (av.error.FFmpegError, OSError) as e:
             raise OutputError(f"{path}: cannot write ({e})") from None
         self.stream.width, self.stream.height = width, height
-        if fmt == "gif":
-            self.stream.pix_fmt = "pal8"
-        else:
-            self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
-            self.stream.options = {"crf": str(crf)} if fmt == "mp4" else {"crf": str(crf), "b:v": "0"}
+        self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        self.stream.options = {"crf": str(crf)} if fmt == "mp4" else {"crf": str(crf), "b:v": "0"}
         self.path = path
 
     def write(self, image: np.ndarray) -> None:
@@ -226,6 +223,32 @@ class VideoWriter:
             self.container.close()
         except (av.error.FFmpegError, OSError):
             pass  # the partial file is deleted by the caller
+
+
+class GifWriter:
+    """Animated GIF through imageio/Pillow (palette per frame, looping). Frame delays are whole centiseconds,
+    so the frame rate is rounded; Pillow keeps the frames until `close()`, so GIF suits short clips."""
+
+    def __init__(self, path: str | os.PathLike, fps: Fraction):
+        import imageio.v3 as iio
+
+        self.path, self.delay_ms = path, 1000 / float(fps)
+        try:
+            self.file = iio.imopen(str(path), "w", extension=".gif", plugin="pillow")
+        except OSError as e:
+            raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+
+    def write(self, image: np.ndarray) -> None:
+        self.file.write(image, duration=self.delay_ms, loop=0)
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except OSError as e:
+            raise OutputError(f"{self.path}: write failed ({e.strerror})") from None
+
+    def abort(self) -> None:
+        pass
 
 
 class PngWriter:
