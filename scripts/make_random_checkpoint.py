@@ -28,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-o", "--out", required=True)
     parser.add_argument("--config", default="svd-vae", help="named config or TOML file (default svd-vae)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny SVD-like model (ch 32, 2 levels)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny SVD-like model (ch 32, 4 levels, f8)")
     parser.add_argument("--layout", choices=("sgm", "checkpoint", "diffusers"), default="sgm")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     parser.add_argument("--seed", type=int, default=0)
@@ -37,7 +37,7 @@ def main() -> None:
 
     config = load_config(args.config)
     if args.tiny:
-        config = config.replace(name="tiny-random", ch=32, ch_mult=(1, 2), num_res_blocks=2)
+        config = config.replace(name="tiny-random", ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=2)
     state = random_state(config, args.seed)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     if args.layout == "checkpoint":

@@ -80,3 +80,18 @@ def test_unknown_backend_is_a_usage_error():
 def test_xformers_is_refused_where_it_cannot_run():
     with pytest.raises(BackendError, match="xformers"):
         resolve_attention("xformers", "cpu")
+
+
+def test_backends_get_unit_stride_inputs(monkeypatch):
+    """A channels-first conv output viewed as tokens is strided; fused SDPA kernels would fall back to O(N²)."""
+    seen = []
+
+    def spy(q, k, v, budget):
+        seen.extend(t.stride(-1) for t in (q, k, v))
+        return att.math_attention(q, k, v)
+
+    monkeypatch.setitem(att._FUNCTIONS, "sdpa", spy)
+    vae = random_vae(tiny_config("all"), seed=8, attention="sdpa")
+    with torch.no_grad():
+        vae.decode(latents(4, 4, 4), 2)
+    assert seen and set(seen) == {1}

@@ -43,7 +43,12 @@ class AttentionBackend:
     reason: str = ""
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: (B, heads, N_q, d), k and v: (B, heads, N_k, d) -> (B, heads, N_q, d)."""
+        """q: (B, heads, N_q, d), k and v: (B, heads, N_k, d) -> (B, heads, N_q, d).
+
+        Inputs whose last axis is strided (a channels-first conv output viewed as tokens) are made contiguous
+        first: torch's fused SDPA kernels need unit stride there and otherwise fall back to the O(N²) math path.
+        """
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return _FUNCTIONS[self.name](q, k, v, self.budget)
 
     @property
