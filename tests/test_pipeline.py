@@ -196,6 +196,7 @@ def test_batch_with_a_broken_file_and_skip_existing(tmp_path, model):
     lines = json_lines(result)
     assert [("error" in r) for r in lines] == [False, True, False]
     assert "b.mp4: not a readable video" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("b.mp4") == 1
     assert "encode: 2 done, 0 skipped, 1 failed" in result.stderr
     assert (tmp_path / "a.latents.safetensors").exists() and not (tmp_path / "b.latents.safetensors").exists()
     mtime = (tmp_path / "a.latents.safetensors").stat().st_mtime_ns
@@ -279,6 +280,7 @@ def audio_only(path):
     ("missing", 1, "no such file"),
     ("corrupt", 1, "not a readable video"),
     ("audio", 1, "has no video stream"),
+    ("empty", 1, "the video has no frames"),
     ("range", 1, "no frames selected (start 50, video has 3 frames)"),
     ("no-dir", 2, "is not a folder"),
     ("bad-fit", 2, "--fit must be"),
@@ -291,10 +293,15 @@ def test_encode_errors(tmp_path, model, case, code, message):
     make_video(video, n=3, width=16, height=16)
     (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(500))
     audio_only(tmp_path / "sound.wav")
+    with av.open(str(tmp_path / "empty.mkv"), "w") as c:  # a video stream, no frames
+        s = c.add_stream("libx264", rate=24)
+        s.width, s.height, s.pix_fmt = 16, 16, "yuv420p"
+        c.start_encoding()  # writes the header though no frame follows
     args = {
         "missing": [tmp_path / "nope.mp4", "-m", model],
         "corrupt": [tmp_path / "corrupt.mp4", "-m", model],
         "audio": [tmp_path / "sound.wav", "-m", model],
+        "empty": [tmp_path / "empty.mkv", "-m", model],
         "range": [video, "-m", model, "--start", 50],
         "no-dir": [video, "-m", model, "--out-dir", tmp_path / "nowhere"],
         "bad-fit": [video, "-m", model, "--fit", "stretch"],

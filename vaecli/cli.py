@@ -256,7 +256,7 @@ def _batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, defa
                 failed += 1
                 usage_failed = usage_failed or e.exit_code == 2
                 result = {"input": item, "output": str(target), "error": str(e)}
-                typer.echo(f"error: {item}: {e}", err=True)
+                typer.echo(f"error: {e}" if item in str(e) else f"error: {item}: {e}", err=True)
         if as_json:
             typer.echo(json.dumps(result, sort_keys=True))
         elif "error" not in result:

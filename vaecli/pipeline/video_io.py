@@ -107,6 +107,8 @@ class FrameSource:
     def _open(self):
         try:
             container = av.open(self.spec)
+        except av.error.EOFError:
+            raise InputError(f"{self.spec}: the video has no frames (the file ends after its header)") from None
         except av.error.FFmpegError as e:
             raise InputError(f"{self.spec}: not a readable video ({e.strerror or e})") from None
         except OSError as e:
