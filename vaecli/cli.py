@@ -337,17 +337,8 @@ def encode(
                          latent_dtype=parse_dtype(latent_dtype), overwrite=overwrite)
     if fit not in ("pad", "crop", "resize"):
         raise UsageError(f"--fit must be pad, crop or resize, not {fit!r}")
-    loaded = []
-
-    def work(item: str, target: Path) -> dict:
-        if not loaded:
-            loaded.append(_load_model(model, config, device, dtype, attention))
-        m = loaded[0]
-        result = encode_file(m, item, Path(target), opts, quiet=quiet)
-        result.update(device=str(m.device), dtype=_dtype_name(m.dtype), attention=m.vae.attention.name,
-                      model=m.name)
-        return result
-
+    work = _worker(model, config, device, dtype, attention,
+                   lambda m, item, target: encode_file(m, item, Path(target), opts, quiet=quiet))
     _batch(_inputs(inputs, manifest), out, out_dir, _latents_name, work, skip_existing=skip_existing,
            as_json=as_json, quiet=quiet, verb="encode")
 
@@ -356,6 +347,22 @@ def _dtype_name(dtype) -> str:
     from vaecli.ops.device import dtype_name
 
     return dtype_name(dtype)
+
+
+def _worker(model: str | None, config: str | None, device: str, dtype: str, attention: str, run):
+    """A batch work function: loads the model on first use (not at all if every input is skipped), runs
+    `run(model, input, target)` and adds what ran (device, dtype, attention backend, model) to the result."""
+    loaded = []
+
+    def work(item: str, target) -> dict:
+        if not loaded:
+            loaded.append(_load_model(model, config, device, dtype, attention))
+        m = loaded[0]
+        result = run(m, item, target)
+        result.update(device=str(m.device), dtype=_dtype_name(m.dtype), attention=m.vae.attention.name, model=m.name)
+        return result
+
+    return work
 
 
 @app.command()
@@ -400,17 +407,9 @@ def decode(
         raise UsageError("--chunk must be at least 1")
     opts = DecodeOptions(fmt=fmt, crf=crf, fps=parse_fps(fps), chunk=chunk, native_size=native_size,
                          allow_model_mismatch=allow_model_mismatch, overwrite=overwrite)
-    loaded = []
-
-    def work(item: str, target: Path) -> dict:
-        if not loaded:
-            loaded.append(_load_model(model, config, device, dtype, attention))
-        m = loaded[0]
-        result = decode_file(m, Path(item), target, opts, quiet=quiet)  # target keeps a trailing "/" (PNGs)
-        result.update(device=str(m.device), dtype=_dtype_name(m.dtype), attention=m.vae.attention.name,
-                      model=m.name)
-        return result
-
+    # target stays a str when it ends in "/" (a PNG folder)
+    work = _worker(model, config, device, dtype, attention,
+                   lambda m, item, target: decode_file(m, Path(item), target, opts, quiet=quiet))
     _batch(_inputs(inputs, manifest), out, out_dir, _decoded_name(fmt), work, skip_existing=skip_existing,
            as_json=as_json, quiet=quiet, verb="decode")
 
