@@ -233,8 +233,10 @@ def test_chunked_decode_equals_independent_clips(tmp_path, model):
     make_video(tmp_path / "v.mp4", n=6, width=16, height=16)
     ok("encode", tmp_path / "v.mp4", "-m", model)
     lat = tmp_path / "v.latents.safetensors"
-    dec = json_lines(ok("decode", lat, "-m", model, "--chunk", 3, "-o", f"{tmp_path}/chunks/", "--json"))[0]
-    assert dec["plan"] == {"strategy": "chunks", "chunk_frames": 3, "overlap": 0, "tiles": None}
+    dec = json_lines(ok("decode", lat, "-m", model, "--chunk", 3, "--overlap", 0, "-o", f"{tmp_path}/chunks/",
+                        "--json"))[0]
+    plan = dec["plan"]
+    assert (plan["strategy"], plan["chunk_frames"], plan["overlap"], plan["tiles"]) == ("windows", 3, 0, None)
     vae = load_vae(model)
     z = safe_open(str(lat), "pt").get_tensor("latents") / CONFIG.scaling_factor
     with torch.no_grad():
@@ -248,7 +250,7 @@ def test_chunked_decode_equals_independent_clips(tmp_path, model):
 
 def test_roundtrip_reports_metrics(tmp_path, model):
     make_video(tmp_path / "v.mp4", n=6, width=32, height=24)
-    result = ok("roundtrip", tmp_path / "v.mp4", "-o", tmp_path / "rt.mp4", "-m", model, "--chunk", 3,
+    result = ok("roundtrip", tmp_path / "v.mp4", "-o", tmp_path / "rt.mp4", "-m", model, "--clip-frames", 3,
                 "--report", tmp_path / "m.json", "--json")
     data = json.loads(result.stdout)
     assert [c["frames"] for c in data["clips"]] == [3, 3] and data["frames"] == 6

@@ -41,6 +41,13 @@ ManifestOpt = Annotated[Optional[Path], typer.Option(help="A file listing inputs
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace existing outputs.")]
 SkipOpt = Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose output exists (resume a batch).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary on stderr.")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option(
+    help="Memory budget on the device, weights included (512MiB, 8GiB); default: what is free.")]
+ChunkOpt = Annotated[Optional[int], typer.Option(
+    help="Decode windows of N frames (0 = one clip; default: planned from free memory).")]
+OverlapOpt = Annotated[Optional[int], typer.Option(
+    help="Frames shared by neighbouring windows, cross-faded (0 = hard cuts as sgm's decoding_t).")]
+TileOpt = Annotated[Optional[int], typer.Option(help="Decode in square tiles of N latent pixels.")]
 
 
 def _debug(ctx: typer.Context | None) -> bool:
@@ -303,7 +310,8 @@ def encode(
     fit: Annotated[str, typer.Option(help="Sizes not multiple of 8: pad (reflect), crop or resize.")] = "pad",
     sample: Annotated[bool, typer.Option(help="Sample the posterior instead of taking its mode.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for --sample (per frame, independent of batching).")] = 0,
-    batch: Annotated[int, typer.Option(help="Frames per encoder call.")] = 8,
+    batch: Annotated[Optional[int], typer.Option(help="Frames per encoder call (default: planned).")] = None,
+    max_memory: MaxMemoryOpt = None,
     save_moments: Annotated[bool, typer.Option(help="Also store the posterior mean and logvar.")] = False,
     export: Annotated[Optional[str], typer.Option(help="Also write another format: comfy (.latent).")] = None,
     latent_dtype: Annotated[str, typer.Option(help="Stored dtype of the latents: fp32, fp16 or bf16.")] = "fp32",
@@ -325,15 +333,17 @@ def encode(
     """
     from vaecli.ops.device import parse_dtype
     from vaecli.pipeline.frames import parse_size
+    from vaecli.pipeline.planner import parse_bytes
     from vaecli.pipeline.runner import EncodeOptions, encode_file
     from vaecli.pipeline.video_io import Selection
 
     if export not in (None, "comfy"):
         raise UsageError(f"--export takes comfy, not {export!r}")
-    if batch < 1:
+    if batch is not None and batch < 1:
         raise UsageError("--batch must be at least 1")
     opts = EncodeOptions(selection=Selection(start, frames, stride), size=parse_size(size), fit=fit, sample=sample,
-                         seed=seed, batch=batch, save_moments=save_moments, export_comfy=export == "comfy",
+                         seed=seed, batch=batch, max_memory=parse_bytes(max_memory), attention=attention,
+                         save_moments=save_moments, export_comfy=export == "comfy",
                          latent_dtype=parse_dtype(latent_dtype), overwrite=overwrite)
     if fit not in ("pad", "crop", "resize"):
         raise UsageError(f"--fit must be pad, crop or resize, not {fit!r}")
@@ -341,6 +351,15 @@ def encode(
                    lambda m, item, target: encode_file(m, item, Path(target), opts, quiet=quiet))
     _batch(_inputs(inputs, manifest), out, out_dir, _latents_name, work, skip_existing=skip_existing,
            as_json=as_json, quiet=quiet, verb="encode")
+
+
+def _check_windows(chunk: int | None, overlap: int | None, tile: int | None) -> None:
+    if chunk is not None and chunk < 0:
+        raise UsageError("--chunk must be 0 (one clip) or more")
+    if overlap is not None and (overlap < 0 or (chunk and overlap >= chunk)):
+        raise UsageError(f"--overlap must be at least 0 and smaller than --chunk, not {overlap}")
+    if tile is not None and tile < 8:
+        raise UsageError("--tile must be at least 8 latent pixels")
 
 
 def _dtype_name(dtype) -> str:
@@ -378,7 +397,10 @@ def decode(
     fmt: Annotated[Optional[str], typer.Option("--format", help="mp4 (H.264), webm (VP9), gif or png.")] = None,
     crf: Annotated[int, typer.Option(help="Quality for mp4/webm (lower is better; 0 is lossless H.264).")] = 18,
     fps: Annotated[Optional[str], typer.Option(help="Frame rate (default: from the latents' metadata).")] = None,
-    chunk: Annotated[Optional[int], typer.Option(help="Decode clips of N frames each (default: one clip).")] = None,
+    chunk: ChunkOpt = None,
+    overlap: OverlapOpt = None,
+    tile: TileOpt = None,
+    max_memory: MaxMemoryOpt = None,
     native_size: Annotated[bool, typer.Option(help="Keep the model's size; do not undo padding/cropping/resizing.")] = False,
     allow_model_mismatch: Annotated[bool, typer.Option(help="Decode with another model than the encoding one.")] = False,
     dtype: DtypeOpt = "auto",
@@ -399,13 +421,14 @@ def decode(
       vaecli decode generated.safetensors --fps 7 -o out.mp4     # latents without vaecli metadata
     """
     from vaecli.pipeline.latents_io import parse_fps
+    from vaecli.pipeline.planner import parse_bytes
     from vaecli.pipeline.runner import DecodeOptions, decode_file
 
     if fmt is not None and fmt not in ("mp4", "webm", "gif", "png"):
         raise UsageError(f"--format must be mp4, webm, gif or png, not {fmt!r}")
-    if chunk is not None and chunk < 1:
-        raise UsageError("--chunk must be at least 1")
-    opts = DecodeOptions(fmt=fmt, crf=crf, fps=parse_fps(fps), chunk=chunk, native_size=native_size,
+    _check_windows(chunk, overlap, tile)
+    opts = DecodeOptions(fmt=fmt, crf=crf, fps=parse_fps(fps), chunk=chunk, overlap=overlap, tile=tile,
+                         max_memory=parse_bytes(max_memory), attention=attention, native_size=native_size,
                          allow_model_mismatch=allow_model_mismatch, overwrite=overwrite)
     # target stays a str when it ends in "/" (a PNG folder)
     work = _worker(model, config, device, dtype, attention,
@@ -427,7 +450,11 @@ def roundtrip(
     frames: Annotated[Optional[int], typer.Option("--frames", help="How many frames to take.")] = None,
     stride: Annotated[int, typer.Option(help="Take every K-th frame.")] = 1,
     fit: Annotated[str, typer.Option(help="pad, crop or resize.")] = "pad",
-    chunk: Annotated[Optional[int], typer.Option(help="Decode clips of N frames (metrics per clip).")] = None,
+    chunk: ChunkOpt = None,
+    overlap: OverlapOpt = None,
+    tile: TileOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    clip_frames: Annotated[Optional[int], typer.Option(help="Report metrics per clip of N frames (default: all).")] = None,
     crf: Annotated[int, typer.Option(help="Quality of the written video.")] = 18,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
@@ -440,19 +467,24 @@ def roundtrip(
     import tempfile
 
     from vaecli.ops.files import atomic_output
+    from vaecli.pipeline.planner import parse_bytes
     from vaecli.pipeline.runner import DecodeOptions, EncodeOptions, RoundtripMeter, decode_file, encode_file
     from vaecli.pipeline.video_io import FrameSource, Selection
 
+    _check_windows(chunk, overlap, tile)
+    budget = parse_bytes(max_memory)
     if report is not None and report.exists() and not overwrite:
         raise UsageError(f"{report} exists; pass --overwrite to replace it")
     m = _load_model(model, config, device, dtype, attention)
     selection = Selection(start, frames, stride)
     with tempfile.TemporaryDirectory(prefix="vaecli-roundtrip-") as tmp:
         latents = Path(tmp) / "roundtrip.latents.safetensors"
-        enc = encode_file(m, input, latents, EncodeOptions(selection=selection, fit=fit), quiet=quiet)
-        meter = RoundtripMeter(FrameSource(input).frames(selection))
-        dec = decode_file(m, latents, Path(out), DecodeOptions(chunk=chunk, crf=crf, overwrite=overwrite),
-                          quiet=quiet, observer=meter)
+        enc = encode_file(m, input, latents, EncodeOptions(selection=selection, fit=fit, max_memory=budget,
+                                                           attention=attention), quiet=quiet)
+        meter = RoundtripMeter(FrameSource(input).frames(selection), clip_frames)
+        dec = decode_file(m, latents, out, DecodeOptions(chunk=chunk, overlap=overlap, tile=tile, crf=crf,
+                                                         max_memory=budget, attention=attention,
+                                                         overwrite=overwrite), quiet=quiet, observer=meter)
     result = {"input": input, "output": dec["output"], "model": m.name, "device": str(m.device),
               "dtype": _dtype_name(m.dtype), "encode_seconds": enc["seconds"], "decode_seconds": dec["seconds"],
               "plan": dec["plan"], **meter.summary()}

@@ -34,3 +34,7 @@ class BackendError(VaecliError):
 
 class OutputError(VaecliError):
     """An output cannot be written (exists without --overwrite, directory missing, disk full)."""
+
+
+class OutOfMemory(VaecliError):
+    """The device ran out of memory even after re-planning smaller."""

@@ -33,6 +33,13 @@ class VAE(nn.Module):
         if config.post_quant_conv:
             self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, kernel_size=1)
 
+    def set_attention(self, backend: AttentionBackend) -> None:
+        """Use `backend` in every attention layer from now on (the planner picks it per job)."""
+        self.attention = backend
+        for module in self.modules():
+            if hasattr(module, "attention_backend"):
+                module.attention_backend = backend
+
     def _check_frames(self, x: torch.Tensor, channels: int, what: str, multiple: int = 1) -> None:
         if x.ndim != 4 or x.shape[1] != channels:
             raise UsageError(f"{what} must be (T, {channels}, H, W), got {tuple(x.shape)}")

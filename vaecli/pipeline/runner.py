@@ -8,6 +8,7 @@ queues, so a long job is bounded by its slowest stage and memory does not grow w
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import queue
@@ -24,11 +25,13 @@ import torch
 from tqdm import tqdm
 
 from vaecli._version import __version__
-from vaecli.errors import InputError, OutputError, UsageError
+from vaecli.errors import InputError, OutOfMemory, UsageError
 from vaecli.model.vae import VAE
-from vaecli.ops.device import dtype_name
+from vaecli.ops.device import dtype_name, free_memory
 from vaecli.ops.files import atomic_output, check_writable
+from vaecli.pipeline.chunking import WindowBlender, decode_tiled, windows
 from vaecli.pipeline.frames import from_model, plan_geometry, ssim, to_model
+from vaecli.pipeline.planner import Plan, format_bytes, plan_decode, plan_encode
 from vaecli.pipeline.latents_io import FORMAT_VERSION, LatentFile, LatentFileWriter, comfy_path, open_latents
 from vaecli.pipeline.video_io import FORMATS, FrameSource, GifWriter, PngWriter, Selection, VideoWriter
 
@@ -67,7 +70,9 @@ class EncodeOptions:
     fit: str = "pad"
     sample: bool = False
     seed: int = 0
-    batch: int = 8
+    batch: int | None = None  # frames per encoder call; None = planned from free memory
+    max_memory: int | None = None
+    attention: str = "auto"
     save_moments: bool = False
     export_comfy: bool = False
     latent_dtype: torch.dtype = torch.float32
@@ -79,7 +84,11 @@ class DecodeOptions:
     fmt: str | None = None
     crf: int = 18
     fps: Fraction | None = None
-    chunk: int | None = None
+    chunk: int | None = None  # frames per window; None = planned, 0 = one clip
+    overlap: int | None = None  # frames shared by neighbouring windows; None = planned
+    tile: int | None = None  # force square tiles of this many latent pixels
+    max_memory: int | None = None
+    attention: str = "auto"
     native_size: bool = False
     allow_model_mismatch: bool = False
     overwrite: bool = False
@@ -194,79 +203,99 @@ def frame_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
 
 
 def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, quiet: bool = True) -> dict:
-    """Encode one video (or image sequence) into a latent file; returns the JSON result."""
+    """Encode one video (or image sequence) into a latent file; returns the JSON result.
+
+    The batch size (frames per encoder call) and attention backend come from the memory planner unless forced.
+    """
     started = time.perf_counter()
-    vae, cfg = model.vae, model.vae.config
+    cfg = model.vae.config
     check_writable(out, opts.overwrite)
     if opts.export_comfy:
         check_writable(comfy_path(out), opts.overwrite)
     source = FrameSource(source_spec)
-    frames = background(source.frames(opts.selection))
-    first = next(frames)
-    source_size = (first[1].shape[1], first[1].shape[0])
+    probe = source.frames(opts.selection)
+    _, first = next(probe)
+    probe.close()
+    source_size = (first.shape[1], first.shape[0])
     geometry = plan_geometry(source_size, cfg.downscale, opts.fit, opts.size)
-    names = ("latents", "mean", "logvar") if opts.save_moments else ("latents",)
-    writer = LatentFileWriter(out, names, opts.latent_dtype)
-    comfy = LatentFileWriter(comfy_path(out), ("latent_tensor",), torch.float32) if opts.export_comfy else None
-    indices: list[int] = []
-    bar = progress(opts.selection.count or source.count, f"encode {Path(source_spec).name}", quiet)
-    try:
-        stream = _chain([first], frames)
-        for batch in batches(stream, opts.batch):
-            for _, image in batch:
-                if (image.shape[1], image.shape[0]) != source_size:
-                    raise InputError(f"{source_spec}: frame size changes from {source_size[0]}x{source_size[1]} "
-                                     f"to {image.shape[1]}x{image.shape[0]}")
-            x = to_model([image for _, image in batch], geometry, model.device, model.dtype)
-            with torch.inference_mode():
-                posterior = vae.encode_moments(x)
-                z = posterior.mode()
-                if opts.sample:
-                    noise = torch.stack([frame_noise(tuple(z.shape[1:]), opts.seed, i) for i, _ in batch])
-                    z = z + posterior.std * noise.to(z.device, z.dtype)
-            writer.append("latents", z.float() * cfg.scaling_factor)
-            if opts.save_moments:
-                writer.append("mean", posterior.mean.float())
-                writer.append("logvar", posterior.logvar.float())
+    expected = opts.selection.count or source.count or 16
+    enforce_max_memory(model.device, opts.max_memory)
+
+    def plan_for(budget: int | None) -> Plan:
+        forced = budget is None
+        return plan_encode(cfg, expected, (geometry.processed[1], geometry.processed[0]), device=model.device,
+                           dtype=model.dtype, attention=opts.attention, batch=opts.batch if forced else None,
+                           available_bytes=available_memory(model, opts.max_memory) if forced else budget)
+
+    def run(plan: Plan) -> dict:
+        model.vae.set_attention(plan.attention)
+        frames = background(source.frames(opts.selection))
+        names = ("latents", "mean", "logvar") if opts.save_moments else ("latents",)
+        writer = LatentFileWriter(out, names, opts.latent_dtype)
+        comfy = LatentFileWriter(comfy_path(out), ("latent_tensor",), torch.float32) if opts.export_comfy else None
+        indices: list[int] = []
+        bar = progress(opts.selection.count or source.count, f"encode {Path(source_spec).name}", quiet)
+        try:
+            for batch in batches(frames, plan.chunk_frames):
+                for _, image in batch:
+                    if (image.shape[1], image.shape[0]) != source_size:
+                        raise InputError(f"{source_spec}: frame size changes from {source_size[0]}x{source_size[1]} "
+                                         f"to {image.shape[1]}x{image.shape[0]}")
+                z, posterior = encode_batch(model, batch, geometry, opts)
+                writer.append("latents", z.float() * cfg.scaling_factor)
+                if opts.save_moments:
+                    writer.append("mean", posterior.mean.float())
+                    writer.append("logvar", posterior.logvar.float())
+                if comfy is not None:
+                    comfy.append("latent_tensor", z.float())
+                indices.extend(i for i, _ in batch)
+                bar.update(len(batch))
+            metadata = {
+                "vaecli.format": FORMAT_VERSION, "vaecli.version": __version__, "model.name": model.name,
+                "model.hash": model.hash, "scaling_factor": repr(cfg.scaling_factor),
+                "latent_channels": str(cfg.latent_channels), "time_mode": cfg.time_mode,
+                "fps": f"{source.fps.numerator}/{source.fps.denominator}", "source": Path(source_spec).name,
+                "frame_start": str(indices[0]), "frame_stride": str(opts.selection.stride),
+                "frame_count": str(len(indices)), "geometry": geometry.to_json(), "dtype": dtype_name(model.dtype),
+                "latents_dtype": dtype_name(opts.latent_dtype), "posterior": "sample" if opts.sample else "mode",
+                "seed": str(opts.seed) if opts.sample else "",
+            }
+            with atomic_output(out, opts.overwrite) as tmp:
+                writer.finish(tmp, metadata)
+            outputs = [str(out)]
             if comfy is not None:
-                comfy.append("latent_tensor", z.float())
-            indices.extend(i for i, _ in batch)
-            bar.update(len(batch))
-        metadata = {
-            "vaecli.format": FORMAT_VERSION, "vaecli.version": __version__, "model.name": model.name,
-            "model.hash": model.hash, "scaling_factor": repr(cfg.scaling_factor),
-            "latent_channels": str(cfg.latent_channels), "time_mode": cfg.time_mode,
-            "fps": f"{source.fps.numerator}/{source.fps.denominator}", "source": Path(source_spec).name,
-            "frame_start": str(indices[0]), "frame_stride": str(opts.selection.stride),
-            "frame_count": str(len(indices)), "geometry": geometry.to_json(), "dtype": dtype_name(model.dtype),
-            "latents_dtype": dtype_name(opts.latent_dtype), "posterior": "sample" if opts.sample else "mode",
-            "seed": str(opts.seed) if opts.sample else "",
-        }
-        with atomic_output(out, opts.overwrite) as tmp:
-            writer.finish(tmp, metadata)
-        outputs = [str(out)]
-        if comfy is not None:
-            with atomic_output(comfy_path(out), opts.overwrite) as tmp:
-                # ComfyUI's .latent: raw (unscaled) `latent_tensor` plus an empty `latent_format_version_0`
-                comfy.finish(tmp, {"format": "pt"}, empty=("latent_format_version_0",))
-            outputs.append(str(comfy_path(out)))
-    finally:
-        bar.close()
-        writer.close()
-        if comfy is not None:
-            comfy.close()
-        frames.close()
-    shape = [len(indices), cfg.latent_channels, geometry.processed[1] // cfg.downscale,
-             geometry.processed[0] // cfg.downscale]
-    return {"input": source_spec, "output": str(out), "outputs": outputs, "frames": len(indices), "shape": shape,
-            "fps": f"{source.fps.numerator}/{source.fps.denominator}", "seconds": round(time.perf_counter() - started, 3),
-            "plan": {"strategy": "batches", "batch_frames": opts.batch, "chunk_frames": None, "overlap": 0, "tiles": None},
-            "geometry": {"source": list(geometry.source), "processed": list(geometry.processed), "fit": geometry.fit}}
+                with atomic_output(comfy_path(out), opts.overwrite) as tmp:
+                    # ComfyUI's .latent: raw (unscaled) `latent_tensor` plus an empty `latent_format_version_0`
+                    comfy.finish(tmp, {"format": "pt"}, empty=("latent_format_version_0",))
+                outputs.append(str(comfy_path(out)))
+        finally:
+            bar.close()
+            writer.close()
+            if comfy is not None:
+                comfy.close()
+            frames.close()
+        shape = [len(indices), cfg.latent_channels, geometry.processed[1] // cfg.downscale,
+                 geometry.processed[0] // cfg.downscale]
+        return {"input": source_spec, "output": str(out), "outputs": outputs, "frames": len(indices),
+                "shape": shape, "fps": f"{source.fps.numerator}/{source.fps.denominator}",
+                "geometry": {"source": list(geometry.source), "processed": list(geometry.processed),
+                             "fit": geometry.fit}}
+
+    result = with_oom_recovery(plan_for, run, model.device, quiet)
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    return result
 
 
-def _chain(first: list, rest: Iterator) -> Iterator:
-    yield from first
-    yield from rest
+def encode_batch(model: Model, batch: list[tuple[int, np.ndarray]], geometry, opts: EncodeOptions):
+    """Source frames [(index, uint8 (H, W, 3))] -> (latents (B, C, h, w) unscaled, posterior)."""
+    x = to_model([image for _, image in batch], geometry, model.device, model.dtype)
+    with torch.inference_mode():
+        posterior = model.vae.encode_moments(x)
+        z = posterior.mode()
+        if opts.sample:
+            noise = torch.stack([frame_noise(tuple(z.shape[1:]), opts.seed, i) for i, _ in batch])
+            z = z + posterior.std * noise.to(z.device, z.dtype)
+    return z, posterior
 
 
 def output_kind(out: Path | str, fmt: str | None) -> tuple[str, Path, str | None]:
@@ -297,88 +326,179 @@ def check_model(lf: LatentFile, model: Model, allow_mismatch: bool) -> None:
                          "or --allow-model-mismatch to decode anyway")
 
 
-def decode_file(model: Model, latents_path: Path, out: Path, opts: DecodeOptions, quiet: bool = True,
+MAX_OOM_RETRIES = 4
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's CUDA OOM, or the CPU allocator failing."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def available_memory(model: Model, max_memory: int | None) -> int:
+    """Bytes left for activations: the device's free memory (weights are already resident), capped by
+    `max_memory` (a total that includes the weights)."""
+    free = free_memory(model.device)
+    if max_memory is None:
+        return free
+    weights = sum(t.numel() * t.element_size() for t in model.vae.state_dict().values())
+    return max(0, min(free, max_memory - weights))
+
+
+def enforce_max_memory(device: torch.device, max_memory: int | None) -> None:
+    """On CUDA, make torch's allocator refuse to go past `max_memory` for this process."""
+    if max_memory is not None and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory / total), device)
+
+
+def with_oom_recovery(plan_for: Callable[[int | None], Plan], run: Callable[[Plan], dict], device: torch.device,
+                      quiet: bool) -> dict:
+    """Run `run(plan_for(None))`; on out-of-memory free the cache, re-plan with half the failed plan's predicted
+    activations and start the job again (outputs are atomic, so nothing is lost or duplicated).
+
+    The first retry drops what the user forced (`plan_for` receives a budget instead of None).
+    """
+    budget, failed = None, []
+    while True:
+        plan = plan_for(budget)
+        try:
+            result = run(plan)
+            result["plan"] = plan.to_dict()
+            if failed:
+                result["oom_retries"] = failed
+            return result
+        except BaseException as e:
+            if not is_out_of_memory(e):
+                raise
+            message = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        failed.append({"plan": plan.to_dict(), "error": message})
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(failed) > MAX_OOM_RETRIES:
+            raise OutOfMemory(f"out of memory on {device} after {len(failed)} attempts (last: {plan.strategy}, "
+                              f"{plan.chunk_frames} frames); lower --max-memory, --chunk or the frame size")
+        budget = plan.activation_bytes // 2
+        if not quiet:
+            print(f"vaecli: out of memory ({message}); re-planning within {format_bytes(budget)}", file=sys.stderr)
+
+
+def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeOptions, quiet: bool = True,
                 observer: Callable[[np.ndarray], None] | None = None) -> dict:
     """Decode one latent file into a video or PNG sequence; returns the JSON result.
 
-    observer: called with each decoded clip, uint8 (t, H, W, 3), before it is written (roundtrip metrics).
+    The plan (windows, overlap, tiles, attention backend) comes from the memory planner unless forced;
+    observer: called with each block of final frames, uint8 (t, H, W, 3), before they are written.
     """
     started = time.perf_counter()
-    vae, cfg = model.vae, model.vae.config
+    cfg = model.vae.config
     lf = open_latents(latents_path)
     check_model(lf, model, opts.allow_model_mismatch)
     fps = opts.fps or lf.fps
     if fps is None:
         raise UsageError(f"{latents_path}: no vaecli metadata to take the frame rate from; pass --fps")
-    geometry = lf.geometry
-    if lf.scaled:
-        scaling = lf.scaling_factor or cfg.scaling_factor
-    else:
-        scaling = 1.0
     fmt, target, pattern = output_kind(out, opts.fmt)
-    total = lf.frames
-    clip = min(opts.chunk or total, total)
-    if geometry is None or opts.native_size:
-        size = (lf.shape[3] * cfg.downscale, lf.shape[2] * cfg.downscale)
-    else:
-        size = geometry.source
-    bar = progress(total, f"decode {latents_path.name}", quiet)
-    with atomic_output(target, opts.overwrite) as tmp:
-        if fmt == "png":
-            tmp.mkdir()
-            sink = PngWriter(tmp, pattern)
-        elif fmt == "gif":
-            sink = GifWriter(tmp, fps)
-        else:
-            sink = VideoWriter(tmp, fmt, fps, size, opts.crf)
-        writer = BackgroundWriter(sink)
-        try:
-            for start in range(0, total, clip):
-                z = lf.read(start, min(total, start + clip)).to(model.device, torch.float32) / scaling
-                with torch.inference_mode():
-                    x = vae.decode(z.to(model.dtype), num_frames=z.shape[0])
-                images = from_model(x, geometry, opts.native_size)
-                if observer is not None:
-                    observer(images)
-                for image in images:
-                    writer.put(image)
-                bar.update(z.shape[0])
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            bar.close()
-    plan = {"strategy": "one-clip" if clip >= total else "chunks", "chunk_frames": clip, "overlap": 0, "tiles": None}
-    return {"input": str(latents_path), "output": str(target), "format": fmt, "frames": total,
-            "shape": [total, 3, size[1], size[0]], "fps": f"{fps.numerator}/{fps.denominator}",
-            "seconds": round(time.perf_counter() - started, 3), "plan": plan}
+    check_writable(target, opts.overwrite)
+    geometry = None if opts.native_size else lf.geometry
+    size = geometry.source if geometry else (lf.shape[3] * cfg.downscale, lf.shape[2] * cfg.downscale)
+    scaling = (lf.scaling_factor or cfg.scaling_factor) if lf.scaled else 1.0
+    enforce_max_memory(model.device, opts.max_memory)
+
+    def plan_for(budget: int | None) -> Plan:
+        forced = budget is None
+        return plan_decode(cfg, lf.frames, (lf.shape[2], lf.shape[3]), device=model.device, dtype=model.dtype,
+                           available_bytes=available_memory(model, opts.max_memory) if forced else budget,
+                           attention=opts.attention, chunk=opts.chunk if forced else None,
+                           overlap=opts.overlap if forced else None, tile=opts.tile if forced else None)
+
+    def run(plan: Plan) -> dict:
+        model.vae.set_attention(plan.attention)
+        bar = progress(lf.frames, f"decode {latents_path.name}", quiet)
+        with atomic_output(target, opts.overwrite) as tmp:
+            if fmt == "png":
+                tmp.mkdir()
+                sink = PngWriter(tmp, pattern)
+            elif fmt == "gif":
+                sink = GifWriter(tmp, fps)
+            else:
+                sink = VideoWriter(tmp, fmt, fps, size, opts.crf)
+            writer = BackgroundWriter(sink)
+            try:
+                for images in decode_frames(model, lf, plan, scaling, geometry):
+                    if observer is not None:
+                        observer(images)
+                    for image in images:
+                        writer.put(image)
+                    bar.update(len(images))
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            finally:
+                bar.close()
+        return {"input": str(latents_path), "output": str(target), "format": fmt, "frames": lf.frames,
+                "shape": [lf.frames, 3, size[1], size[0]], "fps": f"{fps.numerator}/{fps.denominator}"}
+
+    result = with_oom_recovery(plan_for, run, model.device, quiet)
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def decode_frames(model: Model, lf: LatentFile, plan: Plan, scaling: float, geometry) -> Iterator[np.ndarray]:
+    """Decode the latents window by window (tiles inside a window if planned), cross-fading overlaps;
+    yields final uint8 frames (t, H, W, 3) in order, each frame once."""
+    vae, factor = model.vae, model.vae.config.downscale
+    plan_windows = windows(lf.frames, plan.chunk_frames, plan.overlap)
+    blender = WindowBlender(plan_windows)
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z, num_frames=z.shape[0])
+
+    for window in plan_windows:
+        z = (lf.read(window.start, window.end).to(model.device, torch.float32) / scaling).to(model.dtype)
+        with torch.inference_mode():
+            x = decode_tiled(decode, z, plan.tiling, factor) if plan.tiling else decode(z)
+            final = blender.push(x)
+        if final.shape[0]:
+            yield from_model(final, geometry)
 
 
 class RoundtripMeter:
-    """Compares each decoded clip with the same source frames as it arrives: PSNR and SSIM per clip.
+    """Compares decoded frames with the same source frames as they arrive: PSNR and SSIM per clip.
 
-    reference: the selected source frames, uint8 (H, W, 3), in order (streamed, not stored).
+    reference: the selected source frames, uint8 (H, W, 3), in order (streamed, not stored);
+    clip_frames: frames per reported clip (None = one clip for the whole video).
     """
 
-    def __init__(self, reference: Iterator[tuple[int, np.ndarray]]):
+    def __init__(self, reference: Iterator[tuple[int, np.ndarray]], clip_frames: int | None = None):
         self.reference = reference
+        self.clip_frames = clip_frames
         self.clips: list[dict] = []
+        self._squared, self._ssim = [], []
 
     def __call__(self, decoded: np.ndarray) -> None:
-        squared_error, ssims = 0.0, []
         for image in decoded:
             _, ref = next(self.reference)
             if ref.shape != image.shape:
                 raise InputError(f"reconstruction is {image.shape[1]}x{image.shape[0]}, source {ref.shape[1]}x{ref.shape[0]}")
-            squared_error += float(np.mean((ref.astype(np.float64) - image.astype(np.float64)) ** 2))
-            ssims.append(ssim(ref[None], image[None]))
-        mse = squared_error / len(decoded)
+            self._squared.append(float(np.mean((ref.astype(np.float64) - image.astype(np.float64)) ** 2)))
+            self._ssim.append(ssim(ref[None], image[None]))
+            if self.clip_frames and len(self._squared) == self.clip_frames:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self._squared:
+            return
+        mse = float(np.mean(self._squared))
         value = float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
-        self.clips.append({"clip": len(self.clips), "frames": len(decoded), "psnr": round(value, 3),
-                           "ssim": round(float(np.mean(ssims)), 5)})
+        self.clips.append({"clip": len(self.clips), "frames": len(self._squared), "psnr": round(value, 3),
+                           "ssim": round(float(np.mean(self._ssim)), 5)})
+        self._squared, self._ssim = [], []
 
     def summary(self) -> dict:
+        self._flush()
         frames = sum(c["frames"] for c in self.clips)
         weights = [c["frames"] / frames for c in self.clips]
         return {"frames": frames, "psnr": round(sum(w * c["psnr"] for w, c in zip(weights, self.clips)), 3),
