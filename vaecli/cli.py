@@ -497,6 +497,84 @@ def roundtrip(
     _print_result(result, as_json, human)
 
 
+@app.command()
+@handle_errors
+def plan(
+    ctx: typer.Context,
+    input: Annotated[str, typer.Argument(help="A video (plans encode and decode) or a latent file (decode).")],
+    frames: Annotated[Optional[int], typer.Option("--frames", help="Plan for this many frames.")] = None,
+    max_memory: MaxMemoryOpt = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    size: Annotated[Optional[str], typer.Option(help="Resize frames to WxH first (video input).")] = None,
+    fit: Annotated[str, typer.Option(help="pad, crop or resize (video input).")] = "pad",
+    chunk: ChunkOpt = None,
+    overlap: OverlapOpt = None,
+    tile: TileOpt = None,
+    batch: Annotated[Optional[int], typer.Option(help="Force the encode batch size.")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    attention: AttentionOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the memory plan (attention backend, windows, tiles, predicted peak) without running the model.
+
+    \b
+    Examples:
+      vaecli plan clip.mp4 --config svd-vae --max-memory 8GiB
+      vaecli plan clip.latents.safetensors -m svd_xt.safetensors --frames 25 --json
+    """
+    import torch
+
+    from vaecli.model.checkpoint import bundled_model_path, read_checkpoint
+    from vaecli.model.config import load_config
+    from vaecli.ops.device import free_memory, parse_device, parse_dtype
+    from vaecli.pipeline.frames import parse_size, plan_geometry
+    from vaecli.pipeline.latents_io import open_latents
+    from vaecli.pipeline.planner import parse_bytes, plan_decode, plan_encode
+    from vaecli.pipeline.video_io import FrameSource, Selection
+
+    _check_windows(chunk, overlap, tile)
+    if model is not None:
+        cfg = read_checkpoint(model, config).config
+    elif config is not None:
+        cfg = load_config(config)
+    else:
+        cfg = read_checkpoint(bundled_model_path()).config
+    dev = parse_device(device)
+    if dtype == "auto":
+        dt = torch.float32 if dev.type == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    else:
+        dt = parse_dtype(dtype)
+    limit = parse_bytes(max_memory)
+    available = free_memory(dev) if limit is None else min(free_memory(dev), limit)
+    result: dict = {"input": input, "model": cfg.name}
+    if _file_kind(Path(input)) == "latents":
+        lf = open_latents(input)
+        count, latent_hw = frames or lf.frames, (lf.shape[2], lf.shape[3])
+    else:
+        source = FrameSource(input)
+        it = source.frames(Selection(0, frames, 1))
+        _, first = next(it)
+        it.close()
+        geometry = plan_geometry((first.shape[1], first.shape[0]), cfg.downscale, fit, parse_size(size))
+        count = frames or source.count or 1
+        width, height = geometry.processed
+        latent_hw = (height // cfg.downscale, width // cfg.downscale)
+        enc = plan_encode(cfg, count, (height, width), device=dev, dtype=dt, available_bytes=available,
+                          attention=attention, batch=batch, weights_resident=False)
+        result["encode"] = enc.to_dict()
+    dec = plan_decode(cfg, count, latent_hw, device=dev, dtype=dt, available_bytes=available, attention=attention,
+                      chunk=chunk, overlap=overlap, tile=tile, weights_resident=False)
+    result.update(frames=count, latent_size=list(latent_hw), **dec.to_dict())
+    human = [f"input:  {input}  ({count} frames, latents {latent_hw[0]}x{latent_hw[1]}, model {cfg.name})",
+             f"device: {dev}, {dec.dtype}"]
+    if "encode" in result:
+        human += enc.describe()
+    human += dec.describe()
+    _print_result(result, as_json, human)
+
+
 def main() -> None:
     """Console entry point."""
     try:

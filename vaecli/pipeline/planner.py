@@ -29,7 +29,7 @@ from vaecli.pipeline.chunking import Tiling, windows
 AUTO_ORDER = ("sdpa", "math", "split", "sub-quadratic")  # fastest first; math only wins where sdpa is missing
 MIN_WINDOW = 4  # shortest temporal window worth decoding before falling back to tiles
 DEFAULT_TILE_OVERLAP = 8  # latent pixels shared by neighbouring tiles (64 output pixels at f = 8)
-MIN_TILE = 16  # smallest tile side in latent pixels
+MIN_TILE = 8  # smallest tile side in latent pixels
 
 
 @dataclass(frozen=True)
@@ -134,13 +134,20 @@ class Plan:
 class Estimator:
     """Traced activation peaks of one model config at one dtype, memoised per (stage, backend, size)."""
 
-    def __init__(self, config: VAEConfig, dtype: torch.dtype, cost: CostModel):
+    def __init__(self, config: VAEConfig, dtype: torch.dtype, cost: CostModel | None = None,
+                 device_type: str = "cpu"):
+        cost = cost or COST_MODELS.get(device_type, COST_MODELS["cpu"])
         self.config, self.dtype, self.cost = config, dtype, cost
         self._models: dict[str, VAE] = {}
-        self._lines: dict[tuple, tuple[int, int]] = {}
+        self._lines: dict[tuple, dict[tuple[int, int], tuple[int, int]]] = {}
+
+    @staticmethod
+    def _key(backend: AttentionBackend) -> tuple:
+        """Only the chunked backends' memory depends on their budget."""
+        return (backend.name, backend.budget if backend.name in ("split", "sub-quadratic") else None)
 
     def _model(self, backend: AttentionBackend) -> VAE:
-        key = f"{backend.name}:{backend.budget}"
+        key = self._key(backend)
         if key not in self._models:
             with torch.device("meta"):
                 self._models[key] = VAE(self.config, backend).to(self.dtype).eval()
@@ -157,15 +164,26 @@ class Estimator:
     def activations(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int) -> int:
         """Predicted activation bytes: traced peak (linear in frames, from traces of 1 and 2) through the cost model.
 
-        h, w: latent size for decode, pixel size for encode.
+        h, w: latent size for decode, pixel size for encode. For decode with a backend whose memory is linear in
+        the token count (all but math), every activation is C·h·w·4^level per frame, so a size not traced yet
+        is scaled by area from one that was: tile searches then cost no further traces. split and
+        sub-quadratic are priced as sdpa plus their scratch budget.
         """
-        key = (stage, backend.name, backend.budget, h, w)
-        if key not in self._lines:
-            one, two = self._traced(stage, backend, 1, h, w), self._traced(stage, backend, 2, h, w)
-            self._lines[key] = (one, two - one)
-        base, per_frame = self._lines[key]
-        traced = base + per_frame * (frames - 1)
-        return self.cost.predict(traced)
+        if backend.name in ("split", "sub-quadratic"):
+            # their scratch is bounded by their budget by construction: the sdpa trace plus that budget
+            sdpa = AttentionBackend("sdpa")
+            return self.activations(stage, sdpa, frames, h, w) + backend.budget
+        lines = self._lines.setdefault((stage, *self._key(backend)), {})
+        if (h, w) not in lines:
+            if stage == "decode" and backend.name != "math" and lines:
+                (h0, w0), (base, per_frame) = next(iter(lines.items()))
+                ratio = (h * w) / (h0 * w0)
+                lines[(h, w)] = (int(base * ratio), int(per_frame * ratio))
+            else:
+                one, two = self._traced(stage, backend, 1, h, w), self._traced(stage, backend, 2, h, w)
+                lines[(h, w)] = (one, two - one)
+        base, per_frame = lines[(h, w)]
+        return self.cost.predict(base + per_frame * (frames - 1))
 
     def weights(self) -> int:
         with torch.device("meta"):
@@ -174,15 +192,14 @@ class Estimator:
 
 
 def _backends(attention: str, device: torch.device, budget: int) -> list[AttentionBackend]:
+    """The backends to try, fastest first; split/sub-quadratic get scratch of an eighth of the budget (≤ 512 MiB)."""
+    scratch = min(budget // 8, 512 << 20)
     if attention != "auto":
         if attention not in BACKEND_NAMES:
             raise UsageError(f"unknown attention backend {attention!r}; choose one of: auto, {', '.join(BACKEND_NAMES)}")
-        return [AttentionBackend(attention, budget // 4, "chosen by the user")]
-    out = []
-    for name in AUTO_ORDER:
-        if unavailable_reason(name, device) is None:
-            out.append(AttentionBackend(name, budget // 4, "auto: the fastest backend whose memory fits"))
-    return out
+        return [AttentionBackend(attention, scratch, "chosen by the user")]
+    return [AttentionBackend(name, scratch, "auto: the fastest backend whose memory fits")
+            for name in AUTO_ORDER if unavailable_reason(name, device) is None]
 
 
 def output_bytes(frames: int, height: int, width: int) -> int:
@@ -193,16 +210,15 @@ def output_bytes(frames: int, height: int, width: int) -> int:
 def plan_decode(config: VAEConfig, frames: int, latent_hw: tuple[int, int], *, device: torch.device,
                 dtype: torch.dtype, available_bytes: int, attention: str = "auto", chunk: int | None = None,
                 overlap: int | None = None, tile: int | None = None, cost: CostModel | None = None,
-                weights_resident: bool = True) -> Plan:
+                weights_resident: bool = True, estimator: Estimator | None = None) -> Plan:
     """Plan a decode of `frames` latent frames of size latent_hw = (h, w) within `available_bytes`.
 
     available_bytes: memory the process may still use on the device (weights excluded when they are already
     resident). chunk: force windows of this many frames (0 = one clip); overlap: force the overlap;
     tile: force square tiles of this many latent pixels. Raises nothing when nothing fits: the smallest plan is
-    returned with a reason saying so (OOM recovery may still get through).
+    returned with a reason saying so (OOM recovery may still get through). estimator: reuse traces across calls.
     """
-    cost = cost or COST_MODELS.get(device.type, COST_MODELS["cpu"])
-    est = Estimator(config, dtype, cost)
+    est = estimator or Estimator(config, dtype, cost or COST_MODELS.get(device.type, COST_MODELS["cpu"]))
     weights = est.weights()
     budget = available_bytes if weights_resident else available_bytes - weights
     h, w = latent_hw
@@ -243,34 +259,34 @@ def plan_decode(config: VAEConfig, frames: int, latent_hw: tuple[int, int], *, d
     if backend:
         return make(backend, "one-clip", frames, 0, None,
                     [f"all {frames} frames fit as one clip (exact)", f"attention {backend.name}"])
-    for c in range(frames - 1, MIN_WINDOW - 1, -1):  # 2. the longest temporal window that fits
-        k = overlap if overlap is not None else default_overlap(c)
-        backend = first_fitting(c, k, None) if k < c else None
-        if backend:
-            return make(backend, "windows", c, k, None,
-                        [f"one clip of {frames} frames does not fit; windows of {c} frames overlapping by {k}, "
-                         "cross-faded", f"attention {backend.name}"])
+    for backend in backends:  # 2. the longest temporal window that fits, fastest backend first
+        for c in range(frames - 1, MIN_WINDOW - 1, -1):
+            k = overlap if overlap is not None else default_overlap(c)
+            if k < c and window_cost(backend, c, k, None) <= budget:
+                return make(backend, "windows", c, k, None,
+                            [f"one clip of {frames} frames does not fit; windows of {c} frames overlapping by {k}, "
+                             "cross-faded", f"attention {backend.name}"])
     c = min(frames, MIN_WINDOW)  # 3. tiles of short windows: the largest tile that fits
     k = 0 if c >= frames else (overlap if overlap is not None else default_overlap(c))
-    side = max(h, w) * 3 // 4
-    while side >= MIN_TILE:
-        tiling = Tiling((side, side), min(DEFAULT_TILE_OVERLAP, side // 4))
-        backend = first_fitting(c, k, tiling)
-        if backend:
-            return make(backend, "tiles", c, k, tiling,
-                        [f"even {c}-frame windows do not fit whole; tiles of {side}x{side} latent pixels "
-                         f"overlapping by {tiling.overlap}, feathered", f"attention {backend.name}"])
-        side = side * 3 // 4
+    for backend in backends:
+        side = max(h, w) * 3 // 4
+        while side >= MIN_TILE:
+            tiling = Tiling((side, side), min(DEFAULT_TILE_OVERLAP, side // 4))
+            if window_cost(backend, c, k, tiling) <= budget:
+                return make(backend, "tiles", c, k, tiling,
+                            [f"even {c}-frame windows do not fit whole; tiles of {side}x{side} latent pixels "
+                             f"overlapping by {tiling.overlap}, feathered", f"attention {backend.name}"])
+            side = side * 3 // 4
     return make(backends[-1], "tiles", c, k, Tiling((MIN_TILE, MIN_TILE), MIN_TILE // 4),
                 ["nothing fits the budget by the cost model; the smallest plan is used"])
 
 
 def plan_encode(config: VAEConfig, frames: int, size_hw: tuple[int, int], *, device: torch.device,
                 dtype: torch.dtype, available_bytes: int, attention: str = "auto", batch: int | None = None,
-                cost: CostModel | None = None, weights_resident: bool = True, max_batch: int = 16) -> Plan:
+                cost: CostModel | None = None, weights_resident: bool = True, max_batch: int = 16,
+                estimator: Estimator | None = None) -> Plan:
     """Plan an encode: the largest batch of frames (≤ max_batch) whose encoder pass fits the budget."""
-    cost = cost or COST_MODELS.get(device.type, COST_MODELS["cpu"])
-    est = Estimator(config, dtype, cost)
+    est = estimator or Estimator(config, dtype, cost or COST_MODELS.get(device.type, COST_MODELS["cpu"]))
     weights = est.weights()
     budget = available_bytes if weights_resident else available_bytes - weights
     height, width = size_hw

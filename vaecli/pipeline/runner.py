@@ -31,7 +31,7 @@ from vaecli.ops.device import dtype_name, free_memory
 from vaecli.ops.files import atomic_output, check_writable
 from vaecli.pipeline.chunking import WindowBlender, decode_tiled, windows
 from vaecli.pipeline.frames import from_model, plan_geometry, ssim, to_model
-from vaecli.pipeline.planner import Plan, format_bytes, plan_decode, plan_encode
+from vaecli.pipeline.planner import Estimator, Plan, format_bytes, plan_decode, plan_encode
 from vaecli.pipeline.latents_io import FORMAT_VERSION, LatentFile, LatentFileWriter, comfy_path, open_latents
 from vaecli.pipeline.video_io import FORMATS, FrameSource, GifWriter, PngWriter, Selection, VideoWriter
 
@@ -220,12 +220,14 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
     geometry = plan_geometry(source_size, cfg.downscale, opts.fit, opts.size)
     expected = opts.selection.count or source.count or 16
     enforce_max_memory(model.device, opts.max_memory)
+    estimator = Estimator(cfg, model.dtype, device_type=model.device.type)
 
     def plan_for(budget: int | None) -> Plan:
         forced = budget is None
         return plan_encode(cfg, expected, (geometry.processed[1], geometry.processed[0]), device=model.device,
                            dtype=model.dtype, attention=opts.attention, batch=opts.batch if forced else None,
-                           available_bytes=available_memory(model, opts.max_memory) if forced else budget)
+                           available_bytes=available_memory(model, opts.max_memory) if forced else budget,
+                           estimator=estimator)
 
     def run(plan: Plan) -> dict:
         model.vae.set_attention(plan.attention)
@@ -405,13 +407,15 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
     size = geometry.source if geometry else (lf.shape[3] * cfg.downscale, lf.shape[2] * cfg.downscale)
     scaling = (lf.scaling_factor or cfg.scaling_factor) if lf.scaled else 1.0
     enforce_max_memory(model.device, opts.max_memory)
+    estimator = Estimator(cfg, model.dtype, device_type=model.device.type)
 
     def plan_for(budget: int | None) -> Plan:
         forced = budget is None
         return plan_decode(cfg, lf.frames, (lf.shape[2], lf.shape[3]), device=model.device, dtype=model.dtype,
                            available_bytes=available_memory(model, opts.max_memory) if forced else budget,
                            attention=opts.attention, chunk=opts.chunk if forced else None,
-                           overlap=opts.overlap if forced else None, tile=opts.tile if forced else None)
+                           overlap=opts.overlap if forced else None, tile=opts.tile if forced else None,
+                           estimator=estimator)
 
     def run(plan: Plan) -> dict:
         model.vae.set_attention(plan.attention)
