@@ -53,3 +53,55 @@ def test_cuda_fp32_matches_diffusers():
     z = latents(6, 16, 16).cuda()
     with torch.no_grad():
         assert (vae.decode(z, 3) - ref.decode(z, num_frames=3).sample).abs().max().item() <= 1e-4
+
+
+def test_svd_25_frames_576x1024_decode_under_4gib(tmp_path):
+    """The memory planner's promise: a full SVD-size decode within --max-memory 4GiB."""
+    import json
+
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from vaecli.cli import app
+    from vaecli.model.config import load_config
+    from vaecli.model.vae import VAE, randomize_weights_
+
+    save_file(randomize_weights_(VAE(load_config("svd-vae"))).half().state_dict(), str(tmp_path / "svd.safetensors"))
+    save_file({"latents": torch.randn(25, 4, 72, 128) * 0.18215}, str(tmp_path / "z.safetensors"))
+    torch.cuda.reset_peak_memory_stats()
+    result = CliRunner().invoke(app, ["decode", str(tmp_path / "z.safetensors"), "-m", str(tmp_path / "svd.safetensors"),
+                                      "--fps", "7", "--device", "cuda", "--dtype", "bf16", "--max-memory", "4GiB",
+                                      "-o", str(tmp_path / "out.mp4"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)["plan"]
+    assert plan["predicted_peak_bytes"] <= 4 << 30
+    assert torch.cuda.max_memory_allocated() <= 4 << 30
+
+
+@pytest.mark.parametrize("stage,frames,hw,dtype", [("decode", 14, (576, 1024), torch.bfloat16),
+                                                   ("decode", 4, (720, 1280), torch.float16),
+                                                   ("encode", 8, (576, 1024), torch.bfloat16)])
+def test_cost_model_within_15_percent_of_cuda_peak(stage, frames, hw, dtype):
+    from vaecli.model.config import load_config
+    from vaecli.model.vae import VAE, randomize_weights_
+    from vaecli.pipeline.planner import Estimator
+
+    config = load_config("svd-vae")
+    vae = randomize_weights_(VAE(config, AttentionBackend("sdpa"))).to("cuda", dtype).eval()
+    if stage == "decode":
+        x = torch.randn(frames, 4, hw[0] // 8, hw[1] // 8, device="cuda", dtype=dtype)
+        call = lambda: vae.decode(x)  # noqa: E731
+        size = (hw[0] // 8, hw[1] // 8)
+    else:
+        x = torch.rand(frames, 3, *hw, device="cuda", dtype=dtype) * 2 - 1
+        call = lambda: vae.encode(x)  # noqa: E731
+        size = hw
+    with torch.inference_mode():
+        call()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        call()
+        measured = torch.cuda.max_memory_allocated() - base
+    predicted = Estimator(config, dtype, device_type="cuda").activations(stage, AttentionBackend("sdpa"), frames, *size)
+    assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
