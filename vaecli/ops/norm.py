@@ -16,6 +16,10 @@ class GroupNorm32(nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The clip view (b, C, t, H, W) of frames is a permutation; torch's CPU group_norm copies it to contiguous
+        # anyway, and its backward crashes (segfault, torch 2.13) on such strided input when only the affine
+        # parameters need gradients: copy explicitly.
+        x = x if x.is_contiguous() else x.contiguous()
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return super().forward(x)
         weight = None if self.weight is None else self.weight.float()
