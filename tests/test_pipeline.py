@@ -287,7 +287,7 @@ def audio_only(path):
     ("no-dir", 2, "is not a folder"),
     ("bad-fit", 2, "--fit must be"),
     ("bad-size", 2, "--size must look like"),
-    ("no-model", 1, "no bundled model"),
+    ("no-model", 1, "missing.safetensors: no such file or folder"),
     ("two-outputs", 2, "-o takes one input"),
 ])
 def test_encode_errors(tmp_path, model, case, code, message):
@@ -308,7 +308,7 @@ def test_encode_errors(tmp_path, model, case, code, message):
         "no-dir": [video, "-m", model, "--out-dir", tmp_path / "nowhere"],
         "bad-fit": [video, "-m", model, "--fit", "stretch"],
         "bad-size": [video, "-m", model, "--size", "big"],
-        "no-model": [video],
+        "no-model": [video, "-m", tmp_path / "missing.safetensors"],
         "two-outputs": [video, video, "-o", tmp_path / "x.safetensors", "-m", model],
     }[case]
     result = cli("encode", *args)

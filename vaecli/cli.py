@@ -586,8 +586,8 @@ def plan(
 def demo(
     ctx: typer.Context,
     out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Folder for the demo's files.")] = Path("vaecli-demo"),
-    frames: Annotated[int, typer.Option("--frames", help="Frames of the sample clip.")] = 24,
-    size: Annotated[str, typer.Option(help="Size of the sample clip, WxH.")] = "256x160",
+    frames: Annotated[int, typer.Option("--frames", help="Frames of the sample clip.")] = 16,
+    size: Annotated[str, typer.Option(help="Size of the sample clip, WxH.")] = "192x128",
     model: ModelOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",

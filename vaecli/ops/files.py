@@ -34,6 +34,8 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
         yield tmp
         if path.exists() and not overwrite:  # appeared while we were writing
             raise OutputError(f"{path} appeared while writing; pass --overwrite to replace it")
+        if tmp.is_file():  # some writers (safetensors) create files readable by the owner only
+            os.chmod(tmp, 0o666 & ~_umask())
         if tmp.is_dir() and path.exists():  # a folder output (diffusers layout) replaces the old folder
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         os.replace(tmp, path)
@@ -42,3 +44,9 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
             shutil.rmtree(tmp, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
