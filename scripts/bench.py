@@ -1,0 +1,157 @@
+"""Benchmark vaecli against diffusers on the same weights and inputs, in one process, alternating.
+
+    python scripts/bench.py --device cpu --small                      # CI-sized: tiny config, CPU, fp32
+    python scripts/bench.py --device cuda --dtype bf16 --frames 14 25 --size 576x1024
+    python scripts/bench.py --device cuda --dtype fp16 --frames 14 --chunk 8 --json bench.json
+
+Both models are built from one random state dict (SVD configuration unless --small, or --model CKPT), get the
+same latents / frames, and run alternately after a warm-up; times are medians (CUDA events on GPU,
+perf_counter on CPU). Reported per case: median seconds, peak memory above the weights (CUDA), the speed ratio
+diffusers/vaecli, and the output difference against an fp32 reference (TF32 off): PSNR (range [-1, 1]) and max |Δ|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from vaecli.model import keymap
+from vaecli.model.checkpoint import read_checkpoint
+from vaecli.model.config import VAEConfig, load_config
+from vaecli.model.vae import VAE, randomize_weights_
+from vaecli.ops.attention import AttentionBackend
+from vaecli.ops.device import parse_dtype
+
+
+def diffusers_model(config: VAEConfig, state: dict):
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    s = dict(state)
+    c = 2 * config.z_channels
+    s.setdefault("quant_conv.weight", torch.eye(c)[:, :, None, None])
+    s.setdefault("quant_conv.bias", torch.zeros(c))
+    ref = AutoencoderKLTemporalDecoder(down_block_types=["DownEncoderBlock2D"] * len(config.ch_mult),
+                                       block_out_channels=[config.ch * m for m in config.ch_mult],
+                                       layers_per_block=config.num_res_blocks, latent_channels=config.latent_channels)
+    ref.load_state_dict(keymap.to_diffusers(s, temporal=True), strict=True)
+    return ref.eval()
+
+
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000, out
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def peak(fn, device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4.0 / mse)).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--small", action="store_true", help="tiny configuration (ch 32, 2 levels) for CPU/CI")
+    parser.add_argument("--model", help="a checkpoint instead of random weights at the SVD configuration")
+    parser.add_argument("--frames", type=int, nargs="+", default=None)
+    parser.add_argument("--size", default=None, help="HxW of the frames, e.g. 576x1024")
+    parser.add_argument("--chunk", type=int, default=None, help="also decode in chunks of N frames (num_frames=N)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stages", default="decode,encode")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), parse_dtype(args.dtype)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if args.model:
+        ckpt = read_checkpoint(args.model)
+        config, state = ckpt.config, {k: v.float() for k, v in ckpt.state.items()}
+    else:
+        config = load_config("svd-vae")
+        if args.small:
+            config = config.replace(ch=32, ch_mult=(1, 2), name="small")
+        state = randomize_weights_(VAE(config)).state_dict()
+    frames = args.frames or ([6] if args.small else [14])
+    h, w = (int(v) for v in (args.size or ("64x64" if args.small else "576x1024")).split("x"))
+    f = config.downscale
+    ours = VAE(config, AttentionBackend("sdpa"))
+    ours.load_state_dict(state)
+    ours = ours.to(device, dtype).eval()
+    theirs = diffusers_model(config, state).to(device, dtype)
+    ref32 = VAE(config, AttentionBackend("math"))
+    ref32.load_state_dict(state)
+    ref32 = ref32.to(device).eval()
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for t in frames:
+        z = torch.randn(t, config.latent_channels, h // f, w // f, generator=gen).to(device)
+        x = (torch.rand(t, 3, h, w, generator=gen) * 2 - 1).to(device)
+        cases = []
+        if "decode" in args.stages:
+            clip = t if args.chunk is None else args.chunk
+            cases.append((f"decode {t}f" + (f" chunks of {clip}" if clip < t else ""),
+                          lambda: torch.cat([ours.decode(z[i:i + clip].to(dtype), num_frames=min(clip, t - i))
+                                             for i in range(0, t, clip)]),
+                          lambda: torch.cat([theirs.decode(z[i:i + clip].to(dtype), num_frames=min(clip, t - i)).sample
+                                             for i in range(0, t, clip)]),
+                          lambda: torch.cat([ref32.decode(z[i:i + clip], num_frames=min(clip, t - i))
+                                             for i in range(0, t, clip)])))
+        if "encode" in args.stages:
+            cases.append((f"encode {t}f", lambda: ours.encode(x.to(dtype)),
+                          lambda: theirs.encode(x.to(dtype)).latent_dist.mode(), lambda: ref32.encode(x)))
+        for name, fa, fb, fr in cases:
+            with torch.inference_mode():
+                ref = fr()
+                fa(), fb()  # warm-up
+                times_a, times_b = [], []
+                for _ in range(args.repeats):  # alternate
+                    ta, out_a = timed(fa, device)
+                    tb, out_b = timed(fb, device)
+                    times_a.append(ta)
+                    times_b.append(tb)
+                pa, pb = peak(fa, device), peak(fb, device)
+            row = {"case": name, "size": f"{h}x{w}", "dtype": args.dtype, "device": str(device),
+                   "vaecli_s": statistics.median(times_a), "diffusers_s": statistics.median(times_b),
+                   "vaecli_peak": pa, "diffusers_peak": pb,
+                   "speedup": statistics.median(times_b) / statistics.median(times_a),
+                   "vaecli_psnr": psnr(out_a, ref), "diffusers_psnr": psnr(out_b, ref),
+                   "vaecli_max_abs": (out_a.float() - ref.float()).abs().max().item(),
+                   "diffusers_max_abs": (out_b.float() - ref.float()).abs().max().item(),
+                   "nonfinite": int((~torch.isfinite(out_a)).sum().item())}
+            rows.append(row)
+    gib = lambda n: "-" if n is None else f"{n / 2**30:.2f} GiB"  # noqa: E731
+    print(f"{'case':28} {'vaecli':>9} {'diffusers':>10} {'speedup':>8} {'vaecli peak':>12} {'diff. peak':>11} "
+          f"{'PSNR vs fp32':>13} {'max |Δ|':>9}")
+    for r in rows:
+        print(f"{r['case']:28} {r['vaecli_s']:>8.3f}s {r['diffusers_s']:>9.3f}s {r['speedup']:>7.2f}x "
+              f"{gib(r['vaecli_peak']):>12} {gib(r['diffusers_peak']):>11} {r['vaecli_psnr']:>12.1f} "
+              f"{r['vaecli_max_abs']:>9.2e}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
