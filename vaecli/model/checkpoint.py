@@ -217,11 +217,6 @@ def _base_config(config: VAEConfig | str | None, metadata: dict) -> VAEConfig | 
 # ----------------------------------------------------------------------------------------- config from shapes
 
 
-def _count(keys, pattern: str) -> int:
-    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
-    return max(found) + 1 if found else 0
-
-
 def infer_config(state: dict[str, torch.Tensor], base: VAEConfig | None = None, name: str = "custom",
                  scaling_factor: float | None = None) -> VAEConfig:
     """Work out a VAEConfig from tensor shapes (sgm naming, no prefix).
@@ -241,8 +236,8 @@ def infer_config(state: dict[str, torch.Tensor], base: VAEConfig | None = None, 
     widths = [shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)]
     if any(w % ch for w in widths):
         raise CheckpointError(f"level widths {widths} are not multiples of the base width {ch}")
-    num_res_blocks = _count(state, r"encoder\.down\.0\.block\.(\d+)\.")
-    decoder_blocks = _count(state, r"decoder\.up\.0\.block\.(\d+)\.")
+    num_res_blocks = keymap.count_levels(state, "encoder.down.0.block.")
+    decoder_blocks = keymap.count_levels(state, "decoder.up.0.block.")
     if decoder_blocks != num_res_blocks + 1:
         raise CheckpointError(f"the decoder has {decoder_blocks} blocks per level and the encoder {num_res_blocks}; "
                               "vaecli supports decoders with one block more than the encoder, as in SD and SVD")

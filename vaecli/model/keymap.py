@@ -110,7 +110,7 @@ def _convert_key(key: str, levels: int, temporal: bool, to_diffusers: bool) -> s
 
 
 def count_levels(keys, prefix: str) -> int:
-    """Number of resolution levels: distinct `{prefix}{i}.` indices among `keys` (e.g. prefix 'encoder.down.')."""
+    """1 + the largest index i in keys `{prefix}{i}.…` (levels for 'encoder.down.', blocks for 'encoder.down.0.block.')."""
     found = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
     return max(found) + 1 if found else 0
 

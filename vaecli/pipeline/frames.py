@@ -122,12 +122,6 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 arrays (peak 255); inf when equal."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
-
-
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Mean SSIM of two uint8 videos (T, H, W, 3): 11x11 Gaussian window, σ = 1.5, per channel."""
     x = torch.from_numpy(a).permute(0, 3, 1, 2).double() / 255.0  # (T, 3, H, W)

@@ -24,7 +24,7 @@ from vaecli.model.vae import VAE
 from vaecli.ops.attention import BACKEND_NAMES, AttentionBackend, unavailable_reason
 from vaecli.ops.device import dtype_name
 from vaecli.ops.memtrace import traced_peak_bytes
-from vaecli.pipeline.chunking import Tiling, windows
+from vaecli.pipeline.chunking import Tiling
 
 AUTO_ORDER = ("sdpa", "math", "split", "sub-quadratic")  # fastest first; math only wins where sdpa is missing
 MIN_WINDOW = 4  # shortest temporal window worth decoding before falling back to tiles
@@ -309,8 +309,3 @@ def plan_encode(config: VAEConfig, frames: int, size_hw: tuple[int, int], *, dev
     return Plan("encode", str(device), dtype_name(dtype), backends[-1], "batches", b, 0, None,
                 batch_cost(backends[-1], b), budget, weights,
                 tuple(reasons + [f"batches of {b} frame(s) do not fit by the cost model; trying anyway"]))
-
-
-def plan_windows(plan: Plan, frames: int):
-    """The temporal windows a decode plan runs."""
-    return windows(frames, plan.chunk_frames, plan.overlap)
