@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import latents, random_vae, tiny_config
-from vaecli.ops.device import parse_device, parse_dtype
+from vaecli.ops.device import parse_device, parse_dtype, resolve_dtype
 from vaecli.errors import UsageError
 from vaecli.ops.norm import GroupNorm32, spatial_norm, temporal_norm
 
@@ -43,6 +43,7 @@ def test_bf16_model_decodes_close_to_fp32():
 def test_dtype_and_device_parsing():
     assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype(torch.float16) is torch.float16
     assert parse_device("cpu") == torch.device("cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) is torch.float32 and resolve_dtype("fp16", torch.device("cpu")) is torch.float16
     with pytest.raises(UsageError, match="unknown dtype 'int8'"):
         parse_dtype("int8")
     with pytest.raises(UsageError, match="unknown device"):

@@ -199,16 +199,11 @@ def convert(
 
 def _load_model(model: str | None, config: str | None, device: str, dtype: str, attention: str):
     from vaecli.model.checkpoint import BUNDLED_MODEL, load_vae
-    from vaecli.ops.device import parse_device, parse_dtype
+    from vaecli.ops.device import parse_device, resolve_dtype
     from vaecli.pipeline.runner import Model
 
     dev = parse_device(device)
-    if dtype == "auto":
-        import torch
-
-        dt = torch.float32 if dev.type == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    else:
-        dt = parse_dtype(dtype)
+    dt = resolve_dtype(dtype, dev)
     source = None if model in (None, BUNDLED_MODEL.removesuffix(".safetensors")) else model
     vae = load_vae(source, device=dev, dtype=dt, attention=attention, config=config)
     return Model.wrap(vae, vae.config.name)
@@ -530,11 +525,9 @@ def plan(
       vaecli plan clip.mp4 --config svd-vae --max-memory 8GiB
       vaecli plan clip.latents.safetensors -m svd_xt.safetensors --frames 25 --json
     """
-    import torch
-
     from vaecli.model.checkpoint import bundled_model_path, read_checkpoint
     from vaecli.model.config import load_config
-    from vaecli.ops.device import free_memory, parse_device, parse_dtype
+    from vaecli.ops.device import free_memory, parse_device, resolve_dtype
     from vaecli.pipeline.frames import parse_size, plan_geometry
     from vaecli.pipeline.latents_io import open_latents
     from vaecli.pipeline.planner import parse_bytes, plan_decode, plan_encode
@@ -548,10 +541,7 @@ def plan(
     else:
         cfg = read_checkpoint(bundled_model_path()).config
     dev = parse_device(device)
-    if dtype == "auto":
-        dt = torch.float32 if dev.type == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    else:
-        dt = parse_dtype(dtype)
+    dt = resolve_dtype(dtype, dev)
     limit = parse_bytes(max_memory)
     available = free_memory(dev) if limit is None else min(free_memory(dev), limit)
     result: dict = {"input": input, "model": cfg.name}

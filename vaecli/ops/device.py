@@ -33,6 +33,15 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise UsageError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16") from None
 
 
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """`auto` -> fp32 on CPU, bf16 on CUDA (fp16 where the GPU has no bf16); anything else as parse_dtype."""
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return parse_dtype(dtype)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
