@@ -19,8 +19,7 @@ import time
 
 import torch
 
-from vaecli.model import keymap
-from vaecli.model.checkpoint import read_checkpoint
+from vaecli.model.checkpoint import diffusers_config, read_checkpoint, to_layout
 from vaecli.model.config import VAEConfig, load_config
 from vaecli.model.vae import VAE, randomize_weights_
 from vaecli.ops.attention import AttentionBackend
@@ -28,16 +27,12 @@ from vaecli.ops.device import parse_dtype
 
 
 def diffusers_model(config: VAEConfig, state: dict):
-    from diffusers import AutoencoderKLTemporalDecoder
+    import diffusers
 
-    s = dict(state)
-    c = 2 * config.z_channels
-    s.setdefault("quant_conv.weight", torch.eye(c)[:, :, None, None])
-    s.setdefault("quant_conv.bias", torch.zeros(c))
-    ref = AutoencoderKLTemporalDecoder(down_block_types=["DownEncoderBlock2D"] * len(config.ch_mult),
-                                       block_out_channels=[config.ch * m for m in config.ch_mult],
-                                       layers_per_block=config.num_res_blocks, latent_channels=config.latent_channels)
-    ref.load_state_dict(keymap.to_diffusers(s, temporal=True), strict=True)
+    converted, cfg = to_layout(state, config, "diffusers")
+    settings = diffusers_config(cfg)
+    ref = getattr(diffusers, settings.pop("_class_name"))(**settings)
+    ref.load_state_dict(converted, strict=True)
     return ref.eval()
 
 

@@ -14,7 +14,7 @@ import argparse
 import torch
 from safetensors.torch import save_file
 
-from vaecli.model.checkpoint import Checkpoint, Layout, save_checkpoint, to_layout
+from vaecli.model.checkpoint import save_checkpoint, to_layout
 from vaecli.model.config import VAEConfig, load_config
 from vaecli.model.vae import VAE, randomize_weights_
 from vaecli.ops.files import atomic_output
@@ -47,9 +47,7 @@ def main() -> None:
         with atomic_output(args.out, args.overwrite) as tmp:
             save_file(full, str(tmp))
     else:
-        ckpt = Checkpoint(path=None, layout=Layout("sgm", "", config.is_video), state=state, config=config,
-                          file_dtypes=(), metadata={})
-        tensors, out_config = to_layout(ckpt, args.layout)
+        tensors, out_config = to_layout(state, config, args.layout)
         save_checkpoint(tensors, out_config, args.out, layout=args.layout, overwrite=args.overwrite, dtype=dtype)
     print(args.out)
 

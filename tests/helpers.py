@@ -30,40 +30,17 @@ def latents(t: int = 4, h: int = 8, w: int = 8, c: int = 4, seed: int = 2) -> to
     return torch.randn(t, c, h, w, generator=torch.Generator().manual_seed(seed))
 
 
-def diffusers_temporal(config: VAEConfig, sgm_state: dict):
-    """diffusers' AutoencoderKLTemporalDecoder holding the same weights (identity quant_conv added)."""
-    from diffusers import AutoencoderKLTemporalDecoder
+def diffusers_model(config: VAEConfig, sgm_state: dict):
+    """diffusers' AutoencoderKLTemporalDecoder (temporal) or AutoencoderKL (image) holding the same weights,
+    built from vaecli's own layout conversion and diffusers config."""
+    import diffusers
 
-    from vaecli.model import keymap
+    from vaecli.model.checkpoint import diffusers_config, to_layout
 
-    state = dict(sgm_state)
-    c = 2 * config.z_channels
-    state.setdefault("quant_conv.weight", torch.eye(c)[:, :, None, None])
-    state.setdefault("quant_conv.bias", torch.zeros(c))
-    ref = AutoencoderKLTemporalDecoder(
-        in_channels=config.in_channels, out_channels=config.out_channels,
-        down_block_types=["DownEncoderBlock2D"] * len(config.ch_mult),
-        block_out_channels=[config.ch * m for m in config.ch_mult],
-        layers_per_block=config.num_res_blocks, latent_channels=config.latent_channels,
-    )
-    ref.load_state_dict(keymap.to_diffusers(state, temporal=True), strict=True)
-    return ref.eval().requires_grad_(False)
-
-
-def diffusers_image(config: VAEConfig, sgm_state: dict):
-    """diffusers' AutoencoderKL holding the same weights."""
-    from diffusers import AutoencoderKL
-
-    from vaecli.model import keymap
-
-    n = len(config.ch_mult)
-    ref = AutoencoderKL(
-        in_channels=config.in_channels, out_channels=config.out_channels,
-        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-        block_out_channels=[config.ch * m for m in config.ch_mult],
-        layers_per_block=config.num_res_blocks, latent_channels=config.latent_channels, norm_num_groups=32,
-    )
-    ref.load_state_dict(keymap.to_diffusers(sgm_state, temporal=False), strict=True)
+    state, cfg = to_layout(sgm_state, config, "diffusers")
+    settings = diffusers_config(cfg)
+    ref = getattr(diffusers, settings.pop("_class_name"))(**settings)
+    ref.load_state_dict(state, strict=True)
     return ref.eval().requires_grad_(False)
 
 

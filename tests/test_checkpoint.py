@@ -165,7 +165,7 @@ def test_diffusers_config_json_scaling_factor_picks_sdxl(tmp_path):
     sd = load_config("sd-vae")
     ckpt = read_checkpoint(write(random_vae(sd.replace(ch=32, ch_mult=(1, 2)), seed=33).state_dict(),
                                  tmp_path / "x.safetensors"))
-    state, _ = to_layout(ckpt, "diffusers")
+    state, _ = to_layout(ckpt.state, ckpt.config, "diffusers")
     folder = tmp_path / "sdxl" / "vae"
     folder.mkdir(parents=True)
     write(state, folder / "diffusion_pytorch_model.safetensors")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import diffusers_temporal, latents, random_vae, tiny_config
+from helpers import diffusers_model, latents, random_vae, tiny_config
 from vaecli.ops.attention import AttentionBackend, math_attention, resolve_attention
 
 pytestmark = pytest.mark.gpu
@@ -48,7 +48,7 @@ def test_auto_on_cuda_is_sdpa():
 def test_cuda_fp32_matches_diffusers():
     config = tiny_config()
     vae = random_vae(config, seed=61)
-    ref = diffusers_temporal(config, vae.state_dict()).cuda()
+    ref = diffusers_model(config, vae.state_dict()).cuda()
     vae = vae.cuda()
     z = latents(6, 16, 16).cuda()
     with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import diffusers_image, diffusers_temporal, frames, latents, random_vae, tiny_config
+from helpers import diffusers_model, frames, latents, random_vae, tiny_config
 from vaecli.model import keymap
 from vaecli.model.checkpoint import load_vae
 
@@ -26,7 +26,7 @@ def max_diff(a, b):
 @pytest.mark.parametrize("config", TEMPORAL_CONFIGS, ids=lambda c: f"{c.ch}x{c.ch_mult}z{c.z_channels}")
 def test_temporal_vae_matches_diffusers(config):
     vae = random_vae(config, seed=3)
-    ref = diffusers_temporal(config, vae.state_dict())
+    ref = diffusers_model(config, vae.state_dict())
     x = frames(6, 32, 48)
     with torch.no_grad():
         ours, theirs = vae.encode_moments(x), ref.encode(x).latent_dist
@@ -66,7 +66,7 @@ def temporal_files(tmp_path_factory):
     full = {f"first_stage_model.{k}": v for k, v in state.items()}
     full["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(8, 8, 3, 3)
     full["conditioner.embedders.3.encoder.encoder.conv_in.weight"] = torch.randn(32, 3, 3, 3)
-    ref = diffusers_temporal(config, state)
+    ref = diffusers_model(config, state)
     folder = root / "diffusers_folder" / "vae"
     folder.mkdir(parents=True)
     _write(ref.state_dict(), folder / "diffusion_pytorch_model.safetensors")
@@ -117,7 +117,7 @@ def test_half_precision_file_loads_into_requested_dtype(temporal_files):
 def test_image_vae_matches_diffusers_autoencoderkl(tmp_path, layout):
     config = tiny_config("image", quant_conv=True, post_quant_conv=True)
     vae = random_vae(config, seed=6)
-    ref = diffusers_image(config, vae.state_dict())
+    ref = diffusers_model(config, vae.state_dict())
     if layout == "ldm":
         path = _write(vae.state_dict(), tmp_path / "vae.safetensors")
     elif layout == "ldm-full":

@@ -117,7 +117,7 @@ def test_sampling_is_seeded_per_frame_whatever_the_batch(tmp_path, model):
 
 
 def test_latent_file_decodes_in_diffusers_like_vaecli(tmp_path):
-    from helpers import diffusers_temporal
+    from helpers import diffusers_model
 
     config = tiny_config(ch_mult=(1, 1, 1, 1), num_res_blocks=2, name="tiny8x2")
     vae = random_vae(config, seed=71)
@@ -128,7 +128,7 @@ def test_latent_file_decodes_in_diffusers_like_vaecli(tmp_path):
     ok("encode", video, "-m", path)
     ok("decode", tmp_path / "clip.latents.safetensors", "-m", path, "-o", f"{tmp_path}/frames/")
     ours = np.stack([np.asarray(__import__("imageio.v3").v3.imread(p)) for p in sorted((tmp_path / "frames").iterdir())])
-    ref = diffusers_temporal(config, vae.state_dict())
+    ref = diffusers_model(config, vae.state_dict())
     with safe_open(str(tmp_path / "clip.latents.safetensors"), "pt") as f:
         latents = f.get_tensor("latents")
     with torch.no_grad():

@@ -389,9 +389,9 @@ def diffusers_config(config: VAEConfig) -> dict:
             "use_post_quant_conv": config.post_quant_conv}
 
 
-def to_layout(ckpt: Checkpoint, to: str) -> tuple[dict[str, torch.Tensor], VAEConfig]:
-    """The checkpoint's tensors in layout `to` ("sgm" or "diffusers") and the config they describe."""
-    state, config = dict(ckpt.state), ckpt.config
+def to_layout(state: dict[str, torch.Tensor], config: VAEConfig, to: str) -> tuple[dict[str, torch.Tensor], VAEConfig]:
+    """Tensors in sgm naming -> the same VAE in layout `to` ("sgm" or "diffusers") and the config they describe."""
+    state = dict(state)
     if to == "sgm":
         if config.is_video and _is_identity_quant(state) and not config.post_quant_conv:
             del state["quant_conv.weight"], state["quant_conv.bias"]  # diffusers' identity: sgm has none
@@ -445,7 +445,7 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, to:
                        overwrite: bool = False, config: VAEConfig | str | None = None) -> Path:
     """Read any supported layout, write it as `to` ("sgm" or "diffusers"); extracts the VAE of a full checkpoint."""
     ckpt = read_checkpoint(source, config)
-    state, new_config = to_layout(ckpt, to)
+    state, new_config = to_layout(ckpt.state, ckpt.config, to)
     return save_checkpoint(state, new_config, out, layout=to, overwrite=overwrite,
                            dtype=parse_dtype(dtype) if dtype else None)
 

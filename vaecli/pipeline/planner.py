@@ -116,11 +116,12 @@ class Plan:
                 "reasons": list(self.reasons)}
 
     def describe(self) -> list[str]:
-        lines = [f"{self.stage}: {self.strategy}" + (f", windows of {self.chunk_frames} frames overlapping by "
-                                                     f"{self.overlap}" if self.strategy != "one-clip"
-                                                     and self.stage == "decode" else "")]
         if self.stage == "encode":
-            lines[0] = f"encode: batches of {self.chunk_frames} frames"
+            lines = [f"encode: batches of {self.chunk_frames} frames"]
+        elif self.strategy == "one-clip":
+            lines = ["decode: one-clip"]
+        else:
+            lines = [f"decode: {self.strategy}, windows of {self.chunk_frames} frames overlapping by {self.overlap}"]
         if self.tiling:
             lines.append(f"  tiles:     {self.tiling.size[0]}x{self.tiling.size[1]} latent px, overlap {self.tiling.overlap}")
         lines += [f"  attention: {self.attention.name}",
