@@ -3,6 +3,10 @@
 All blocks take and return images laid out `(N, C, H, W)`, N = frames (clips concatenated frame by frame,
 clip-major: clip 0's frames first). Decoder blocks also take `clips` (a `Clips` value saying how N splits into
 clips); the 2D blocks ignore it, so the decoder can call every block the same way.
+
+Any memory format gives the same numbers; the model runs channels-last (memory order N, H, W, C; `VAE` converts
+its inputs), where 1x1 convolutions are matrix products on `(N, H, W, C)` views and the temporal blocks need no
+permute copies. Residual additions are in place on the block's fresh output.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from vaecli.ops.attention import AttentionBackend
-from vaecli.ops.norm import spatial_norm
+from vaecli.ops.norm import norm_silu, spatial_norm
 
 
 @dataclass(frozen=True)
@@ -51,11 +55,21 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor, clips: Clips | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(norm_silu(self.norm1, x))
+        h = self.conv2(norm_silu(self.norm2, h))
         if self.in_channels != self.out_channels:
-            x = self.nin_shortcut(x)
-        return x + h
+            x = pointwise(self.nin_shortcut, x)
+        return h.add_(x)
+
+
+def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 `conv` applied to frames (N, C_in, H, W) as a matrix product over the (N, H, W, C_in) view.
+
+    For channels-last frames both views are free and the result is channels-last (N, C_out, H, W).
+    """
+    pixels = rearrange(x, "n c h w -> n h w c")  # a view for channels-last frames
+    out = F.linear(pixels, conv.weight.flatten(1), conv.bias)  # (N, H, W, C_out), contiguous
+    return rearrange(out, "n h w c -> n c h w")
 
 
 class Downsample(nn.Module):
@@ -101,10 +115,14 @@ class AttnBlock(nn.Module):
         """(N, C, H, W) -> attention output (N, C, H, W), before proj_out and the residual."""
         h = self.norm(x)
         height, width = h.shape[-2:]
-        # (N, C, H, W) -> (N, heads=1, tokens=H*W, C)
-        q, k, v = (rearrange(layer(h), "n c h w -> n 1 (h w) c") for layer in (self.q, self.k, self.v))
+        # (N, C, H, W) -> (N, heads=1, tokens=H*W, C): q, k, v are contiguous matrix products of the pixel view
+        q, k, v = (rearrange(pointwise(layer, h), "n c h w -> n 1 (h w) c") for layer in (self.q, self.k, self.v))
         out = self.attention_backend(q, k, v)
         return rearrange(out, "n 1 (h w) c -> n c h w", h=height, w=width)
 
+    def project(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x + proj_out(h) for frames (N, C, H, W); the sum is computed in place on proj_out's output."""
+        return pointwise(self.proj_out, h).add_(x)
+
     def forward(self, x: torch.Tensor, clips: Clips | None = None) -> torch.Tensor:
-        return x + self.proj_out(self.attend(x))
+        return self.project(self.attend(x), x)

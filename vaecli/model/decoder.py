@@ -14,7 +14,6 @@ Which block goes where, per time mode (sgm `VideoDecoder`'s `_make_resblock`, `_
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vaecli.model.blocks import AttnBlock, Clips, ResnetBlock, Upsample
@@ -22,7 +21,7 @@ from vaecli.model.config import VAEConfig
 from vaecli.model.encoder import MidBlock
 from vaecli.model.temporal import AE3DConv, VideoBlock, VideoResBlock
 from vaecli.ops.attention import AttentionBackend
-from vaecli.ops.norm import spatial_norm
+from vaecli.ops.norm import norm_silu, spatial_norm
 
 
 class DecoderLevel(nn.Module):
@@ -94,7 +93,7 @@ class Decoder(nn.Module):
                     h = level.attn[j](h, clips)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        h = F.silu(self.norm_out(h))
+        h = norm_silu(self.norm_out, h)
         if isinstance(self.conv_out, AE3DConv):
             return self.conv_out(h, clips)
         return self.conv_out(h)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vaecli.model.blocks import AttnBlock, Downsample, ResnetBlock
 from vaecli.model.config import VAEConfig
 from vaecli.ops.attention import AttentionBackend
-from vaecli.ops.norm import spatial_norm
+from vaecli.ops.norm import norm_silu, spatial_norm
 
 
 class EncoderLevel(nn.Module):
@@ -71,7 +70,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
 
 class DiagonalGaussian:

@@ -1,8 +1,10 @@
 """The temporal blocks of the SVD `VideoDecoder`, named after the sgm checkpoint keys.
 
-Frames arrive as `(N, C, H, W)` with N = clips * num_frames, clip-major (`(b t) c h w`). Temporal layers view
-them as `(b, C, t, H, W)`: convolutions along t zero-pad at clip edges and GroupNorm statistics span all t
-frames of a clip, so how frames are grouped into clips changes the result (see `Clips`).
+Frames arrive as `(N, C, H, W)` with N = clips * num_frames, clip-major (`(b t) c h w`). Temporal layers see
+them as clips `(b, t, H, W, C)` (sgm's `(b, C, t, H, W)` with channels innermost, a free view of channels-last
+frames): convolutions along t zero-pad at clip edges and GroupNorm statistics span all t frames of a clip, so
+how frames are grouped into clips changes the result (see `Clips`). The (3, 1, 1) convolutions run as matrix
+products per tap (`vaecli.ops.conv.temporal_conv`), so no layout copies happen around the temporal blocks.
 
 Two blend conventions exist and both are kept exactly as sgm defines them:
 - `VideoResBlock`: out = α·temporal + (1-α)·spatial (α weights the temporal branch).
@@ -22,7 +24,8 @@ from torch import nn
 
 from vaecli.model.blocks import AttnBlock, Clips, ResnetBlock
 from vaecli.ops.attention import AttentionBackend
-from vaecli.ops.norm import temporal_norm
+from vaecli.ops.conv import temporal_conv
+from vaecli.ops.norm import clip_norm_silu, temporal_norm
 
 
 def make_mix_factor(module: nn.Module, strategy: str, alpha: float) -> None:
@@ -40,17 +43,18 @@ def blend_alpha(mix_factor: torch.Tensor, strategy: str) -> torch.Tensor:
 
 
 def image_frames_alpha(alpha: torch.Tensor, clips: Clips, image_value: float) -> torch.Tensor:
-    """α per frame, shaped (N, 1, 1, 1): `image_value` for frames flagged in `clips.image_only`, α elsewhere."""
-    flags = clips.image_only.to(device=alpha.device, dtype=torch.bool).reshape(-1, 1, 1, 1)
+    """α per frame, shaped (N,): `image_value` for frames flagged in `clips.image_only`, α elsewhere."""
+    flags = clips.image_only.to(device=alpha.device, dtype=torch.bool).reshape(-1)
     return torch.where(flags, torch.full_like(alpha, image_value), alpha)
 
 
 class TimeStack(nn.Module):
     """sgm `openaimodel.ResBlock(dims=3, kernel_size=video_kernel_size, skip_t_emb=True)`, channels unchanged.
 
-    Input and output `(b, C, t, H, W)`: x + out_layers(in_layers(x)), where
-    in_layers = [GroupNorm32 (eps 1e-5, fp32), SiLU, Conv3d] and out_layers = [GroupNorm32, SiLU, Dropout, Conv3d];
-    the Conv3d kernel is (3, 1, 1) with zero padding along t only for SVD.
+    On clips `(b, t, H, W, C)` (sgm's `(b, C, t, H, W)`, channels innermost): x + out_layers(in_layers(x)), where
+    in_layers = [GroupNorm32 (eps 1e-5, fp32), SiLU, Conv3d] and out_layers = [GroupNorm32, SiLU, Dropout(0), Conv3d];
+    the Conv3d kernel is (3, 1, 1) with zero padding along t only for SVD. The Conv3d modules hold the
+    checkpoint's weights; they are applied by `temporal_conv` (per-tap matrix products).
     """
 
     def __init__(self, channels: int, kernel_size: tuple[int, int, int]):
@@ -66,14 +70,25 @@ class TimeStack(nn.Module):
             nn.Conv3d(channels, channels, kernel_size, padding=padding),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.out_layers(self.in_layers(x))
+    def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """x `(b, t, H, W, C)` -> x + α·out_layers(in_layers(x)) (α = 1 when None, the plain block).
+
+        A one-element α is folded into the last convolution's weights, so the blend costs nothing; a per-frame α
+        `(b, t)` (frames flagged as images) is applied after it.
+        """
+        conv_in, conv_out = self.in_layers[2], self.out_layers[3]
+        h = temporal_conv(clip_norm_silu(self.in_layers[0], x), conv_in.weight, conv_in.bias)
+        h = clip_norm_silu(self.out_layers[0], h)
+        if alpha is None or alpha.numel() == 1:
+            return temporal_conv(h, conv_out.weight, conv_out.bias, residual=x, scale=alpha)
+        return x + alpha[:, :, None, None, None] * temporal_conv(h, conv_out.weight, conv_out.bias)
 
 
 class VideoResBlock(ResnetBlock):
     """A spatial `ResnetBlock` followed by a temporal `time_stack`, blended by α (sgm `VideoResBlock`).
 
-    x_s = ResnetBlock(x) per frame; x_t = time_stack(x_s) per clip; out = α·x_t + (1-α)·x_s.
+    x_s = ResnetBlock(x) per frame; x_t = time_stack(x_s) per clip; out = α·x_t + (1-α)·x_s, computed as
+    x_s + α·(x_t - x_s) with α folded into time_stack's last convolution.
     With `clips.skip_video` it returns x_s (the 2D decoder's result, bit for bit).
     """
 
@@ -88,21 +103,18 @@ class VideoResBlock(ResnetBlock):
         x = super().forward(x)
         if clips is None or clips.skip_video:
             return x
-        x_spatial = rearrange(x, "(b t) c h w -> b c t h w", t=clips.num_frames)
-        x_temporal = self.time_stack(x_spatial)
+        x_spatial = rearrange(x, "(b t) c h w -> b t h w c", t=clips.num_frames)  # a view of channels-last frames
         alpha = blend_alpha(self.mix_factor, self.merge_strategy).to(x.dtype)
         if clips.image_only is not None and self.merge_strategy == "learned_with_images":
-            # per frame (N,1,1,1) -> (b,1,t,1,1) to broadcast over (b, c, t, h, w)
-            alpha = image_frames_alpha(alpha, clips, 0.0)
-            alpha = rearrange(alpha, "(b t) c h w -> b c t h w", t=clips.num_frames)
-        out = alpha * x_temporal + (1.0 - alpha) * x_spatial
-        return rearrange(out, "b c t h w -> (b t) c h w")
+            alpha = rearrange(image_frames_alpha(alpha, clips, 0.0), "(b t) -> b t", t=clips.num_frames)
+        out = self.time_stack(x_spatial, alpha)
+        return rearrange(out, "b t h w c -> (b t) c h w")
 
 
 class AE3DConv(nn.Conv2d):
     """The decoder's conv_out followed by a temporal Conv3d `time_mix_conv`, with no residual (sgm `AE3DConv`).
 
-    (N, C_in, H, W) -> 2D conv -> (b, C_out, t, H, W) -> time_mix_conv -> (N, C_out, H, W).
+    (N, C_in, H, W) -> 2D conv -> clips (b, t, H, W, C_out) -> time_mix_conv -> (N, C_out, H, W).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int, int]):
@@ -113,8 +125,9 @@ class AE3DConv(nn.Conv2d):
         x = super().forward(x)
         if clips is None or clips.skip_video:
             return x
-        x = rearrange(x, "(b t) c h w -> b c t h w", t=clips.num_frames)
-        return rearrange(self.time_mix_conv(x), "b c t h w -> (b t) c h w")
+        x = rearrange(x, "(b t) c h w -> b t h w c", t=clips.num_frames)
+        out = temporal_conv(x, self.time_mix_conv.weight, self.time_mix_conv.bias)
+        return rearrange(out, "b t h w c -> (b t) c h w")
 
 
 def frame_embedding(frame_index: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -235,6 +248,6 @@ class VideoBlock(AttnBlock):
         mixed = self.time_mix_block(h + emb[:, None, :], clips.num_frames)
         alpha = blend_alpha(self.mix_factor, self.merge_strategy).to(x.dtype)
         if clips.image_only is not None and self.merge_strategy == "learned_with_images":
-            alpha = image_frames_alpha(alpha, clips, 1.0).reshape(-1, 1, 1)  # (N, 1, 1) over (N, S, C)
+            alpha = image_frames_alpha(alpha, clips, 1.0)[:, None, None]  # (N, 1, 1) over (N, S, C)
         h = alpha * h + (1.0 - alpha) * mixed
-        return x + self.proj_out(rearrange(h, "n (h w) c -> n c h w", h=height, w=width))
+        return self.project(rearrange(h, "n (h w) c -> n c h w", h=height, w=width), x)

@@ -20,6 +20,8 @@ class VAE(nn.Module):
 
     State-dict keys are the sgm/ldm keys without prefix: `encoder.*`, `decoder.*`, and `quant_conv.*` /
     `post_quant_conv.*` where the config has them. `attention` is the backend every attention layer uses.
+    Inputs of any memory format are accepted; the model computes channels-last (memory order N, H, W, C) and
+    returns channels-last tensors (same values; call `.contiguous()` for NCHW memory).
     """
 
     def __init__(self, config: VAEConfig, attention: AttentionBackend | None = None):
@@ -49,7 +51,7 @@ class VAE(nn.Module):
     def encode_moments(self, x: torch.Tensor) -> DiagonalGaussian:
         """Frames (T, 3, H, W) in [-1, 1] -> the posterior over latents (T, C, H/8, W/8)."""
         self._check_frames(x, self.config.in_channels, "frames", self.config.downscale)
-        moments = self.encoder(x)
+        moments = self.encoder(x.contiguous(memory_format=torch.channels_last))
         if self.config.quant_conv:
             moments = self.quant_conv(moments)
         return DiagonalGaussian(moments)
@@ -76,6 +78,7 @@ class VAE(nn.Module):
             raise UsageError(f"{frames} latent frames do not split into clips of {num_frames} frames")
         if image_only is not None and image_only.shape != (frames,):
             raise UsageError(f"image_only must have shape ({frames},), got {tuple(image_only.shape)}")
+        z = z.contiguous(memory_format=torch.channels_last)
         if self.config.post_quant_conv:
             z = self.post_quant_conv(z)
         if not self.config.is_video or per_frame:

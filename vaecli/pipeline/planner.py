@@ -163,7 +163,10 @@ class Estimator:
         return traced_peak_bytes(lambda: vae.encode(x))
 
     def activations(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int) -> int:
-        """Predicted activation bytes: traced peak (linear in frames, from traces of 1 and 2) through the cost model.
+        """Predicted activation bytes: traced peak (linear in frames, from traces of 2 and 3) through the cost model.
+
+        From two frames on the peak is exactly linear in frames; a single frame skips the temporal convolution's
+        neighbour taps and lies below the line, so the line (extrapolated to one frame) is a safe bound for it.
 
         h, w: latent size for decode, pixel size for encode. For decode with a backend whose memory is linear in
         the token count (all but math), every activation is C·h·w·4^level per frame, so a size not traced yet
@@ -181,8 +184,8 @@ class Estimator:
                 ratio = (h * w) / (h0 * w0)
                 lines[(h, w)] = (int(base * ratio), int(per_frame * ratio))
             else:
-                one, two = self._traced(stage, backend, 1, h, w), self._traced(stage, backend, 2, h, w)
-                lines[(h, w)] = (one, two - one)
+                two, three = self._traced(stage, backend, 2, h, w), self._traced(stage, backend, 3, h, w)
+                lines[(h, w)] = (2 * two - three, three - two)
         base, per_frame = lines[(h, w)]
         return self.cost.predict(base + per_frame * (frames - 1))
 
