@@ -286,14 +286,14 @@ def test_encode_recovers_from_oom_with_smaller_batches(tmp_path, tiny8_file, mon
     runner = CliRunner()
     assert runner.invoke(app, ["encode", str(tmp_path / "v.mp4"), "-m", str(tiny8_file), "-o",
                                str(tmp_path / "ref.safetensors")]).exit_code == 0
-    real = VAE.encode_moments
+    real = VAE.moments
 
     def failing(self, x):
         if x.device.type != "meta" and x.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(self, x)
 
-    monkeypatch.setattr(VAE, "encode_moments", failing)
+    monkeypatch.setattr(VAE, "moments", failing)
     result = runner.invoke(app, ["encode", str(tmp_path / "v.mp4"), "-m", str(tiny8_file), "--json"])
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)

@@ -198,15 +198,14 @@ def convert(
 
 
 def _load_model(model: str | None, config: str | None, device: str, dtype: str, attention: str):
-    from vaecli.model.checkpoint import BUNDLED_MODEL, load_vae
+    from vaecli.model.checkpoint import BUNDLED_MODEL
     from vaecli.ops.device import parse_device, resolve_dtype
     from vaecli.pipeline.runner import Model
 
     dev = parse_device(device)
     dt = resolve_dtype(dtype, dev)
     source = None if model in (None, BUNDLED_MODEL.removesuffix(".safetensors")) else model
-    vae = load_vae(source, device=dev, dtype=dt, attention=attention, config=config)
-    return Model.wrap(vae, vae.config.name)
+    return Model.load(source, device=dev, dtype=dt, attention=attention, config=config)
 
 
 def _inputs(items: list[str] | None, manifest: Path | None) -> list[str]:

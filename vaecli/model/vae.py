@@ -48,13 +48,15 @@ class VAE(nn.Module):
         if x.shape[-2] % multiple or x.shape[-1] % multiple:
             raise UsageError(f"{what} height and width must be multiples of {multiple}, got {tuple(x.shape[-2:])}")
 
-    def encode_moments(self, x: torch.Tensor) -> DiagonalGaussian:
-        """Frames (T, 3, H, W) in [-1, 1] -> the posterior over latents (T, C, H/8, W/8)."""
+    def moments(self, x: torch.Tensor) -> torch.Tensor:
+        """Frames (T, 3, H, W) in [-1, 1] -> the posterior's moments (T, 2C, H/8, W/8): mean, then log-variance."""
         self._check_frames(x, self.config.in_channels, "frames", self.config.downscale)
         moments = self.encoder(x.contiguous(memory_format=torch.channels_last))
-        if self.config.quant_conv:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussian(moments)
+        return self.quant_conv(moments) if self.config.quant_conv else moments
+
+    def encode_moments(self, x: torch.Tensor) -> DiagonalGaussian:
+        """Frames (T, 3, H, W) in [-1, 1] -> the posterior over latents (T, C, H/8, W/8)."""
+        return DiagonalGaussian(self.moments(x))
 
     def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """Frames (T, 3, H, W) in [-1, 1] -> unscaled latents (T, C, H/8, W/8): the posterior mode, or a sample."""

@@ -8,6 +8,7 @@ queues, so a long job is bounded by its slowest stage and memory does not grow w
 
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import os
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from vaecli._version import __version__
 from vaecli.errors import InputError, OutOfMemory, UsageError
+from vaecli.model.encoder import DiagonalGaussian
 from vaecli.model.vae import VAE
 from vaecli.ops.device import dtype_name, free_memory
 from vaecli.ops.files import atomic_output, check_writable
@@ -40,24 +42,98 @@ _DONE = object()
 
 @dataclass(frozen=True)
 class Model:
-    """A loaded VAE plus what the pipeline reports about it."""
+    """A loaded VAE plus what the pipeline reports about it.
+
+    rebuild: makes the same model in another dtype from the stored weights (the precision fallback uses it, so a
+    bf16 redo of an fp16 model is the checkpoint in bf16, not the fp16 weights re-rounded); None: cast a copy.
+    """
 
     vae: VAE
     name: str
     hash: str
     device: torch.device
     dtype: torch.dtype
+    rebuild: Callable[[torch.dtype], VAE] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def wrap(cls, vae: VAE, name: str) -> "Model":
+    def wrap(cls, vae: VAE, name: str, hash: str | None = None,
+             rebuild: Callable[[torch.dtype], VAE] | None = None) -> "Model":
+        """`hash`: the stored weights' hash (`weights_hash` of the checkpoint); default: of vae's weights."""
         param = next(vae.parameters())
-        return cls(vae, name, weights_hash(vae), param.device, param.dtype)
+        return cls(vae, name, hash or weights_hash(vae.state_dict()), param.device, param.dtype, rebuild)
+
+    @classmethod
+    def load(cls, source: str | None, *, device: torch.device, dtype: torch.dtype, attention: str = "auto",
+             config: str | None = None) -> "Model":
+        """Load a checkpoint (None: the bundled model) for a job; the hash is of the weights as stored, so latent
+        files made with any --dtype of the same checkpoint match."""
+        from vaecli.model.checkpoint import build_vae, bundled_model_path, read_checkpoint
+        from vaecli.ops.attention import resolve_attention
+
+        path = bundled_model_path() if source is None else source
+        ckpt = read_checkpoint(path, config)
+        backend = resolve_attention(attention, device, dtype)
+        vae = build_vae(ckpt.config, ckpt.state, device=device, dtype=dtype, attention=backend)
+
+        def rebuild(other: torch.dtype) -> VAE:  # read again: the state is not kept in memory meanwhile
+            again = read_checkpoint(path, config)
+            return build_vae(again.config, again.state, device=device, dtype=other, attention=vae.attention)
+
+        return cls.wrap(vae, ckpt.config.name, weights_hash(ckpt.state), rebuild)
 
 
-def weights_hash(vae: VAE) -> str:
-    """sha256 (16 hex digits) of the weights cast to fp16, in key order: equal for fp32 and fp16 copies."""
+class PrecisionGuard:
+    """Redo work whose half-precision result holds inf/NaN in a wider dtype, and say so.
+
+    fp16 activations overflow on some checkpoints and inputs (black or speckled frames in SVD decodes). Every
+    chunk computed in fp16/bf16 is checked (one pass over its result); a chunk with inf/NaN is recomputed in
+    bf16 (from fp16, where the device has it), then fp32, with a copy of the model made on first need. Each
+    redo is logged to stderr and listed in the job's JSON result (`precision_fallbacks`).
+    """
+
+    def __init__(self, model: "Model", quiet: bool = True):
+        self.model = model
+        self.quiet = quiet
+        self.events: list[dict] = []
+        self._copies: dict[torch.dtype, VAE] = {}
+
+    def wider(self) -> list[torch.dtype]:
+        dtype, device = self.model.dtype, self.model.device
+        if dtype == torch.float16:
+            bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+            return ([torch.bfloat16] if bf16_ok else []) + [torch.float32]
+        return [torch.float32] if dtype == torch.bfloat16 else []
+
+    def model_in(self, dtype: torch.dtype) -> VAE:
+        if dtype == self.model.dtype:
+            return self.model.vae
+        if dtype not in self._copies:
+            rebuild = self.model.rebuild
+            vae = rebuild(dtype) if rebuild is not None else copy.deepcopy(self.model.vae).to(dtype)
+            vae.set_attention(self.model.vae.attention)
+            self._copies[dtype] = vae
+        return self._copies[dtype]
+
+    def __call__(self, compute: Callable[[VAE, torch.dtype], torch.Tensor], what: str) -> torch.Tensor:
+        """compute(vae, dtype) -> result; returns the first result without inf/NaN (or the fp32 one)."""
+        out = compute(self.model.vae, self.model.dtype)
+        tried = self.model.dtype
+        for dtype in self.wider():
+            if bool(torch.isfinite(out).all()):
+                break
+            if not self.quiet:
+                print(f"vaecli: {dtype_name(tried)} gave inf/NaN in {what}; redoing it in {dtype_name(dtype)}",
+                      file=sys.stderr)
+            self.events.append({"where": what, "from": dtype_name(tried), "to": dtype_name(dtype)})
+            out, tried = compute(self.model_in(dtype), dtype), dtype
+        return out
+
+
+def weights_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 (16 hex digits) of the weights cast to fp16, keys sorted: equal for an fp32 checkpoint and its fp16
+    copy, whatever dtype the model then computes in."""
     h = hashlib.sha256()
-    for key, tensor in vae.state_dict().items():
+    for key, tensor in sorted(state.items()):
         h.update(key.encode())
         h.update(tensor.detach().to("cpu", torch.float16).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
@@ -236,6 +312,7 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
         writer = LatentFileWriter(out, names, opts.latent_dtype)
         comfy = LatentFileWriter(comfy_path(out), ("latent_tensor",), torch.float32) if opts.export_comfy else None
         indices: list[int] = []
+        guard = PrecisionGuard(model, quiet)
         bar = progress(opts.selection.count or source.count, f"encode {Path(source_spec).name}", quiet)
         try:
             for batch in batches(frames, plan.chunk_frames):
@@ -243,7 +320,7 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
                     if (image.shape[1], image.shape[0]) != source_size:
                         raise InputError(f"{source_spec}: frame size changes from {source_size[0]}x{source_size[1]} "
                                          f"to {image.shape[1]}x{image.shape[0]}")
-                z, posterior = encode_batch(model, batch, geometry, opts)
+                z, posterior = encode_batch(model, batch, geometry, opts, guard)
                 writer.append("latents", z.float() * cfg.scaling_factor)
                 if opts.save_moments:
                     writer.append("mean", posterior.mean.float())
@@ -281,18 +358,22 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
         return {"input": source_spec, "output": str(out), "outputs": outputs, "frames": len(indices),
                 "shape": shape, "fps": f"{source.fps.numerator}/{source.fps.denominator}",
                 "geometry": {"source": list(geometry.source), "processed": list(geometry.processed),
-                             "fit": geometry.fit}}
+                             "fit": geometry.fit}, "precision_fallbacks": guard.events}
 
     result = with_oom_recovery(plan_for, run, model.device, quiet)
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result
 
 
-def encode_batch(model: Model, batch: list[tuple[int, np.ndarray]], geometry, opts: EncodeOptions):
+def encode_batch(model: Model, batch: list[tuple[int, np.ndarray]], geometry, opts: EncodeOptions,
+                 guard: PrecisionGuard | None = None):
     """Source frames [(index, uint8 (H, W, 3))] -> (latents (B, C, h, w) unscaled, posterior)."""
-    x = to_model([image for _, image in batch], geometry, model.device, model.dtype)
+    x = to_model([image for _, image in batch], geometry, model.device, torch.float32)
+    guard = guard or PrecisionGuard(model)
     with torch.inference_mode():
-        posterior = model.vae.encode_moments(x)
+        moments = guard(lambda vae, dtype: vae.moments(x.to(dtype)),
+                        f"frames {batch[0][0]}-{batch[-1][0]}")
+        posterior = DiagonalGaussian(moments)
         z = posterior.mode()
         if opts.sample:
             noise = torch.stack([frame_noise(tuple(z.shape[1:]), opts.seed, i) for i, _ in batch])
@@ -419,6 +500,7 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
 
     def run(plan: Plan) -> dict:
         model.vae.set_attention(plan.attention)
+        guard = PrecisionGuard(model, quiet)
         bar = progress(lf.frames, f"decode {latents_path.name}", quiet)
         with atomic_output(target, opts.overwrite) as tmp:
             if fmt == "png":
@@ -430,7 +512,7 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
                 sink = VideoWriter(tmp, fmt, fps, size, opts.crf)
             writer = BackgroundWriter(sink)
             try:
-                for images in decode_frames(model, lf, plan, scaling, geometry):
+                for images in decode_frames(model, lf, plan, scaling, geometry, guard):
                     if observer is not None:
                         observer(images)
                     for image in images:
@@ -443,27 +525,35 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
             finally:
                 bar.close()
         return {"input": str(latents_path), "output": str(target), "format": fmt, "frames": lf.frames,
-                "shape": [lf.frames, 3, size[1], size[0]], "fps": f"{fps.numerator}/{fps.denominator}"}
+                "shape": [lf.frames, 3, size[1], size[0]], "fps": f"{fps.numerator}/{fps.denominator}",
+                "precision_fallbacks": guard.events}
 
     result = with_oom_recovery(plan_for, run, model.device, quiet)
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result
 
 
-def decode_frames(model: Model, lf: LatentFile, plan: Plan, scaling: float, geometry) -> Iterator[np.ndarray]:
+def decode_frames(model: Model, lf: LatentFile, plan: Plan, scaling: float, geometry,
+                  guard: PrecisionGuard | None = None) -> Iterator[np.ndarray]:
     """Decode the latents window by window (tiles inside a window if planned), cross-fading overlaps;
-    yields final uint8 frames (t, H, W, 3) in order, each frame once."""
-    vae, factor = model.vae, model.vae.config.downscale
+    yields final uint8 frames (t, H, W, 3) in order, each frame once. Windows whose half-precision result
+    holds inf/NaN are redone wider (`PrecisionGuard`)."""
+    factor = model.vae.config.downscale
     plan_windows = windows(lf.frames, plan.chunk_frames, plan.overlap)
     blender = WindowBlender(plan_windows)
+    guard = guard or PrecisionGuard(model)
 
-    def decode(z: torch.Tensor) -> torch.Tensor:
-        return vae.decode(z, num_frames=z.shape[0])
+    def decode_window(vae: VAE, dtype: torch.dtype, z: torch.Tensor) -> torch.Tensor:
+        def decode(part: torch.Tensor) -> torch.Tensor:
+            return vae.decode(part, num_frames=part.shape[0])
+
+        z = z.to(dtype)
+        return decode_tiled(decode, z, plan.tiling, factor) if plan.tiling else decode(z)
 
     for window in plan_windows:
-        z = (lf.read(window.start, window.end).to(model.device, torch.float32) / scaling).to(model.dtype)
+        z = lf.read(window.start, window.end).to(model.device, torch.float32) / scaling
         with torch.inference_mode():
-            x = decode_tiled(decode, z, plan.tiling, factor) if plan.tiling else decode(z)
+            x = guard(lambda vae, dtype: decode_window(vae, dtype, z), f"frames {window.start}-{window.end - 1}")
             final = blender.push(x)
         if final.shape[0]:
             yield from_model(final, geometry)
