@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from helpers import random_vae, randomize_, tiny_config
 from vaecli.model.blocks import Clips
 from vaecli.model.temporal import VideoResBlock
+from vaecli.model.vae import VAE
 from vaecli.ops.conv import temporal_conv
 from vaecli.ops.norm import clip_norm_silu, norm_silu, spatial_norm, temporal_norm
 
@@ -125,3 +126,21 @@ def test_triton_group_norm_silu_in_the_interpreter():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=600)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("mode", ["conv-only", "all", "image"])
+def test_frame_batches_give_the_same_frames_with_a_lower_peak(mode):
+    vae = random_vae(tiny_config(mode, attn_levels=(1,)), seed=12)
+    z = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        whole = vae.decode(z, num_frames=3)
+        for batch in (1, 2, 4):
+            assert (vae.decode(z, num_frames=3, frame_batch=batch) - whole).abs().max() <= 1e-5
+    from vaecli.ops.memtrace import traced_peak_bytes
+
+    with torch.device("meta"):
+        meta = VAE(tiny_config(mode, attn_levels=(1,)))
+    zm = torch.empty(8, 4, 16, 16, device="meta")
+    if mode == "all":  # its peak is in the temporal attention, which needs every frame of the clip
+        return
+    assert traced_peak_bytes(lambda: meta.decode(zm, frame_batch=2)) < 0.8 * traced_peak_bytes(lambda: meta.decode(zm))

@@ -96,10 +96,15 @@ def test_decode_strategies_in_order():
     big = plan_decode(config, 12, (32, 32), available_bytes=64 << 30, **kw)
     assert (big.strategy, big.chunk_frames, big.overlap, big.tiling) == ("one-clip", 12, 0, None)
     one = big.activation_bytes
-    mid = plan_decode(config, 12, (32, 32), available_bytes=int(one * 0.6), **kw)
+    # just below the unbatched line: still one clip, priced exactly with the 2D layers batched
+    batched = plan_decode(config, 12, (32, 32), available_bytes=one - 1, **kw)
+    assert (batched.strategy, batched.frame_batch) == ("one-clip", 4) and batched.activation_bytes < one
+    assert "2D layers 4 frames at a time" in " ".join(batched.reasons)
+    below = int(batched.activation_bytes * 0.9)
+    mid = plan_decode(config, 12, (32, 32), available_bytes=below, **kw)
     small = plan_decode(config, 12, (32, 32), available_bytes=one // 4, **kw)
     assert mid.strategy == "windows" and 4 <= mid.chunk_frames < 12 and 1 <= mid.overlap < mid.chunk_frames
-    assert mid.activation_bytes <= int(one * 0.6)
+    assert mid.activation_bytes <= below
     assert small.strategy == "tiles" and small.chunk_frames == 4 and small.activation_bytes <= one // 4
 
 

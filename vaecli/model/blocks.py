@@ -30,11 +30,14 @@ class Clips:
     skip_video: decode every frame alone with the spatial path only (equals the 2D decoder exactly).
     image_only: optional bool tensor (N,), frames to treat as still images (merge strategy
         "learned_with_images" only): they take the spatial path of every temporal blend.
+    frame_batch: run the per-frame (2D) layers this many frames at a time (None: all at once). Results are the
+        same; between two temporal layers only one batch's intermediates are alive (less memory, one copy more).
     """
 
     num_frames: int
     skip_video: bool = False
     image_only: torch.Tensor | None = None
+    frame_batch: int | None = None
 
 
 class ResnetBlock(nn.Module):

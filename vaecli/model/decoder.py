@@ -13,6 +13,9 @@ Which block goes where, per time mode (sgm `VideoDecoder`'s `_make_resblock`, `_
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -81,19 +84,72 @@ class Decoder(nn.Module):
         else:
             self.conv_out = nn.Conv2d(cin, config.out_channels, kernel_size=3, padding=1)
 
-    def forward(self, z: torch.Tensor, clips: Clips | None = None) -> torch.Tensor:
-        """z: (N, z_channels, h, w), clip-major. `clips=None` (or skip_video) decodes every frame alone, 2D only."""
-        if clips is not None and z.shape[0] % clips.num_frames:
-            raise ValueError(f"{z.shape[0]} frames do not split into clips of {clips.num_frames}")
-        h = self.mid(self.conv_in(z), clips)
+    def stages(self, clips: Clips | None) -> list[tuple[bool, Callable[[torch.Tensor], torch.Tensor]]]:
+        """The decoder as a flat list of (per_frame, fn): per_frame stages treat every frame alone (2D layers),
+        the others mix the frames of a clip (temporal layers). Running them in order is the forward pass."""
+        temporal = clips is not None and not clips.skip_video
+        out: list[tuple[bool, Callable]] = [(True, self.conv_in)]
+
+        def add(layer: nn.Module) -> None:
+            if isinstance(layer, (VideoResBlock, AE3DConv)):
+                spatial = ResnetBlock.forward if isinstance(layer, VideoResBlock) else nn.Conv2d.forward
+                out.append((True, partial(spatial, layer)))
+                if temporal:
+                    out.append((False, partial(layer.temporal, clips=clips)))
+            elif isinstance(layer, VideoBlock) and temporal:
+                out.append((False, partial(layer, clips=clips)))
+            else:  # ResnetBlock, AttnBlock, VideoBlock without clips (its AttnBlock part), Upsample, conv_out
+                out.append((True, layer))
+
+        for layer in (self.mid.block_1, self.mid.attn_1, self.mid.block_2):
+            add(layer)
         for level in reversed(self.up):
             for j, block in enumerate(level.block):
-                h = block(h, clips)
+                add(block)
                 if len(level.attn):
-                    h = level.attn[j](h, clips)
+                    add(level.attn[j])
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        h = norm_silu(self.norm_out, h)
-        if isinstance(self.conv_out, AE3DConv):
-            return self.conv_out(h, clips)
-        return self.conv_out(h)
+                add(level.upsample)
+        out.append((True, partial(norm_silu, self.norm_out)))
+        add(self.conv_out)
+        return out
+
+    def forward(self, z: torch.Tensor, clips: Clips | None = None) -> torch.Tensor:
+        """z: (N, z_channels, h, w), clip-major. `clips=None` (or skip_video) decodes every frame alone, 2D only.
+
+        Consecutive per-frame stages run together, `clips.frame_batch` frames at a time when set."""
+        if clips is not None and z.shape[0] % clips.num_frames:
+            raise ValueError(f"{z.shape[0]} frames do not split into clips of {clips.num_frames}")
+        batch = clips.frame_batch if clips is not None else None
+        h, run = z, []
+        for per_frame, fn in self.stages(clips):
+            if per_frame:
+                run.append(fn)
+                continue
+            h = frame_batches(run, h, batch)
+            run = []
+            h = fn(h)
+        return frame_batches(run, h, batch)
+
+
+def frame_batches(fns: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, batch: int | None
+                  ) -> torch.Tensor:
+    """Apply the per-frame functions `fns` in turn to frames x (N, C, H, W), `batch` frames at a time.
+
+    Each batch's result is written into one output (channels-last), so only one batch's intermediates live.
+    """
+    def apply(part: torch.Tensor) -> torch.Tensor:
+        for fn in fns:
+            part = fn(part)
+        return part
+
+    if not fns or batch is None or x.shape[0] <= batch:
+        return apply(x)
+    first = apply(x[:batch])
+    out = torch.empty((x.shape[0], *first.shape[1:]), dtype=first.dtype, device=first.device,
+                      memory_format=torch.channels_last)
+    out[:batch] = first
+    del first
+    for start in range(batch, x.shape[0], batch):
+        out[start:start + batch] = apply(x[start:start + batch])
+    return out

@@ -79,9 +79,11 @@ class TimeStack(nn.Module):
         conv_in, conv_out = self.in_layers[2], self.out_layers[3]
         h = temporal_conv(clip_norm_silu(self.in_layers[0], x), conv_in.weight, conv_in.bias)
         h = clip_norm_silu(self.out_layers[0], h)
-        if alpha is None or alpha.numel() == 1:
-            return temporal_conv(h, conv_out.weight, conv_out.bias, residual=x, scale=alpha)
-        return x + alpha[:, :, None, None, None] * temporal_conv(h, conv_out.weight, conv_out.bias)
+        if alpha is not None and alpha.numel() > 1:
+            return x + alpha[:, :, None, None, None] * temporal_conv(h, conv_out.weight, conv_out.bias)
+        if not torch.is_grad_enabled() and x.is_contiguous():  # inference: accumulate into x, no new tensor
+            return temporal_conv(h, conv_out.weight, conv_out.bias, into=x, scale=alpha)
+        return temporal_conv(h, conv_out.weight, conv_out.bias, residual=x, scale=alpha)
 
 
 class VideoResBlock(ResnetBlock):
@@ -100,7 +102,13 @@ class VideoResBlock(ResnetBlock):
         make_mix_factor(self, merge_strategy, alpha)
 
     def forward(self, x: torch.Tensor, clips: Clips | None = None) -> torch.Tensor:
-        x = super().forward(x)
+        return self.temporal(super().forward(x), clips)
+
+    def temporal(self, x: torch.Tensor, clips: Clips | None) -> torch.Tensor:
+        """The temporal half: x_s (N, C, H, W), the spatial block's output -> the blend (N, C, H, W).
+
+        At inference the result is accumulated into x_s's memory (x_s is not needed afterwards).
+        """
         if clips is None or clips.skip_video:
             return x
         x_spatial = rearrange(x, "(b t) c h w -> b t h w c", t=clips.num_frames)  # a view of channels-last frames
@@ -122,7 +130,10 @@ class AE3DConv(nn.Conv2d):
         self.time_mix_conv = nn.Conv3d(out_channels, out_channels, kernel_size, padding=tuple(k // 2 for k in kernel_size))
 
     def forward(self, x: torch.Tensor, clips: Clips | None = None) -> torch.Tensor:
-        x = super().forward(x)
+        return self.temporal(super().forward(x), clips)
+
+    def temporal(self, x: torch.Tensor, clips: Clips | None) -> torch.Tensor:
+        """time_mix_conv over clips of the 2D conv's output x (N, C_out, H, W)."""
         if clips is None or clips.skip_video:
             return x
         x = rearrange(x, "(b t) c h w -> b t h w c", t=clips.num_frames)

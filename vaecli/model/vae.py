@@ -64,13 +64,14 @@ class VAE(nn.Module):
         return posterior.sample(generator) if sample else posterior.mode()
 
     def decode(self, z: torch.Tensor, num_frames: int | None = None, *, per_frame: bool = False,
-               image_only: torch.Tensor | None = None) -> torch.Tensor:
+               image_only: torch.Tensor | None = None, frame_batch: int | None = None) -> torch.Tensor:
         """Unscaled latents (T, C, h, w) -> frames (T, 3, 8h, 8w), ≈[-1, 1].
 
         num_frames: consecutive groups of this many frames are decoded as independent clips (temporal convs
             zero-pad at each clip's edges, temporal GroupNorm spans each clip); default: all T frames, one clip.
         per_frame: decode every frame alone with the spatial path (the 2D decoder on the same weights).
         image_only: bool (T,), frames treated as still images (merge strategy "learned_with_images").
+        frame_batch: run the 2D layers this many frames at a time (same result, lower peak memory; see `Clips`).
         An image VAE (time_mode "image") always decodes frame by frame.
         """
         self._check_frames(z, self.config.latent_channels, "latents")
@@ -83,9 +84,11 @@ class VAE(nn.Module):
         z = z.contiguous(memory_format=torch.channels_last)
         if self.config.post_quant_conv:
             z = self.post_quant_conv(z)
+        if frame_batch is not None and frame_batch < 1:
+            raise UsageError(f"frame_batch must be at least 1, got {frame_batch}")
         if not self.config.is_video or per_frame:
-            return self.decoder(z, None)
-        return self.decoder(z, Clips(num_frames, image_only=image_only))
+            return self.decoder(z, Clips(num_frames, skip_video=True, frame_batch=frame_batch))
+        return self.decoder(z, Clips(num_frames, image_only=image_only, frame_batch=frame_batch))
 
     def forward(self, x: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         """Reconstruct frames: decode(encode(x)) with the posterior mode."""

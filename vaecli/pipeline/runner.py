@@ -545,7 +545,7 @@ def decode_frames(model: Model, lf: LatentFile, plan: Plan, scaling: float, geom
 
     def decode_window(vae: VAE, dtype: torch.dtype, z: torch.Tensor) -> torch.Tensor:
         def decode(part: torch.Tensor) -> torch.Tensor:
-            return vae.decode(part, num_frames=part.shape[0])
+            return vae.decode(part, num_frames=part.shape[0], frame_batch=plan.frame_batch)
 
         z = z.to(dtype)
         return decode_tiled(decode, z, plan.tiling, factor) if plan.tiling else decode(z)
