@@ -1,13 +1,16 @@
 """Benchmark vaecli against diffusers on the same weights and inputs, in one process, alternating.
 
     python scripts/bench.py --device cpu --small                      # CI-sized: tiny config, CPU, fp32
+    python scripts/bench.py --device cpu --config bundled --frames 8 --size 128x128 --threads 2
     python scripts/bench.py --device cuda --dtype bf16 --frames 14 25 --size 576x1024
     python scripts/bench.py --device cuda --dtype fp16 --frames 14 --chunk 8 --json bench.json
 
-Both models are built from one random state dict (SVD configuration unless --small, or --model CKPT), get the
-same latents / frames, and run alternately after a warm-up; times are medians (CUDA events on GPU,
-perf_counter on CPU). Reported per case: median seconds, peak memory above the weights (CUDA), the speed ratio
+Both models are built from one random state dict (SVD configuration unless --config small|bundled, or --model
+CKPT), get the same latents / frames, and run alternately after a warm-up; times are medians (CUDA events on GPU,
+perf_counter on CPU). Reported per case: median seconds, peak memory above the weights (CUDA), the activation
+peak traced on the meta device for both (device-independent; see vaecli/ops/memtrace.py), the speed ratio
 diffusers/vaecli, and the output difference against an fp32 reference (TF32 off): PSNR (range [-1, 1]) and max |Δ|.
+vaecli runs as the CLI does: 2D layers in batches of --frame-batch frames (0: all at once).
 """
 
 from __future__ import annotations
@@ -24,11 +27,20 @@ from vaecli.model.config import VAEConfig, load_config
 from vaecli.model.vae import VAE, randomize_weights_
 from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.device import parse_dtype
+from vaecli.ops.memtrace import traced_peak_bytes
+from vaecli.pipeline.planner import format_bytes
+
+CONFIGS = {"small": dict(ch=32, ch_mult=(1, 2), name="small"),  # 2 levels (f = 2): CI-sized
+           "bundled": dict(ch=64, ch_mult=(1, 1, 2, 2), name="vaecli-small-arch")}  # the bundled model's shape
 
 
-def diffusers_model(config: VAEConfig, state: dict):
+def diffusers_model(config: VAEConfig, state: dict | None, dtype: torch.dtype | None = None):
+    """diffusers' model with `state` (vaecli's layout, converted); state None: uninitialised (for meta traces)."""
     import diffusers
 
+    if state is None:
+        settings = diffusers_config(config)
+        return getattr(diffusers, settings.pop("_class_name"))(**settings).to(dtype).eval()
     converted, cfg = to_layout(state, config, "diffusers")
     settings = diffusers_config(cfg)
     ref = getattr(diffusers, settings.pop("_class_name"))(**settings)
@@ -60,16 +72,37 @@ def peak(fn, device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def traced(build, run) -> int:
+    """Activation peak of run(model) with build() made on the meta device (nothing is computed)."""
+    with torch.device("meta"):
+        model = build().to("meta")
+        return traced_peak_bytes(lambda: run(model))
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = (a.float() - b.float()).pow(2).mean().item()
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4.0 / mse)).item()
+
+
+def print_table(rows: list[dict], gib) -> None:
+    print(f"{'case':24} {'vaecli':>9} {'diffusers':>10} {'speedup':>8} {'vaecli peak':>12} {'diff. peak':>11} "
+          f"{'vaecli traced':>14} {'diff. traced':>13} {'PSNR vs fp32':>13} {'max |Δ|':>9}")
+    for r in rows:
+        print(f"{r['case']:24} {r['vaecli_s']:>8.3f}s {r['diffusers_s']:>9.3f}s {r['speedup']:>7.2f}x "
+              f"{gib(r['vaecli_peak']):>12} {gib(r['diffusers_peak']):>11} {gib(r['vaecli_traced']):>14} "
+              f"{gib(r['diffusers_traced']):>13} {r['vaecli_psnr']:>12.1f} {r['vaecli_max_abs']:>9.2e}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32")
-    parser.add_argument("--small", action="store_true", help="tiny configuration (ch 32, 2 levels) for CPU/CI")
+    parser.add_argument("--small", action="store_true", help="same as --config small")
+    parser.add_argument("--config", choices=["svd", *CONFIGS], default="svd", help="architecture for random weights")
+    parser.add_argument("--frame-batch", type=int, default=4, help="vaecli's 2D layers N frames at a time (0: off)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--trace-only", action="store_true",
+                        help="only the traced activation peaks (meta device: any size on any machine, in seconds)")
     parser.add_argument("--model", help="a checkpoint instead of random weights at the SVD configuration")
     parser.add_argument("--frames", type=int, nargs="+", default=None)
     parser.add_argument("--size", default=None, help="HxW of the frames, e.g. 576x1024")
@@ -78,6 +111,11 @@ def main() -> None:
     parser.add_argument("--stages", default="decode,encode")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    if args.small:
+        args.config = "small"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fb = args.frame_batch or None
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     if args.model:
@@ -85,19 +123,22 @@ def main() -> None:
         config, state = ckpt.config, {k: v.float() for k, v in ckpt.state.items()}
     else:
         config = load_config("svd-vae")
-        if args.small:
-            config = config.replace(ch=32, ch_mult=(1, 2), name="small")
-        state = randomize_weights_(VAE(config)).state_dict()
-    frames = args.frames or ([6] if args.small else [14])
-    h, w = (int(v) for v in (args.size or ("64x64" if args.small else "576x1024")).split("x"))
+        if args.config != "svd":
+            config = config.replace(**CONFIGS[args.config])
+        state = None if args.trace_only else randomize_weights_(VAE(config)).state_dict()
+    small = args.config != "svd"
+    frames = args.frames or ([6] if small else [14])
+    h, w = (int(v) for v in (args.size or ("64x64" if small else "576x1024")).split("x"))
     f = config.downscale
-    ours = VAE(config, AttentionBackend("sdpa"))
-    ours.load_state_dict(state)
-    ours = ours.to(device, dtype).eval()
-    theirs = diffusers_model(config, state).to(device, dtype)
-    ref32 = VAE(config, AttentionBackend("math"))
-    ref32.load_state_dict(state)
-    ref32 = ref32.to(device).eval()
+    ours = theirs = ref32 = None
+    if not args.trace_only:
+        ours = VAE(config, AttentionBackend("sdpa"))
+        ours.load_state_dict(state)
+        ours = ours.to(device, dtype).eval()
+        theirs = diffusers_model(config, state).to(device, dtype)
+        ref32 = VAE(config, AttentionBackend("math"))
+        ref32.load_state_dict(state)
+        ref32 = ref32.to(device).eval()
     rows = []
     gen = torch.Generator().manual_seed(0)
     for t in frames:
@@ -106,43 +147,59 @@ def main() -> None:
         cases = []
         if "decode" in args.stages:
             clip = t if args.chunk is None else args.chunk
+            zc = torch.empty(clip, *z.shape[1:], device="meta", dtype=dtype)
             cases.append((f"decode {t}f" + (f" chunks of {clip}" if clip < t else ""),
-                          lambda: torch.cat([ours.decode(z[i:i + clip].to(dtype), num_frames=min(clip, t - i))
-                                             for i in range(0, t, clip)]),
+                          lambda: torch.cat([ours.decode(z[i:i + clip].to(dtype), num_frames=min(clip, t - i),
+                                                         frame_batch=fb) for i in range(0, t, clip)]),
                           lambda: torch.cat([theirs.decode(z[i:i + clip].to(dtype), num_frames=min(clip, t - i)).sample
                                              for i in range(0, t, clip)]),
                           lambda: torch.cat([ref32.decode(z[i:i + clip], num_frames=min(clip, t - i))
-                                             for i in range(0, t, clip)])))
+                                             for i in range(0, t, clip)]),
+                          lambda: traced(lambda: VAE(config).to(dtype), lambda m: m.decode(zc, frame_batch=fb)),
+                          lambda: traced(lambda: diffusers_model(config, None, dtype),
+                                         lambda m: m.decode(zc, num_frames=clip).sample)))
         if "encode" in args.stages:
-            cases.append((f"encode {t}f", lambda: ours.encode(x.to(dtype)),
-                          lambda: theirs.encode(x.to(dtype)).latent_dist.mode(), lambda: ref32.encode(x)))
-        for name, fa, fb, fr in cases:
+            xm = torch.empty(t, 3, h, w, device="meta", dtype=dtype)
+            cases.append((f"encode {t}f", lambda: ours.encode(x.to(dtype), frame_batch=fb),
+                          lambda: theirs.encode(x.to(dtype)).latent_dist.mode(), lambda: ref32.encode(x),
+                          lambda: traced(lambda: VAE(config).to(dtype), lambda m: m.encode(xm, frame_batch=fb)),
+                          lambda: traced(lambda: diffusers_model(config, None, dtype),
+                                         lambda m: m.encode(xm).latent_dist.mode())))
+        for name, fa, fb_, fr, trace_a, trace_b in cases:
+            if args.trace_only:
+                ta, tb = trace_a(), trace_b()
+                rows.append({"case": name, "size": f"{h}x{w}", "dtype": args.dtype, "frame_batch": fb,
+                             "vaecli_traced": ta, "diffusers_traced": tb, "memory_ratio": tb / ta})
+                continue
             with torch.inference_mode():
                 ref = fr()
-                fa(), fb()  # warm-up
+                fa(), fb_()  # warm-up
                 times_a, times_b = [], []
                 for _ in range(args.repeats):  # alternate
                     ta, out_a = timed(fa, device)
-                    tb, out_b = timed(fb, device)
+                    tb, out_b = timed(fb_, device)
                     times_a.append(ta)
                     times_b.append(tb)
-                pa, pb = peak(fa, device), peak(fb, device)
+                pa, pb = peak(fa, device), peak(fb_, device)
+            ta, tb = trace_a(), trace_b()
             row = {"case": name, "size": f"{h}x{w}", "dtype": args.dtype, "device": str(device),
                    "vaecli_s": statistics.median(times_a), "diffusers_s": statistics.median(times_b),
-                   "vaecli_peak": pa, "diffusers_peak": pb,
+                   "vaecli_peak": pa, "diffusers_peak": pb, "vaecli_traced": ta, "diffusers_traced": tb,
+                   "frame_batch": fb, "threads": torch.get_num_threads(),
                    "speedup": statistics.median(times_b) / statistics.median(times_a),
                    "vaecli_psnr": psnr(out_a, ref), "diffusers_psnr": psnr(out_b, ref),
                    "vaecli_max_abs": (out_a.float() - ref.float()).abs().max().item(),
                    "diffusers_max_abs": (out_b.float() - ref.float()).abs().max().item(),
                    "nonfinite": int((~torch.isfinite(out_a)).sum().item())}
             rows.append(row)
-    gib = lambda n: "-" if n is None else f"{n / 2**30:.2f} GiB"  # noqa: E731
-    print(f"{'case':28} {'vaecli':>9} {'diffusers':>10} {'speedup':>8} {'vaecli peak':>12} {'diff. peak':>11} "
-          f"{'PSNR vs fp32':>13} {'max |Δ|':>9}")
-    for r in rows:
-        print(f"{r['case']:28} {r['vaecli_s']:>8.3f}s {r['diffusers_s']:>9.3f}s {r['speedup']:>7.2f}x "
-              f"{gib(r['vaecli_peak']):>12} {gib(r['diffusers_peak']):>11} {r['vaecli_psnr']:>12.1f} "
-              f"{r['vaecli_max_abs']:>9.2e}")
+    gib = lambda n: "-" if n is None else format_bytes(n)  # noqa: E731
+    if args.trace_only:
+        print(f"{'case':24} {'size':>9} {'dtype':>5} {'vaecli traced':>14} {'diffusers traced':>17} {'ratio':>6}")
+        for r in rows:
+            print(f"{r['case']:24} {r['size']:>9} {r['dtype']:>5} {gib(r['vaecli_traced']):>14} "
+                  f"{gib(r['diffusers_traced']):>17} {r['memory_ratio']:>5.2f}x")
+    else:
+        print_table(rows, gib)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)

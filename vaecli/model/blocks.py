@@ -12,6 +12,7 @@ permute copies. Residual additions are in place on the block's fresh output.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,29 @@ class Clips:
     skip_video: bool = False
     image_only: torch.Tensor | None = None
     frame_batch: int | None = None
+
+
+def frame_batches(fns: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, batch: int | None
+                  ) -> torch.Tensor:
+    """Apply the per-frame functions `fns` in turn to frames x (N, C, H, W), `batch` frames at a time.
+
+    Each batch's result is written into one output (channels-last), so only one batch's intermediates live.
+    """
+    def apply(part: torch.Tensor) -> torch.Tensor:
+        for fn in fns:
+            part = fn(part)
+        return part
+
+    if not fns or batch is None or x.shape[0] <= batch:
+        return apply(x)
+    first = apply(x[:batch])
+    out = torch.empty((x.shape[0], *first.shape[1:]), dtype=first.dtype, device=first.device,
+                      memory_format=torch.channels_last)
+    out[:batch] = first
+    del first
+    for start in range(batch, x.shape[0], batch):
+        out[start:start + batch] = apply(x[start:start + batch])
+    return out
 
 
 class ResnetBlock(nn.Module):

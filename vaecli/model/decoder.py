@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vaecli.model.blocks import AttnBlock, Clips, ResnetBlock, Upsample
+from vaecli.model.blocks import AttnBlock, Clips, ResnetBlock, Upsample, frame_batches
 from vaecli.model.config import VAEConfig
 from vaecli.model.encoder import MidBlock
 from vaecli.model.temporal import AE3DConv, VideoBlock, VideoResBlock
@@ -131,25 +131,3 @@ class Decoder(nn.Module):
             h = fn(h)
         return frame_batches(run, h, batch)
 
-
-def frame_batches(fns: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, batch: int | None
-                  ) -> torch.Tensor:
-    """Apply the per-frame functions `fns` in turn to frames x (N, C, H, W), `batch` frames at a time.
-
-    Each batch's result is written into one output (channels-last), so only one batch's intermediates live.
-    """
-    def apply(part: torch.Tensor) -> torch.Tensor:
-        for fn in fns:
-            part = fn(part)
-        return part
-
-    if not fns or batch is None or x.shape[0] <= batch:
-        return apply(x)
-    first = apply(x[:batch])
-    out = torch.empty((x.shape[0], *first.shape[1:]), dtype=first.dtype, device=first.device,
-                      memory_format=torch.channels_last)
-    out[:batch] = first
-    del first
-    for start in range(batch, x.shape[0], batch):
-        out[start:start + batch] = apply(x[start:start + batch])
-    return out

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from vaecli.errors import UsageError
-from vaecli.model.blocks import Clips
+from vaecli.model.blocks import Clips, frame_batches
 from vaecli.model.config import VAEConfig
 from vaecli.model.decoder import Decoder
 from vaecli.model.encoder import DiagonalGaussian, Encoder
@@ -48,19 +48,23 @@ class VAE(nn.Module):
         if x.shape[-2] % multiple or x.shape[-1] % multiple:
             raise UsageError(f"{what} height and width must be multiples of {multiple}, got {tuple(x.shape[-2:])}")
 
-    def moments(self, x: torch.Tensor) -> torch.Tensor:
-        """Frames (T, 3, H, W) in [-1, 1] -> the posterior's moments (T, 2C, H/8, W/8): mean, then log-variance."""
+    def moments(self, x: torch.Tensor, frame_batch: int | None = None) -> torch.Tensor:
+        """Frames (T, 3, H, W) in [-1, 1] -> the posterior's moments (T, 2C, H/8, W/8): mean, then log-variance.
+
+        frame_batch: encode this many frames at a time into one output (same result, lower peak memory).
+        """
         self._check_frames(x, self.config.in_channels, "frames", self.config.downscale)
-        moments = self.encoder(x.contiguous(memory_format=torch.channels_last))
-        return self.quant_conv(moments) if self.config.quant_conv else moments
+        layers = [self.encoder] + ([self.quant_conv] if self.config.quant_conv else [])
+        return frame_batches(layers, x.contiguous(memory_format=torch.channels_last), frame_batch)
 
-    def encode_moments(self, x: torch.Tensor) -> DiagonalGaussian:
+    def encode_moments(self, x: torch.Tensor, frame_batch: int | None = None) -> DiagonalGaussian:
         """Frames (T, 3, H, W) in [-1, 1] -> the posterior over latents (T, C, H/8, W/8)."""
-        return DiagonalGaussian(self.moments(x))
+        return DiagonalGaussian(self.moments(x, frame_batch))
 
-    def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
+               frame_batch: int | None = None) -> torch.Tensor:
         """Frames (T, 3, H, W) in [-1, 1] -> unscaled latents (T, C, H/8, W/8): the posterior mode, or a sample."""
-        posterior = self.encode_moments(x)
+        posterior = self.encode_moments(x, frame_batch)
         return posterior.sample(generator) if sample else posterior.mode()
 
     def decode(self, z: torch.Tensor, num_frames: int | None = None, *, per_frame: bool = False,
