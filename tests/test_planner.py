@@ -293,10 +293,10 @@ def test_encode_recovers_from_oom_with_smaller_batches(tmp_path, tiny8_file, mon
                                str(tmp_path / "ref.safetensors")]).exit_code == 0
     real = VAE.moments
 
-    def failing(self, x):
+    def failing(self, x, frame_batch=None):
         if x.device.type != "meta" and x.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(self, x)
+        return real(self, x, frame_batch)
 
     monkeypatch.setattr(VAE, "moments", failing)
     result = runner.invoke(app, ["encode", str(tmp_path / "v.mp4"), "-m", str(tiny8_file), "--json"])

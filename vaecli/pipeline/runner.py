@@ -72,6 +72,8 @@ class Model:
 
         path = bundled_model_path() if source is None else source
         ckpt = read_checkpoint(path, config)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # a job runs one frame size: autotuned convolutions pay off
         backend = resolve_attention(attention, device, dtype)
         vae = build_vae(ckpt.config, ckpt.state, device=device, dtype=dtype, attention=backend)
 
