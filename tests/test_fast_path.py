@@ -144,3 +144,26 @@ def test_frame_batches_give_the_same_frames_with_a_lower_peak(mode):
     if mode == "all":  # its peak is in the temporal attention, which needs every frame of the clip
         return
     assert traced_peak_bytes(lambda: meta.decode(zm, frame_batch=2)) < 0.8 * traced_peak_bytes(lambda: meta.decode(zm))
+
+
+def test_triton_probe_falls_back_with_a_reason(monkeypatch):
+    """The kernels are used only after a probe on the device agreed with torch; a failure means torch's norm."""
+    from vaecli.ops import triton_norm
+    from vaecli.pipeline.planner import norm_kernels
+
+    triton_norm.status.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(triton_norm.importlib.util, "find_spec", lambda name: object())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX compile failed (injected)")
+
+    monkeypatch.setattr(triton_norm, "group_norm_silu", broken)
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: torch.ones(2, 64, 8, 8))  # no CUDA here: CPU stand-ins
+    try:
+        usable, why = triton_norm.status()
+        assert not usable and "failed on this GPU" in why and "injected" in why
+        assert "torch's kernels (Triton kernels failed" in norm_kernels(torch.device("cuda"))
+    finally:
+        triton_norm.status.cache_clear()
+    assert norm_kernels(torch.device("cpu")) == "GroupNorm+SiLU: torch's kernels, SiLU in place"

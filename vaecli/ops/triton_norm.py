@@ -18,10 +18,32 @@ import importlib.util
 import torch
 
 
-@functools.cache
 def available() -> bool:
-    """Whether Triton is importable (probed once, on first use)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether the kernels can be used here: Triton is importable and, on CUDA, they compile and agree with
+    torch on a small input (probed once per process, on first use; see `status`)."""
+    return status()[0]
+
+
+@functools.cache
+def status() -> tuple[bool, str]:
+    """(usable, why): the result of the one-time probe. A kernel that fails to compile or disagrees with
+    torch's group_norm on this GPU is never used; the model then runs torch's group_norm and an in-place SiLU."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "Triton is not installed"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        x = torch.randn(2, 64, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last) * 3 + 1
+        w, b = torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
+        with torch.no_grad():
+            got = group_norm_silu(x, 32, w, b, 1e-6)
+            want = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32, w, b, 1e-6))
+        error = (got - want).abs().max().item()
+    except Exception as e:  # a compiler or driver problem: fall back to torch, say why  # noqa: BLE001
+        return False, f"Triton kernels failed on this GPU: {type(e).__name__}: {e}"[:300]
+    if not error <= 1e-3:
+        return False, f"Triton kernels disagree with torch on this GPU (max |Δ| {error:.2e})"
+    return True, "Triton GroupNorm+SiLU kernels"
 
 
 def supports(x: torch.Tensor) -> bool:

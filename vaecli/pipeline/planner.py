@@ -224,6 +224,16 @@ def _backends(attention: str, device: torch.device, budget: int) -> list[Attenti
             for name in AUTO_ORDER if unavailable_reason(name, device) is None]
 
 
+def norm_kernels(device: torch.device) -> str:
+    """Which GroupNorm+SiLU implementation the model will run on `device`, for the plan's reasons."""
+    if device.type != "cuda":
+        return "GroupNorm+SiLU: torch's kernels, SiLU in place"
+    from vaecli.ops import triton_norm
+
+    usable, why = triton_norm.status()
+    return f"GroupNorm+SiLU: {why}" if usable else f"GroupNorm+SiLU: torch's kernels ({why})"
+
+
 def output_bytes(frames: int, height: int, width: int) -> int:
     """Post-processing of decoded frames: a float copy and the uint8 frames (t, H, W, 3)."""
     return frames * height * width * 3 * (4 + 1)
@@ -266,7 +276,7 @@ def plan_decode(config: VAEConfig, frames: int, latent_hw: tuple[int, int], *, d
         return next((b for b in backends if window_cost(b, c, k, tiling) <= budget), None)
 
     default_overlap = lambda c: 0 if c >= frames else min(8, max(1, c // 4))  # noqa: E731
-    reasons = [f"budget {format_bytes(max(budget, 0))} for activations on {device}"]
+    reasons = [f"budget {format_bytes(max(budget, 0))} for activations on {device}", norm_kernels(device)]
     if chunk is not None or tile is not None:  # forced by the user
         c = frames if not chunk else min(chunk, frames)
         k = 0 if c >= frames else (overlap if overlap is not None else default_overlap(c))
@@ -323,7 +333,7 @@ def plan_encode(config: VAEConfig, frames: int, size_hw: tuple[int, int], *, dev
     def batch_cost(backend: AttentionBackend, b: int) -> int:
         return est.activations("encode", backend, b, height, width) + b * height * width * 3 * (4 + 1)
 
-    reasons = [f"budget {format_bytes(max(budget, 0))} for activations on {device}"]
+    reasons = [f"budget {format_bytes(max(budget, 0))} for activations on {device}", norm_kernels(device)]
     limit = min(max_batch, max(1, frames))
     candidates = [batch] if batch else list(range(limit, 0, -1))
     for backend in backends:
