@@ -5,6 +5,7 @@
     python scripts/train.py --recipe configs/train/vaecli-small.toml --run runs/smoke --smoke    # 5+5 steps, CPU
     python scripts/train.py ... --export vaecli/weights/vaecli-small.safetensors                 # fp16, config
     python scripts/train.py --recipe R --run runs/more --init runs/small/final.safetensors         # train further
+    python scripts/train.py --recipe R --run runs/t --init W --reset-temporal   # retrain the temporal layers only
 
 Stage 1 trains the encoder and the decoder's spatial layers on still crops (L1 + SSIM + a small KL term). Stage 2
 freezes them and trains only the decoder's temporal layers (time_stack, mix_factor, time_mix_conv) on clips,
@@ -247,6 +248,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument("--export", help="write the trained model here (fp16 safetensors with its config)")
     parser.add_argument("--init", help="start from these weights (a safetensors VAE of the recipe's architecture)")
+    parser.add_argument("--reset-temporal", action="store_true",
+                        help="with --init: restart the temporal layers as identities (retrain them on new spatial layers)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -266,6 +269,8 @@ def main() -> None:
     init_temporal_as_identity(model)
     if args.init:  # continue training a finished model (a new run: fresh optimizer and schedule)
         model.load_state_dict({k: v.float() for k, v in load_file(args.init).items()}, strict=True)
+        if args.reset_temporal:
+            init_temporal_as_identity(model)
     photos, _ = photo_pool(recipe["eval"]["held_out_photos"])
     metrics = open(run / "metrics.jsonl", "a", encoding="utf-8")
 

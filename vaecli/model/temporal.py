@@ -74,7 +74,8 @@ class TimeStack(nn.Module):
         """x `(b, t, H, W, C)` -> x + α·out_layers(in_layers(x)) (α = 1 when None, the plain block).
 
         A one-element α is folded into the last convolution's weights, so the blend costs nothing; a per-frame α
-        `(b, t)` (frames flagged as images) is applied after it.
+        `(b, t)` (frames flagged as images) is applied after it. Without autograd the sum is accumulated into x's
+        own memory (contiguous x) and x is returned: callers pass a tensor they no longer need.
         """
         conv_in, conv_out = self.in_layers[2], self.out_layers[3]
         h = temporal_conv(clip_norm_silu(self.in_layers[0], x), conv_in.weight, conv_in.bias)
