@@ -10,7 +10,7 @@ CKPT), get the same latents / frames, and run alternately after a warm-up; times
 perf_counter on CPU). Reported per case: median seconds, peak memory above the weights (CUDA), the activation
 peak traced on the meta device for both (device-independent; see vaecli/ops/memtrace.py), the speed ratio
 diffusers/vaecli, and the output difference against an fp32 reference (TF32 off): PSNR (range [-1, 1]) and max |Δ|.
-vaecli runs as the CLI does: 2D layers in batches of --frame-batch frames (0: all at once).
+vaecli runs as the CLI plans it: 2D layers in batches of 4 frames on CUDA (and for --trace-only), all at once on CPU.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--small", action="store_true", help="same as --config small")
     parser.add_argument("--config", choices=["svd", *CONFIGS], default="svd", help="architecture for random weights")
-    parser.add_argument("--frame-batch", type=int, default=4, help="vaecli's 2D layers N frames at a time (0: off)")
+    parser.add_argument("--frame-batch", type=int, default=None,
+                        help="vaecli's 2D layers N frames at a time (0: off; default as the CLI plans: 4 on CUDA, off on CPU)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--trace-only", action="store_true",
                         help="only the traced activation peaks (meta device: any size on any machine, in seconds)")
@@ -115,8 +116,10 @@ def main() -> None:
         args.config = "small"
     if args.threads:
         torch.set_num_threads(args.threads)
-    fb = args.frame_batch or None
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
+    if args.frame_batch is None:
+        args.frame_batch = 4 if device.type == "cuda" or args.trace_only else 0
+    fb = args.frame_batch or None
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     if args.model:
         ckpt = read_checkpoint(args.model)

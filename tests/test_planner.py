@@ -95,6 +95,7 @@ def test_decode_strategies_in_order():
     kw = dict(device=CPU, dtype=torch.float32, cost=CostModel())
     big = plan_decode(config, 12, (32, 32), available_bytes=64 << 30, **kw)
     assert (big.strategy, big.chunk_frames, big.overlap, big.tiling) == ("one-clip", 12, 0, None)
+    assert big.frame_batch is None  # on CPU the 2D layers are batched only where a plan needs it
     one = big.activation_bytes
     # just below the unbatched line: still one clip, priced exactly with the 2D layers batched
     batched = plan_decode(config, 12, (32, 32), available_bytes=one - 1, **kw)
