@@ -61,11 +61,32 @@ def photo_pool(held_out: list[str]) -> tuple[list[torch.Tensor], list[torch.Tens
     return train, held
 
 
-def camera_clip(photo: torch.Tensor, frames: int, size: int, rng: np.random.Generator) -> torch.Tensor:
-    """A clip (frames, 3, size, size) in [0, 1]: a crop of `photo` moving along a random pan/zoom/rotation path,
-    with a little shake; sampled with bilinear grid_sample."""
-    _, h, w = photo.shape
-    base = rng.uniform(0.15, 0.9) * min(h, w)  # crop side in photo pixels
+def camera_path(h: int, w: int, frames: int, rng: np.random.Generator) -> list[list[list[float]]]:
+    """Affine grids (frames of 2x3, normalised coordinates) of a camera over an h x w photo: it pans at a constant
+    velocity (0-5 % of the crop side per frame), zooms (0.8-1.25x over the clip), turns slowly and, in a third of
+    the paths, shakes a little. Smooth like real footage: consecutive frames show nearly the same content."""
+    side = rng.uniform(0.15, 0.9) * min(h, w)  # crop side at the first frame, photo pixels
+    centre = rng.uniform(0.3, 0.7, 2) * (w, h)  # photo pixels (x, y)
+    heading = rng.uniform(0, 2 * math.pi)
+    velocity = rng.uniform(0, 0.05) * side * np.array([math.cos(heading), math.sin(heading)])
+    zoom = rng.uniform(0.8, 1.25)
+    angle0, spin = rng.uniform(-0.3, 0.3), rng.normal(0, 0.02)
+    shake = rng.uniform(0, 0.01) * side if rng.uniform() < 1 / 3 else 0.0
+    thetas = []
+    for i in range(frames):
+        cx, cy = centre + velocity * i + rng.normal(0, 1, 2) * shake
+        crop = side * zoom ** (i / max(1, frames - 1))
+        ang = angle0 + spin * i
+        sx, sy = crop / w, crop / h  # photo-pixel offsets -> normalised coordinates (the grid spans [-1, 1])
+        tx, ty = cx / w * 2 - 1, cy / h * 2 - 1
+        thetas.append([[sx * math.cos(ang), -sx * math.sin(ang), tx], [sy * math.sin(ang), sy * math.cos(ang), ty]])
+    return thetas
+
+
+def camera_path_v1(h: int, w: int, frames: int, rng: np.random.Generator) -> list[list[list[float]]]:
+    """The camera of recipes 1-3 (bundled model version 1), kept so that they reproduce: each frame's position is
+    drawn at random along the pan, so clips jump about rather than move."""
+    base = rng.uniform(0.15, 0.9) * min(h, w)
     start, end = rng.uniform(0.25, 0.75, 2), rng.uniform(0.25, 0.75, 2)
     zoom = rng.uniform(0.8, 1.25)
     angle0, spin = rng.uniform(-0.3, 0.3), rng.normal(0, 0.03)
@@ -76,10 +97,21 @@ def camera_clip(photo: torch.Tensor, frames: int, size: int, rng: np.random.Gene
         cx, cy = start + (end - start) * a * rng.uniform(0.2, 1.0) + rng.normal(0, shake, 2)
         side = base * zoom**a
         ang = angle0 + spin * i
-        sx, sy = side / w, side / h  # half-extent in normalised coordinates is side/w (grid spans [-1, 1])
+        sx, sy = side / w, side / h
         tx, ty = cx * 2 - 1, cy * 2 - 1
         thetas.append([[sx * math.cos(ang), -sy * math.sin(ang), tx], [sx * math.sin(ang), sy * math.cos(ang), ty]])
-    theta = torch.tensor(thetas, dtype=torch.float32)
+    return thetas
+
+
+CAMERAS = {"smooth": camera_path, "v1": camera_path_v1}
+
+
+def camera_clip(photo: torch.Tensor, frames: int, size: int, rng: np.random.Generator,
+                camera: str = "smooth") -> torch.Tensor:
+    """A clip (frames, 3, size, size) in [0, 1]: `photo` seen through a moving camera (CAMERAS), sampled with
+    bilinear grid_sample, maybe mirrored, with a random colour gain."""
+    _, h, w = photo.shape
+    theta = torch.tensor(CAMERAS[camera](h, w, frames, rng), dtype=torch.float32)
     grid = F.affine_grid(theta, (frames, 3, size, size), align_corners=False)
     clip = F.grid_sample(photo[None].expand(frames, -1, -1, -1), grid, mode="bilinear", padding_mode="reflection",
                          align_corners=False)
@@ -90,7 +122,7 @@ def camera_clip(photo: torch.Tensor, frames: int, size: int, rng: np.random.Gene
 
 
 def sample_clips(photos: list[torch.Tensor], batch: int, frames: int, size: int, synthetic: float,
-                 rng: np.random.Generator) -> torch.Tensor:
+                 rng: np.random.Generator, camera: str = "smooth") -> torch.Tensor:
     """(batch, frames, 3, size, size) in [-1, 1]."""
     clips = []
     for _ in range(batch):
@@ -98,7 +130,7 @@ def sample_clips(photos: list[torch.Tensor], batch: int, frames: int, size: int,
             arr = synthetic_clip(frames, size, size, seed=int(rng.integers(0, 10**6)))
             clips.append(torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0)
         else:
-            clips.append(camera_clip(photos[int(rng.integers(len(photos)))], frames, size, rng))
+            clips.append(camera_clip(photos[int(rng.integers(len(photos)))], frames, size, rng, camera))
     return (torch.stack(clips) * 2 - 1).contiguous()
 
 
@@ -185,6 +217,7 @@ def load_state(run: Path, model: VAE, opt: torch.optim.Optimizer | None) -> dict
 def train_stage(stage: str, model: VAE, recipe: dict, photos, rng, run: Path, device: torch.device,
                 start_step: int, opt_state_from: Path | None, log) -> None:
     cfg = recipe[stage]
+    camera = recipe.get("camera", "smooth")
     temporal = temporal_names(model)
     for name, p in model.named_parameters():
         p.requires_grad_((name in temporal) == (stage == "temporal"))
@@ -198,7 +231,8 @@ def train_stage(stage: str, model: VAE, recipe: dict, photos, rng, run: Path, de
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"])
         if stage == "image":
-            x = sample_clips(photos, cfg["batch"], 1, cfg["crop"], cfg["synthetic_fraction"], rng)[:, 0].to(device)
+            x = sample_clips(photos, cfg["batch"], 1, cfg["crop"], cfg["synthetic_fraction"], rng, camera)[:, 0]
+            x = x.to(device)
             post = model.encode_moments(x)
             z = post.sample(torch.Generator(device=device).manual_seed(int(rng.integers(2**31))))
             recon = model.decode(z, per_frame=True)
@@ -207,7 +241,8 @@ def train_stage(stage: str, model: VAE, recipe: dict, photos, rng, run: Path, de
             loss = l1 + cfg["ssim_weight"] * ss + cfg["kl_weight"] * kl
             extra = {"kl": kl.item()}
         else:
-            clips = sample_clips(photos, cfg["batch"], cfg["frames"], cfg["crop"], cfg["synthetic_fraction"], rng)
+            clips = sample_clips(photos, cfg["batch"], cfg["frames"], cfg["crop"], cfg["synthetic_fraction"], rng,
+                                 camera)
             x = clips.flatten(0, 1).to(device)  # (batch·frames, 3, S, S), clip-major
             with torch.no_grad():
                 z = model.encode(x)
@@ -233,8 +268,8 @@ def train_stage(stage: str, model: VAE, recipe: dict, photos, rng, run: Path, de
 
 
 @torch.no_grad()
-def latent_std(model: VAE, photos, rng, crop: int, n: int = 64) -> float:
-    x = sample_clips(photos, n, 1, crop, 0.3, rng)[:, 0]
+def latent_std(model: VAE, photos, rng, crop: int, camera: str, n: int = 64) -> float:
+    x = sample_clips(photos, n, 1, crop, 0.3, rng, camera)[:, 0]
     return model.encode(x.to(next(model.parameters()).device)).std().item()
 
 
@@ -294,7 +329,7 @@ def main() -> None:
         elif resume_here:
             load_state(run, model, None)
         state = {"stage": stage, "step": recipe[stage]["steps"]}
-    std = latent_std(model, photos, rng, recipe["image"]["crop"])
+    std = latent_std(model, photos, rng, recipe["image"]["crop"], recipe.get("camera", "smooth"))
     final = config.replace(scaling_factor=round(1.0 / std, 5), description="vaecli's bundled small SVD-family VAE")
     log({"stage": "done", "latent_std": std, "scaling_factor": final.scaling_factor})
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "final.safetensors"),

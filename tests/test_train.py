@@ -3,8 +3,10 @@
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vaecli.model.checkpoint import load_vae
@@ -33,3 +35,39 @@ def test_training_smoke_run_exports_a_working_model(tmp_path):
                            cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
     assert '"stage": "image"' not in again.stdout and '"stage": "done"' in again.stdout
+
+
+def _train_module():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train
+    finally:
+        sys.path.pop(0)
+    return train
+
+
+def test_camera_clips_move_smoothly():
+    """Training and held-out photo clips: content drifts steadily, so frames further apart differ more (the
+    version-1 camera jumped to a random point of its path every frame, which the temporal layers cannot learn)."""
+    train = _train_module()
+    photos, held = train.photo_pool(["chelsea.png", "coffee.png", "rocket.jpg"])
+    assert len(held) == 3 and len(photos) >= 20
+    rng = np.random.default_rng(0)
+    gaps = {1: [], 2: [], 4: []}
+    for k in range(24):
+        clip = train.camera_clip(photos[k % len(photos)], 9, 48, rng)
+        assert clip.shape == (9, 3, 48, 48) and 0 <= clip.min() and clip.max() <= 1
+        for g in gaps:
+            gaps[g].append((clip[g:] - clip[:-g]).abs().mean().item())
+    d1, d2, d4 = (float(np.mean(gaps[g])) for g in (1, 2, 4))
+    assert d1 < d2 < d4 and d4 > 1.5 * d1
+
+
+def test_camera_v1_recipes_still_use_the_version_1_camera():
+    train = _train_module()
+    for name in ("vaecli-small", "vaecli-small-continue", "vaecli-small-run3", "vaecli-small-run3-temporal"):
+        with open(ROOT / "configs" / "train" / f"{name}.toml", "rb") as f:
+            assert tomllib.load(f)["camera"] == "v1"
+    a = train.camera_path(300, 400, 6, np.random.default_rng(3))
+    b = train.camera_path_v1(300, 400, 6, np.random.default_rng(3))
+    assert np.asarray(a).shape == np.asarray(b).shape == (6, 2, 3) and not np.allclose(a, b)
