@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
 from vaecli.model.config import VAEConfig
@@ -19,6 +22,16 @@ def tiny_config(time_mode: str = "conv-only", **changes) -> VAEConfig:
 
 def random_vae(config: VAEConfig, seed: int = 0, attention: str = "math") -> VAE:
     return randomize_(VAE(config, AttentionBackend(attention)), seed).eval().requires_grad_(False)
+
+
+def train_script():
+    """scripts/train.py as a module (its photo pool and camera), imported without leaving scripts/ on sys.path."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    try:
+        import train
+    finally:
+        sys.path.pop(0)
+    return train
 
 
 def frames(t: int = 4, h: int = 32, w: int = 32, seed: int = 1) -> torch.Tensor:

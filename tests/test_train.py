@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from helpers import train_script
 from vaecli.model.checkpoint import load_vae
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,19 +38,10 @@ def test_training_smoke_run_exports_a_working_model(tmp_path):
     assert '"stage": "image"' not in again.stdout and '"stage": "done"' in again.stdout
 
 
-def _train_module():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import train
-    finally:
-        sys.path.pop(0)
-    return train
-
-
 def test_camera_clips_move_smoothly():
     """Training and held-out photo clips: content drifts steadily, so frames further apart differ more (the
     version-1 camera jumped to a random point of its path every frame, which the temporal layers cannot learn)."""
-    train = _train_module()
+    train = train_script()
     photos, held = train.photo_pool(["chelsea.png", "coffee.png", "rocket.jpg"])
     assert len(held) == 3 and len(photos) >= 20
     rng = np.random.default_rng(0)
@@ -64,7 +56,7 @@ def test_camera_clips_move_smoothly():
 
 
 def test_camera_v1_recipes_still_use_the_version_1_camera():
-    train = _train_module()
+    train = train_script()
     for name in ("vaecli-small", "vaecli-small-continue", "vaecli-small-run3", "vaecli-small-run3-temporal"):
         with open(ROOT / "configs" / "train" / f"{name}.toml", "rb") as f:
             assert tomllib.load(f)["camera"] == "v1"
