@@ -399,7 +399,8 @@ def run(*args, **kw):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_killed_decode_leaves_no_output(tmp_path, model, sig):
-    save_file({"latents": torch.randn(400, 4, 8, 8)}, str(tmp_path / "long.safetensors"))
+    # long enough that the decode is still running when the signal comes (400 frames could finish in 0.5 s)
+    save_file({"latents": torch.randn(4000, 4, 8, 8)}, str(tmp_path / "long.safetensors"))
     out = tmp_path / "long.mp4"
     proc = run("decode", tmp_path / "long.safetensors", "-m", model, "--fps", "24", "--chunk", "4", "-o", out,
                "--device", "cpu")
@@ -408,6 +409,7 @@ def test_killed_decode_leaves_no_output(tmp_path, model, sig):
         time.sleep(0.05)
     assert any(p.name.endswith(".partial") for p in tmp_path.iterdir()), proc.communicate()
     time.sleep(0.5)
+    assert proc.poll() is None, "the decode finished before it could be interrupted"
     proc.send_signal(sig)
     proc.communicate(timeout=120)
     assert not out.exists()
