@@ -19,7 +19,7 @@ import tomllib
 import numpy as np
 import torch
 
-from train import camera_clip, photo_pool  # scripts/ is on sys.path when run as a script
+from train import CAMERAS, camera_clip, photo_pool  # scripts/ is on sys.path when run as a script
 from vaecli.model.checkpoint import load_vae
 from vaecli.pipeline.frames import ssim
 from vaecli.pipeline.runner import flicker
@@ -50,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", help="checkpoint (default: the bundled model)")
     parser.add_argument("--recipe", default="configs/train/vaecli-small.toml")
-    parser.add_argument("--camera", default="smooth", choices=["smooth", "v1"], help="held-out photo clips' camera")
+    parser.add_argument("--camera", default="smooth", choices=sorted(CAMERAS), help="held-out photo clips' camera")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with open(args.recipe, "rb") as f:
