@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import random_vae, randomize_, tiny_config
+from vaecli.errors import UsageError
 from vaecli.model.blocks import Clips
 from vaecli.model.temporal import VideoResBlock
 from vaecli.model.vae import VAE
@@ -167,3 +168,11 @@ def test_triton_probe_falls_back_with_a_reason(monkeypatch):
     finally:
         triton_norm.status.cache_clear()
     assert norm_kernels(torch.device("cpu")) == "GroupNorm+SiLU: torch's kernels, SiLU in place"
+
+
+def test_frame_batch_below_one_is_a_usage_error_for_encode_and_decode():
+    vae = random_vae(tiny_config(), seed=14)
+    with pytest.raises(UsageError, match="frame_batch must be at least 1, got 0"):
+        vae.encode(torch.zeros(2, 3, 16, 16), frame_batch=0)
+    with pytest.raises(UsageError, match="frame_batch must be at least 1, got 0"):
+        vae.decode(torch.zeros(2, 4, 4, 4), frame_batch=0)

@@ -15,6 +15,11 @@ from vaecli.model.encoder import DiagonalGaussian, Encoder
 from vaecli.ops.attention import AttentionBackend
 
 
+def _check_frame_batch(frame_batch: int | None) -> None:
+    if frame_batch is not None and frame_batch < 1:
+        raise UsageError(f"frame_batch must be at least 1, got {frame_batch}")
+
+
 class VAE(nn.Module):
     """A KL VAE whose decoder may mix frames (SVD) or code them one by one (SD image VAE).
 
@@ -54,6 +59,7 @@ class VAE(nn.Module):
         frame_batch: encode this many frames at a time into one output (same result, lower peak memory).
         """
         self._check_frames(x, self.config.in_channels, "frames", self.config.downscale)
+        _check_frame_batch(frame_batch)
         layers = [self.encoder] + ([self.quant_conv] if self.config.quant_conv else [])
         return frame_batches(layers, x.contiguous(memory_format=torch.channels_last), frame_batch)
 
@@ -85,11 +91,10 @@ class VAE(nn.Module):
             raise UsageError(f"{frames} latent frames do not split into clips of {num_frames} frames")
         if image_only is not None and image_only.shape != (frames,):
             raise UsageError(f"image_only must have shape ({frames},), got {tuple(image_only.shape)}")
+        _check_frame_batch(frame_batch)
         z = z.contiguous(memory_format=torch.channels_last)
         if self.config.post_quant_conv:
             z = self.post_quant_conv(z)
-        if frame_batch is not None and frame_batch < 1:
-            raise UsageError(f"frame_batch must be at least 1, got {frame_batch}")
         if not self.config.is_video or per_frame:
             return self.decoder(z, Clips(num_frames, skip_video=True, frame_batch=frame_batch))
         return self.decoder(z, Clips(num_frames, image_only=image_only, frame_batch=frame_batch))
