@@ -41,6 +41,30 @@ class Clips:
     frame_batch: int | None = None
 
 
+SPATIAL_KINDS = ("conv", "resnet", "attn", "upsample", "downsample", "norm_silu")
+TEMPORAL_KINDS = ("time_stack", "time_mix", "video_attn")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a model's forward pass: `fn` maps frames (N, C, H, W) to frames, `layer` is the module it runs.
+
+    kind: what the layer computes, which the streaming executor needs to run it piece by piece —
+      per frame: "conv" (an nn.Conv2d, stride 1, padding k//2), "resnet" (a ResnetBlock's 2D path), "attn" (an
+      AttnBlock over the whole frame), "upsample", "downsample", "norm_silu" (GroupNorm then SiLU; `layer` is the
+      norm); across the frames of a clip: "time_stack" (a VideoResBlock's temporal half), "time_mix" (AE3DConv's
+      time_mix_conv), "video_attn" (a VideoBlock: spatial attention, then attention along time).
+    """
+
+    kind: str
+    layer: nn.Module
+    fn: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def per_frame(self) -> bool:
+        return self.kind in SPATIAL_KINDS
+
+
 def frame_batches(fns: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, batch: int | None
                   ) -> torch.Tensor:
     """Apply the per-frame functions `fns` in turn to frames x (N, C, H, W), `batch` frames at a time.

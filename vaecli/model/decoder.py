@@ -14,12 +14,10 @@ Which block goes where, per time mode (sgm `VideoDecoder`'s `_make_resblock`, `_
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
-
 import torch
 from torch import nn
 
-from vaecli.model.blocks import AttnBlock, Clips, ResnetBlock, Upsample, frame_batches
+from vaecli.model.blocks import AttnBlock, Clips, ResnetBlock, Stage, Upsample, frame_batches
 from vaecli.model.config import VAEConfig
 from vaecli.model.encoder import MidBlock
 from vaecli.model.temporal import AE3DConv, VideoBlock, VideoResBlock
@@ -84,22 +82,32 @@ class Decoder(nn.Module):
         else:
             self.conv_out = nn.Conv2d(cin, config.out_channels, kernel_size=3, padding=1)
 
-    def stages(self, clips: Clips | None) -> list[tuple[bool, Callable[[torch.Tensor], torch.Tensor]]]:
-        """The decoder as a flat list of (per_frame, fn): per_frame stages treat every frame alone (2D layers),
-        the others mix the frames of a clip (temporal layers). Running them in order is the forward pass."""
+    def stages(self, clips: Clips | None) -> list[Stage]:
+        """The decoder as a flat list of stages. Per-frame stages treat every frame alone (2D layers), the others
+        mix the frames of a clip (temporal layers). Running their `fn`s in order is the forward pass; the streaming
+        executor (`vaecli.model.streaming`) runs the same layers piece by piece from `kind` and `layer`."""
         temporal = clips is not None and not clips.skip_video
-        out: list[tuple[bool, Callable]] = [(True, self.conv_in)]
+        out: list[Stage] = [Stage("conv", self.conv_in, self.conv_in)]
 
         def add(layer: nn.Module) -> None:
-            if isinstance(layer, (VideoResBlock, AE3DConv)):
-                spatial = ResnetBlock.forward if isinstance(layer, VideoResBlock) else nn.Conv2d.forward
-                out.append((True, partial(spatial, layer)))
+            if isinstance(layer, VideoResBlock):
+                out.append(Stage("resnet", layer, partial(ResnetBlock.forward, layer)))
                 if temporal:
-                    out.append((False, partial(layer.temporal, clips=clips)))
+                    out.append(Stage("time_stack", layer, partial(layer.temporal, clips=clips)))
+            elif isinstance(layer, AE3DConv):
+                out.append(Stage("conv", layer, partial(nn.Conv2d.forward, layer)))
+                if temporal:
+                    out.append(Stage("time_mix", layer, partial(layer.temporal, clips=clips)))
             elif isinstance(layer, VideoBlock) and temporal:
-                out.append((False, partial(layer, clips=clips)))
-            else:  # ResnetBlock, AttnBlock, VideoBlock without clips (its AttnBlock part), Upsample, conv_out
-                out.append((True, layer))
+                out.append(Stage("video_attn", layer, partial(layer, clips=clips)))
+            elif isinstance(layer, AttnBlock):  # also a VideoBlock without clips (its AttnBlock part)
+                out.append(Stage("attn", layer, partial(AttnBlock.forward, layer)))
+            elif isinstance(layer, ResnetBlock):
+                out.append(Stage("resnet", layer, layer))
+            elif isinstance(layer, Upsample):
+                out.append(Stage("upsample", layer, layer))
+            else:
+                out.append(Stage("conv", layer, layer))
 
         for layer in (self.mid.block_1, self.mid.attn_1, self.mid.block_2):
             add(layer)
@@ -110,7 +118,7 @@ class Decoder(nn.Module):
                     add(level.attn[j])
             if hasattr(level, "upsample"):
                 add(level.upsample)
-        out.append((True, partial(norm_silu, self.norm_out)))
+        out.append(Stage("norm_silu", self.norm_out, partial(norm_silu, self.norm_out)))
         add(self.conv_out)
         return out
 
@@ -122,12 +130,12 @@ class Decoder(nn.Module):
             raise ValueError(f"{z.shape[0]} frames do not split into clips of {clips.num_frames}")
         batch = clips.frame_batch if clips is not None else None
         h, run = z, []
-        for per_frame, fn in self.stages(clips):
-            if per_frame:
-                run.append(fn)
+        for stage in self.stages(clips):
+            if stage.per_frame:
+                run.append(stage.fn)
                 continue
             h = frame_batches(run, h, batch)
             run = []
-            h = fn(h)
+            h = stage.fn(h)
         return frame_batches(run, h, batch)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
-from vaecli.model.blocks import AttnBlock, Downsample, ResnetBlock
+from vaecli.model.blocks import AttnBlock, Downsample, ResnetBlock, Stage
 from vaecli.model.config import VAEConfig
 from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.norm import norm_silu, spatial_norm
@@ -60,17 +62,27 @@ class Encoder(nn.Module):
         self.norm_out = spatial_norm(top)
         self.conv_out = nn.Conv2d(top, 2 * config.z_channels, kernel_size=3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+    def stages(self) -> list[Stage]:
+        """The encoder as a flat list of per-frame stages (see `Stage`); their `fn`s in order are the forward pass."""
+        out = [Stage("conv", self.conv_in, self.conv_in)]
         for level in self.down:
             for j, block in enumerate(level.block):
-                h = block(h)
+                out.append(Stage("resnet", block, block))
                 if len(level.attn):
-                    h = level.attn[j](h)
+                    out.append(Stage("attn", level.attn[j], level.attn[j]))
             if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(norm_silu(self.norm_out, h))
+                out.append(Stage("downsample", level.downsample, level.downsample))
+        out += [Stage("resnet", self.mid.block_1, self.mid.block_1), Stage("attn", self.mid.attn_1, self.mid.attn_1),
+                Stage("resnet", self.mid.block_2, self.mid.block_2),
+                Stage("norm_silu", self.norm_out, partial(norm_silu, self.norm_out)),
+                Stage("conv", self.conv_out, self.conv_out)]
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for stage in self.stages():
+            h = stage.fn(h)
+        return h
 
 
 class DiagonalGaussian:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from vaecli.errors import UsageError
-from vaecli.model.blocks import Clips, frame_batches
+from vaecli.model.blocks import Clips, Stage, frame_batches
 from vaecli.model.config import VAEConfig
 from vaecli.model.decoder import Decoder
 from vaecli.model.encoder import DiagonalGaussian, Encoder
+from vaecli.model.streaming import Pieces, Streamer, stream_frames
 from vaecli.ops.attention import AttentionBackend
 
 
@@ -53,28 +55,43 @@ class VAE(nn.Module):
         if x.shape[-2] % multiple or x.shape[-1] % multiple:
             raise UsageError(f"{what} height and width must be multiples of {multiple}, got {tuple(x.shape[-2:])}")
 
-    def moments(self, x: torch.Tensor, frame_batch: int | None = None) -> torch.Tensor:
+    def moments(self, x: torch.Tensor, frame_batch: int | None = None, pieces: Pieces | None = None,
+                sample_tiles: bool = False) -> torch.Tensor:
         """Frames (T, 3, H, W) in [-1, 1] -> the posterior's moments (T, 2C, H/8, W/8): mean, then log-variance.
 
         frame_batch: encode this many frames at a time into one output (same result, lower peak memory).
+        pieces: run the encoder layer by layer in exact spatial tiles (`vaecli.model.streaming`): the same
+            moments within rounding, for frames too large to encode whole (x may then live on the host).
         """
         self._check_frames(x, self.config.in_channels, "frames", self.config.downscale)
         _check_frame_batch(frame_batch)
+        if pieces is not None:
+            stages = self.encoder.stages()
+            if self.config.quant_conv:
+                stages.append(Stage("conv", self.quant_conv, self.quant_conv))
+            f = self.config.downscale
+            streamer = Streamer(pieces, self._device(), (x.shape[-2] // f, x.shape[-1] // f), sample_tiles=sample_tiles)
+            return streamer.run(stages, x.contiguous(memory_format=torch.channels_last)).gather()
         layers = [self.encoder] + ([self.quant_conv] if self.config.quant_conv else [])
         return frame_batches(layers, x.contiguous(memory_format=torch.channels_last), frame_batch)
 
-    def encode_moments(self, x: torch.Tensor, frame_batch: int | None = None) -> DiagonalGaussian:
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode_moments(self, x: torch.Tensor, frame_batch: int | None = None,
+                       pieces: Pieces | None = None) -> DiagonalGaussian:
         """Frames (T, 3, H, W) in [-1, 1] -> the posterior over latents (T, C, H/8, W/8)."""
-        return DiagonalGaussian(self.moments(x, frame_batch))
+        return DiagonalGaussian(self.moments(x, frame_batch, pieces))
 
     def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
-               frame_batch: int | None = None) -> torch.Tensor:
+               frame_batch: int | None = None, pieces: Pieces | None = None) -> torch.Tensor:
         """Frames (T, 3, H, W) in [-1, 1] -> unscaled latents (T, C, H/8, W/8): the posterior mode, or a sample."""
-        posterior = self.encode_moments(x, frame_batch)
+        posterior = self.encode_moments(x, frame_batch, pieces)
         return posterior.sample(generator) if sample else posterior.mode()
 
     def decode(self, z: torch.Tensor, num_frames: int | None = None, *, per_frame: bool = False,
-               image_only: torch.Tensor | None = None, frame_batch: int | None = None) -> torch.Tensor:
+               image_only: torch.Tensor | None = None, frame_batch: int | None = None,
+               pieces: Pieces | None = None) -> torch.Tensor:
         """Unscaled latents (T, C, h, w) -> frames (T, 3, 8h, 8w), ≈[-1, 1].
 
         num_frames: consecutive groups of this many frames are decoded as independent clips (temporal convs
@@ -82,8 +99,14 @@ class VAE(nn.Module):
         per_frame: decode every frame alone with the spatial path (the 2D decoder on the same weights).
         image_only: bool (T,), frames treated as still images (merge strategy "learned_with_images").
         frame_batch: run the 2D layers this many frames at a time (same result, lower peak memory; see `Clips`).
+        pieces: run the decoder layer by layer over frame chunks and/or spatial tiles (`decode_stream`): the same
+            frames within rounding, in a fraction of the memory.
         An image VAE (time_mode "image") always decodes frame by frame.
         """
+        if pieces is not None:
+            parts = [x for _, x in self.decode_stream(z, pieces, num_frames, per_frame=per_frame,
+                                                      image_only=image_only)]
+            return torch.cat(parts).contiguous(memory_format=torch.channels_last)
         self._check_frames(z, self.config.latent_channels, "latents")
         frames = z.shape[0]
         num_frames = frames if num_frames is None else num_frames
@@ -98,6 +121,35 @@ class VAE(nn.Module):
         if not self.config.is_video or per_frame:
             return self.decoder(z, Clips(num_frames, skip_video=True, frame_batch=frame_batch))
         return self.decoder(z, Clips(num_frames, image_only=image_only, frame_batch=frame_batch))
+
+    def decode_stream(self, z: torch.Tensor, pieces: Pieces, num_frames: int | None = None, *,
+                      per_frame: bool = False, image_only: torch.Tensor | None = None, check_finite: bool = False,
+                      out_chunk: int | None = None, sample_tiles: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+        """Decode exactly like `decode`, layer by layer over `pieces` (`vaecli.model.streaming`); yields
+        (first frame, frames (n, 3, 8h, 8w)) in order, `out_chunk` frames at a time (default: pieces.frames).
+
+        z may live on the host (with pieces.park the clip's activations stay there too). check_finite: raise
+        `NonFiniteActivation` as soon as a half-precision piece holds inf/NaN. sample_tiles: memory traces only
+        (see `Streamer`).
+        """
+        self._check_frames(z, self.config.latent_channels, "latents")
+        frames = z.shape[0]
+        num_frames = frames if num_frames is None else num_frames
+        if num_frames < 1 or frames % num_frames:
+            raise UsageError(f"{frames} latent frames do not split into clips of {num_frames} frames")
+        if image_only is not None and image_only.shape != (frames,):
+            raise UsageError(f"image_only must have shape ({frames},), got {tuple(image_only.shape)}")
+        skip = not self.config.is_video or per_frame
+        stages = self.decoder.stages(Clips(num_frames, skip_video=skip))
+        if self.config.post_quant_conv:
+            stages.insert(0, Stage("conv", self.post_quant_conv, self.post_quant_conv))
+        streamer = Streamer(pieces, self._device(), (z.shape[-2], z.shape[-1]), check_finite, sample_tiles)
+        for start in range(0, frames, num_frames):
+            flags = None if image_only is None else image_only[start:start + num_frames]
+            store = streamer.run(stages, z[start:start + num_frames].contiguous(memory_format=torch.channels_last),
+                                 flags)
+            for first, x in stream_frames(store, out_chunk or pieces.frames):
+                yield start + first, x
 
     def forward(self, x: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         """Reconstruct frames: decode(encode(x)) with the posterior mode."""

@@ -1,0 +1,652 @@
+"""Exact streaming execution: the decoder (and encoder) run layer by layer over pieces of a clip.
+
+One-clip decoding holds every intermediate of the whole clip at once. Here the clip's activation between two
+stages is kept once (`FrameStore`: frames on the compute device, or parked in host memory) and every stage runs
+over it in **pieces** — frame chunks, spatial tiles, or both (`Pieces`) — so the memory is the stored clip plus
+one piece's work. The result equals the one-clip decode up to rounding, because every piece sees what the
+one-clip computation sees:
+
+- per-frame (2D) stages on whole frames are exact in frame chunks as they are; consecutive per-frame stages run
+  as one chain per chunk, so nothing between two temporal stages is stored for the whole clip;
+- in spatial tiles, a piece reads a halo around its tile (1 pixel per 3x3 conv, taken at the lower resolution for
+  `Upsample`, 2 for a ResnetBlock's two convs), computes on the enlarged region, whose convolutions zero-pad only
+  where the region meets the frame's edge, and keeps its tile;
+- every GroupNorm normalises with the statistics of everything it normalises in one-clip decoding (spatial norms:
+  the whole frame; temporal norms: the whole clip), gathered in a pass over the pieces before the pass that
+  applies them: each piece contributes its count, mean and sum of squared deviations about its own mean, in fp32,
+  combined exactly in fp64 (Chan et al.: M2 = Σ M2_i + Σ n_i (mean_i - mean)²) — the clip's variance about the
+  global mean, not a mean of per-piece variances;
+- temporal (k, 1, 1) convolutions read k//2 frames of halo on each side. A `time_stack` whose second norm needs
+  the statistics of its first convolution's output recomputes that convolution per piece (cheaper than storing a
+  second clip-sized tensor): pass 1 gathers the input's statistics, pass 2 computes conv1 for statistics, pass 3
+  computes conv1 again (2 frames of halo) and the block's output;
+- attention runs per frame over the whole frame (the mid block is at the latent resolution), and a VideoBlock's
+  attention along time runs per pixel tile over all frames (tokens are independent across pixels).
+
+Temporal stages write their output in place (the input frames a later piece still needs as halo are kept aside
+first); per-frame stages write new frames and drop the old ones chunk by chunk.
+
+Layouts: frames are `(N, C, H, W)` channels-last (memory order N, H, W, C); temporal pieces are viewed as
+`(1, t, H, W, C)` for `vaecli.ops.conv.temporal_conv` without copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from vaecli.model.blocks import Stage, pointwise
+from vaecli.model.temporal import blend_alpha, frame_embedding
+from vaecli.ops.conv import temporal_conv
+
+CL = torch.channels_last
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """How a streaming run cuts the clip. Per-frame (2D) stages and temporal stages are cut separately: a 2D
+    stage costs memory per whole frame, a temporal stage per pixel across frames (and needs no spatial halo).
+
+    frames: frames per chunk of the per-frame stages.
+    tile: their tile side in latent pixels (None: whole frames). A stage whose output is s times the latent size
+        uses tiles of s·tile pixels, so every level is cut the same way.
+    time_frames: frames per piece of the temporal stages (None: all frames of the clip, no frame halo).
+    time_tile: their tile side in latent pixels (None: whole frames).
+    park: keep the clip's activation between stages in host memory (pinned on CUDA); pieces are copied to the
+        device, computed and copied back.
+    """
+
+    frames: int
+    tile: int | None = None
+    time_frames: int | None = None
+    time_tile: int | None = None
+    park: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("frames", "tile", "time_frames", "time_tile"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"Pieces.{name} must be at least 1, got {value}")
+
+    def describe(self) -> str:
+        def cut(frames, tile):
+            f = "all frames" if frames is None else f"{frames} frame{'s' if frames != 1 else ''}"
+            return f + (f" x {tile}x{tile} latent px tiles" if tile else " (whole frames)")
+        return (f"2D layers {cut(self.frames, self.tile)}; temporal layers {cut(self.time_frames, self.time_tile)}"
+                + ("; clip parked in host memory" if self.park else ""))
+
+
+class NonFiniteActivation(ArithmeticError):
+    """A piece computed in half precision holds inf/NaN (the caller redoes the work in a wider dtype)."""
+
+
+# ----------------------------------------------------------------------------------------------- storage
+
+
+class FrameStore:
+    """The activation of a clip between two stages: `count` frames, each `(1, C, H, W)` channels-last.
+
+    Frames live on `device`, or in host memory when `park` (pinned for CUDA). Frames written together are kept
+    as one tensor (`blocks`), so reading them back whole is a view. On the meta device a parked store keeps only
+    shapes (a trace then counts what the device holds, not the host).
+    """
+
+    def __init__(self, count: int, device: torch.device, park: bool = False):
+        self.count = count
+        self.device = device
+        self.park = park  # on a CPU device parked frames are separate host copies (the planner never asks for it)
+        self.frames: list[torch.Tensor | None] = [None] * count
+        self._block_of: list[tuple[int, torch.Tensor] | None] = [None] * count
+        self._shapes: list[tuple | None] = [None] * count  # parked stores on meta: shapes only
+
+    @property
+    def _shadow(self) -> bool:
+        return self.park and self.device.type == "meta"
+
+    def __len__(self) -> int:
+        return self.count
+
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the stored frames."""
+        first = self._shapes[0] if self._shadow else self.frames[0].shape[1:]
+        return tuple(first[-3:])
+
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def put(self, start: int, block: torch.Tensor) -> None:
+        """Store frames [start, start + n) from `block` (n, C, H, W) (any device; copied to the store's place)."""
+        n = block.shape[0]
+        self._dtype = block.dtype
+        if self._shadow:
+            for i in range(n):
+                self._shapes[start + i] = tuple(block.shape[1:])
+                self.frames[start + i] = None
+            return
+        if self.park:
+            n, c, h, w = block.shape
+            host = torch.empty((n, h, w, c), dtype=block.dtype, pin_memory=self.device.type == "cuda")
+            host = host.permute(0, 3, 1, 2)  # (n, C, H, W), channels-last
+            host.copy_(block)
+            block = host
+        else:
+            block = block.to(self.device).contiguous(memory_format=CL)
+        for i in range(n):
+            self.frames[start + i] = block[i:i + 1]
+            self._block_of[start + i] = (start, block)
+
+    def allocate(self, channels: int, height: int, width: int, dtype: torch.dtype) -> None:
+        """Empty frames of (C, H, W), one tensor per frame, to be filled region by region with `write`."""
+        self._dtype = dtype
+        for i in range(self.count):
+            if self._shadow:
+                self._shapes[i] = (channels, height, width)
+                continue
+            if self.park:
+                frame = torch.empty((1, height, width, channels), dtype=dtype, pin_memory=self.device.type == "cuda")
+                frame = frame.permute(0, 3, 1, 2)  # (1, C, H, W), channels-last
+            else:
+                frame = torch.empty((1, channels, height, width), dtype=dtype, device=self.device, memory_format=CL)
+            self.frames[i] = frame
+            self._block_of[i] = (i, frame)
+
+    def subset(self, start: int, end: int) -> "FrameStore":
+        """A store of frames [start, end) sharing this store's tensors."""
+        sub = FrameStore(end - start, self.device, self.park)
+        sub.frames = self.frames[start:end]
+        sub._block_of = [None] * (end - start)
+        sub._shapes = self._shapes[start:end]
+        sub._dtype = self._dtype
+        return sub
+
+    def adopt(self, start: int, other: "FrameStore") -> None:
+        """Take the frames of `other` as frames [start, start + len(other)) (no copy)."""
+        self._dtype = other._dtype
+        for i in range(len(other)):
+            self.frames[start + i] = other.frames[i]
+            self._block_of[start + i] = None
+            self._shapes[start + i] = other._shapes[i]
+
+    def drop(self, start: int, end: int) -> None:
+        """Forget frames [start, end) (their memory goes once no other frame shares their block)."""
+        for i in range(start, end):
+            self.frames[i] = None
+            self._block_of[i] = None
+
+    def read(self, start: int, end: int, rows: slice = slice(None), cols: slice = slice(None),
+             stash: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Frames [start, end), region rows × cols, as one `(n, C, h, w)` channels-last tensor on the device.
+
+        stash: frames to read instead of the stored ones (their values before an in-place update)."""
+        whole = rows == slice(None) and cols == slice(None)
+        if self._shadow:
+            c, h, w = self._shapes[start]
+            h = len(range(h)[rows])
+            w = len(range(w)[cols])
+            return torch.empty((end - start, c, h, w), dtype=self._dtype, device=self.device, memory_format=CL)
+        if whole and not self.park and not (stash and any(start <= i < end for i in stash)):
+            first = self._block_of[start]
+            if first is not None and all(self._block_of[i] is not None and self._block_of[i][1] is first[1]
+                                         for i in range(start, end)):
+                base, block = first
+                return block[start - base:end - base]  # a view: no copy
+        parts = [(stash[i] if stash and i in stash else self.frames[i])[:, :, rows, cols] for i in range(start, end)]
+        out = torch.empty((end - start, *parts[0].shape[1:]), dtype=parts[0].dtype, device=self.device,
+                          memory_format=CL)
+        for j, part in enumerate(parts):
+            out[j:j + 1].copy_(part)
+        return out
+
+    def write(self, start: int, block: torch.Tensor, rows: slice = slice(None), cols: slice = slice(None)) -> None:
+        """Write `block` (n, C, h, w) into the region rows × cols of stored frames [start, start + n)."""
+        if self._shadow:
+            return
+        for j in range(block.shape[0]):
+            self.frames[start + j][:, :, rows, cols].copy_(block[j:j + 1])
+
+    def original(self, start: int, end: int, stash: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Frames [start, end) as they are before an in-place update overwrites them: from `stash` (frames kept
+        earlier) or copied."""
+        if self._shadow:
+            return {}
+        return {i: stash[i] if i in stash else self.frames[i].clone()
+                for i in range(max(0, start), min(self.count, end))}
+
+    def gather(self) -> torch.Tensor:
+        """All frames as one `(T, C, H, W)` tensor on the store's place (host when parked)."""
+        if self._shadow:
+            return torch.empty((self.count, *self._shapes[0]), dtype=self._dtype, device="meta")
+        if not self.park:
+            return self.read(0, self.count)
+        return torch.cat(self.frames).contiguous(memory_format=CL)
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+class Moments:
+    """GroupNorm statistics gathered piece by piece: count, mean and M2 (sum of squared deviations), fp64.
+
+    per_frame: statistics per frame (spatial norms: shape (n, G)) or over all frames (temporal: shape (1, G)).
+    Each piece adds its own mean and M2 about that mean (fp32 on the device); pieces combine exactly.
+    """
+
+    def __init__(self, groups: int, per_frame: bool):
+        self.groups, self.per_frame = groups, per_frame
+        self.rows: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # per frame: count, mean, M2
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, frame: int = 0) -> None:
+        """x: a piece (n, C, h, w); for per-frame statistics its frames are frames frame..frame+n of the chunk."""
+        n, c, h, w = x.shape
+        g = self.groups
+        pixels = x.float().permute(0, 2, 3, 1).reshape(n, h * w, g, c // g)  # (frame, pixel, group, channel)
+        if self.per_frame:
+            var, mean = torch.var_mean(pixels, dim=(1, 3), correction=0)  # (n, G)
+            count = h * w * (c // g)
+        else:
+            var, mean = torch.var_mean(pixels, dim=(0, 1, 3), correction=0)
+            var, mean = var[None], mean[None]  # (1, G)
+            count = n * h * w * (c // g)
+        mean, m2 = mean.double(), var.double() * count
+        if self.per_frame:
+            self._add_rows(frame, n, count, mean, m2)
+            return
+        if self.mean is None:
+            self.count, self.mean, self.m2 = count, mean, m2
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
+        self.count = total
+
+    def _add_rows(self, frame: int, n: int, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        for j in range(n):
+            key = frame + j
+            if key not in self.rows:
+                self.rows[key] = (count, mean[j], m2[j])
+                continue
+            n0, mean0, m20 = self.rows[key]
+            total = n0 + count
+            delta = mean[j] - mean0
+            self.rows[key] = (total, mean0 + delta * (count / total), m20 + m2[j] + delta * delta * (n0 * count / total))
+
+    def affine(self, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), fp32 (n or 1, C, 1, 1): norm(x) = x·scale + shift with these statistics."""
+        if self.per_frame:
+            keys = sorted(self.rows)
+            mean = torch.stack([self.rows[k][1] for k in keys])
+            count = torch.tensor([float(self.rows[k][0]) for k in keys], dtype=torch.float64,
+                                 device=mean.device)[:, None]
+            m2 = torch.stack([self.rows[k][2] for k in keys])
+        else:
+            count, mean, m2 = float(self.count), self.mean, self.m2
+        rstd = torch.rsqrt(m2 / count + norm.eps)  # (n, G)
+        per_group = norm.num_channels // norm.num_groups
+        rstd = rstd.repeat_interleave(per_group, dim=1)
+        mean = mean.repeat_interleave(per_group, dim=1)
+        weight = norm.weight.double() if norm.weight is not None else torch.ones_like(rstd[0])
+        bias = norm.bias.double() if norm.bias is not None else torch.zeros_like(rstd[0])
+        scale = rstd * weight
+        shift = bias - mean * scale
+        return scale.float()[:, :, None, None], shift.float()[:, :, None, None]
+
+
+def affine_silu(x: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """silu(x·scale + shift) in fp32, returned in x's dtype, channels-last (a GroupNorm with given statistics)."""
+    scale, shift = affine
+    y = torch.addcmul(shift, x, scale) if x.dtype == torch.float32 else torch.addcmul(shift, x.float(), scale)
+    y = F.silu(y, inplace=True)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+
+
+def spans(length: int, size: int | None) -> list[tuple[int, int]]:
+    """[start, end) pieces of `size` covering [0, length) without overlap (the whole length when size is None)."""
+    if size is None or size >= length:
+        return [(0, length)]
+    return [(s, min(s + size, length)) for s in range(0, length, size)]
+
+
+def grown(start: int, end: int, halo: int, length: int) -> tuple[int, int]:
+    """[start - halo, end + halo) clipped to [0, length)."""
+    return max(0, start - halo), min(length, end + halo)
+
+
+def temporal(x: torch.Tensor, conv: nn.Conv3d, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A (k, 1, 1) Conv3d along the frames of a piece (t, C, h, w), zero-padded at the piece's ends."""
+    clip = x.permute(0, 2, 3, 1)[None]  # (t, C, h, w) channels-last -> (1, t, h, w, C), a view
+    out = temporal_conv(clip, conv.weight, conv.bias, scale=scale)
+    return out[0].permute(0, 3, 1, 2)  # (t, C, h, w) channels-last, a view
+
+
+# ----------------------------------------------------------------------------------------------- the executor
+
+
+class Streamer:
+    """Runs stages over a `FrameStore` in pieces. `latent_hw`: the latent size (tiles scale from it).
+
+    check_finite: raise `NonFiniteActivation` when a half-precision piece holds inf/NaN.
+    sample_tiles: for memory traces on the meta device: visit only the first (largest) tile of every tile loop,
+        and compute only the first, second-to-last and last frame chunks (the others' outputs are allocated, not
+        computed). Tiles are computed one after another into storage allocated before the loop, so the largest
+        sets the peak; across chunks the stored bytes change linearly, so the peak is at one of those chunks. A
+        trace then takes a fraction of the time; the full trace is the tests' oracle.
+    """
+
+    def __init__(self, pieces: Pieces, device: torch.device, latent_hw: tuple[int, int], check_finite: bool = False,
+                 sample_tiles: bool = False):
+        self.pieces = pieces
+        self.device = device
+        self.latent_h = latent_hw[0]
+        self.check_finite = check_finite
+        self.sample_tiles = sample_tiles
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+
+    def tiles(self, height: int, width: int, tile: int | None) -> list[tuple[slice, slice, int, int, int, int]]:
+        """Non-overlapping tiles of a (height, width) plane: (rows, cols, y0, y1, x0, x1); `tile` in latent px."""
+        if tile is None:
+            return [(slice(None), slice(None), 0, height, 0, width)]
+        side = max(1, tile * height // self.latent_h)  # the same cut at every level
+        out = []
+        for y0, y1 in spans(height, side):
+            for x0, x1 in spans(width, side):
+                out.append((slice(y0, y1), slice(x0, x1), y0, y1, x0, x1))
+        return out[:1] if self.sample_tiles else out
+
+    def checked(self, x: torch.Tensor) -> torch.Tensor:
+        if self.check_finite and x.dtype != torch.float32 and x.device.type != "meta" and not bool(torch.isfinite(x).all()):
+            raise NonFiniteActivation("inf/NaN in a half-precision piece")
+        return x
+
+    def chunks(self, count: int) -> list[tuple[int, int]]:
+        """Frame chunks of the per-frame stages."""
+        return spans(count, self.pieces.frames)
+
+    def time_chunks(self, count: int) -> list[tuple[int, int]]:
+        """Frame pieces of the temporal stages."""
+        return spans(count, self.pieces.time_frames)
+
+    def time_tiles(self, height: int, width: int) -> list[tuple[slice, slice, int, int, int, int]]:
+        return self.tiles(height, width, self.pieces.time_tile)
+
+    # -- per-frame stages --------------------------------------------------------------------------------------
+
+    def spatial(self, stages: list[Stage], store: FrameStore) -> FrameStore:
+        """Run consecutive per-frame stages over the clip, chunk by chunk; returns the new clip store.
+
+        Whole frames: the stages run as one chain on each chunk. Tiles: each stage runs tile by tile over the
+        chunk (its output for the chunk kept where the clip is kept), with halos and whole-frame statistics."""
+        out = FrameStore(len(store), self.device, self.pieces.park)
+        chunks = self.chunks(len(store))
+        shape = None
+        for k, (a, b) in enumerate(chunks):
+            if shape is not None and not self.computed(k, len(chunks)):  # a trace: allocate, do not compute
+                store.drop(a, b)
+                out.put(a, torch.empty((b - a, *shape), dtype=dtype, device=self.device, memory_format=CL))
+                continue
+            if self.pieces.tile is None:
+                x = store.read(a, b)
+                store.drop(a, b)
+                for stage in stages:
+                    x = self.checked(stage.fn(x))
+                shape, dtype = x.shape[1:], x.dtype
+                out.put(a, x)
+                del x
+            else:
+                part = store.subset(a, b)
+                store.drop(a, b)
+                for stage in stages:
+                    part = self.tiled_stage(stage, part)
+                shape, dtype = part.shape(), part.dtype()
+                out.adopt(a, part)
+                del part
+        return out
+
+    def computed(self, k: int, n: int) -> bool:
+        """Whether chunk k of n is computed (always, except in sampled traces: see `sample_tiles`)."""
+        return not self.sample_tiles or k in (0, n - 2, n - 1)
+
+    def tiled_stage(self, stage: Stage, src: FrameStore) -> FrameStore:
+        n = len(src)
+        c, height, width = src.shape()
+        layer = stage.layer
+        if stage.kind == "attn":  # whole frames
+            dst = FrameStore(n, self.device, self.pieces.park)
+            for i in range(n):
+                dst.put(i, self.checked(stage.fn(src.read(i, i + 1))))
+            return dst
+        if stage.kind == "upsample":
+            out_h, out_w, out_c = 2 * height, 2 * width, layer.conv.out_channels
+        elif stage.kind == "downsample":
+            out_h, out_w, out_c = height // 2, width // 2, layer.conv.out_channels
+        elif stage.kind == "resnet":
+            out_h, out_w, out_c = height, width, layer.out_channels
+        elif stage.kind == "norm_silu":
+            out_h, out_w, out_c = height, width, c
+        elif stage.kind == "conv":
+            out_h, out_w, out_c = height, width, layer.out_channels
+        else:
+            raise ValueError(f"no tiled implementation for stage kind {stage.kind!r}")
+        dst = FrameStore(n, self.device, self.pieces.park)
+        dst.allocate(out_c, out_h, out_w, src.dtype())
+        tiles = self.tiles(out_h, out_w, self.pieces.tile)
+
+        def region(y0, y1, x0, x1, halo):
+            """The input region for output [y0, y1) × [x0, x1) grown by `halo` (output pixels of a stride-1 stage)."""
+            ry0, ry1 = grown(y0, y1, halo, height)
+            rx0, rx1 = grown(x0, x1, halo, width)
+            return ry0, ry1, rx0, rx1
+
+        if stage.kind == "norm_silu":
+            stats = self.frame_moments(src, layer)
+            for rows, cols, *_ in tiles:
+                dst.write(0, self.checked(affine_silu(src.read(0, n, rows, cols), stats)), rows, cols)
+        elif stage.kind == "conv":
+            halo = layer.kernel_size[0] // 2
+            for rows, cols, y0, y1, x0, x1 in tiles:
+                ry0, ry1, rx0, rx1 = region(y0, y1, x0, x1, halo)
+                y = nn.Conv2d.forward(layer, src.read(0, n, slice(ry0, ry1), slice(rx0, rx1)))
+                dst.write(0, self.checked(y[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0]), rows, cols)
+                del y  # (every tile loop frees its piece before the next one is computed)
+        elif stage.kind == "upsample":
+            for rows, cols, y0, y1, x0, x1 in tiles:
+                # output rows [y0, y1) read upsampled rows [y0 - 1, y1 + 1): input rows [(y0-1)//2, ceil((y1+1)/2))
+                ry0, ry1 = max(0, (y0 - 1) // 2), min(height, (y1 + 2) // 2)
+                rx0, rx1 = max(0, (x0 - 1) // 2), min(width, (x1 + 2) // 2)
+                y = layer(src.read(0, n, slice(ry0, ry1), slice(rx0, rx1)))  # rows [2·ry0, 2·ry1)
+                dst.write(0, self.checked(y[:, :, y0 - 2 * ry0:y1 - 2 * ry0, x0 - 2 * rx0:x1 - 2 * rx0]), rows, cols)
+                del y
+        elif stage.kind == "downsample":
+            for rows, cols, y0, y1, x0, x1 in tiles:
+                # output row i reads input rows 2i..2i+2; the row past the bottom (and column past the right) is the
+                # block's own zero padding
+                ry1, rx1 = min(height, 2 * y1 + 1), min(width, 2 * x1 + 1)
+                part = src.read(0, n, slice(2 * y0, ry1), slice(2 * x0, rx1))
+                part = F.pad(part, (0, 2 * x1 + 1 - rx1, 0, 2 * y1 + 1 - ry1))
+                dst.write(0, self.checked(layer.conv(part)), rows, cols)
+                del part
+        else:  # resnet: norm1 statistics of x, norm2 statistics of conv1's output (computed, then recomputed)
+            s1 = self.frame_moments(src, layer.norm1)
+            m2 = Moments(layer.norm2.num_groups, per_frame=True)
+            for rows, cols, y0, y1, x0, x1 in tiles:
+                ry0, ry1, rx0, rx1 = region(y0, y1, x0, x1, 1)
+                h = layer.conv1(affine_silu(src.read(0, n, slice(ry0, ry1), slice(rx0, rx1)), s1))
+                m2.add(h[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0])
+                del h
+            s2 = m2.affine(layer.norm2)
+            for rows, cols, y0, y1, x0, x1 in tiles:
+                ry0, ry1, rx0, rx1 = region(y0, y1, x0, x1, 2)
+                x = src.read(0, n, slice(ry0, ry1), slice(rx0, rx1))
+                h = layer.conv2(affine_silu(layer.conv1(affine_silu(x, s1)), s2))
+                if layer.in_channels != layer.out_channels:
+                    x = pointwise(layer.nin_shortcut, x)
+                y = h.add_(x)[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0]
+                del x
+                dst.write(0, self.checked(y), rows, cols)
+                del h, y
+        return dst
+
+    def frame_moments(self, src: FrameStore, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame statistics of a chunk store, gathered tile by tile, as (scale, shift)."""
+        n = len(src)
+        _, height, width = src.shape()
+        moments = Moments(norm.num_groups, per_frame=True)
+        for rows, cols, *_ in self.tiles(height, width, self.pieces.tile):
+            moments.add(src.read(0, n, rows, cols))
+        return moments.affine(norm)
+
+    # -- temporal stages ---------------------------------------------------------------------------------------
+
+    def clip_moments(self, store: FrameStore, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Statistics of the whole clip (a temporal GroupNorm), gathered piece by piece."""
+        _, height, width = store.shape()
+        moments = Moments(norm.num_groups, per_frame=False)
+        chunks = self.time_chunks(len(store))
+        for a, b in [c for k, c in enumerate(chunks) if self.computed(k, len(chunks))]:
+            for rows, cols, *_ in self.time_tiles(height, width):
+                moments.add(store.read(a, b, rows, cols))
+        return moments.affine(norm)
+
+    def time_stack(self, store: FrameStore, block: nn.Module, alpha_frames: torch.Tensor | None) -> None:
+        """A VideoResBlock's temporal half, in place: x + α·conv2(silu(norm2(conv1(silu(norm1(x)))))) per clip.
+
+        alpha_frames: α per frame (T,) where frames are flagged as images, else None (the block's α)."""
+        stack = block.time_stack
+        norm1, conv1 = stack.in_layers[0], stack.in_layers[2]
+        norm2, conv2 = stack.out_layers[0], stack.out_layers[3]
+        count = len(store)
+        _, height, width = store.shape()
+        halo = conv1.weight.shape[2] // 2
+        tiles = self.time_tiles(height, width)
+        s1 = self.clip_moments(store, norm1)
+        moments = Moments(norm2.num_groups, per_frame=False)
+        chunks = self.time_chunks(count)
+        for k, (a, b) in enumerate(chunks):
+            lo, hi = grown(a, b, halo, count)
+            for rows, cols, *_ in (tiles if self.computed(k, len(chunks)) else []):
+                h = temporal(affine_silu(store.read(lo, hi, rows, cols), s1), conv1)
+                moments.add(h[a - lo:b - lo])
+                del h
+        s2 = moments.affine(norm2)
+        scalar = None
+        if alpha_frames is None:
+            dtype = store.dtype()
+            scalar = blend_alpha(block.mix_factor, block.merge_strategy).to(dtype)
+        stash: dict[int, torch.Tensor] = {}
+        for k, (a, b) in enumerate(chunks):
+            keep = store.original(b - 2 * halo, b, stash) if b < count else {}
+            lo2, hi2 = grown(a, b, 2 * halo, count)
+            lo1, hi1 = grown(a, b, halo, count)
+            for rows, cols, *_ in (tiles if self.computed(k, len(chunks)) else []):
+                x = store.read(lo2, hi2, rows, cols, stash)
+                h = temporal(affine_silu(x, s1), conv1)[lo1 - lo2:hi1 - lo2]
+                g = affine_silu(h, s2)
+                del h
+                if scalar is not None:
+                    u = temporal(g, conv2, scale=scalar)[a - lo1:b - lo1]
+                else:
+                    u = temporal(g, conv2)[a - lo1:b - lo1] * alpha_frames[a:b].to(g)[:, None, None, None]
+                store.write(a, self.checked(u.add_(x[a - lo2:b - lo2])), rows, cols)
+                del x, g, u
+            stash = keep
+
+    def time_mix(self, store: FrameStore, layer: nn.Module) -> None:
+        """AE3DConv's time_mix_conv over the clip, in place (no residual)."""
+        conv = layer.time_mix_conv
+        count = len(store)
+        _, height, width = store.shape()
+        halo = conv.weight.shape[2] // 2
+        stash: dict[int, torch.Tensor] = {}
+        chunks = self.time_chunks(count)
+        for k, (a, b) in enumerate(chunks):
+            keep = store.original(b - halo, b, stash) if b < count else {}
+            lo, hi = grown(a, b, halo, count)
+            for rows, cols, *_ in (self.time_tiles(height, width) if self.computed(k, len(chunks)) else []):
+                y = temporal(store.read(lo, hi, rows, cols, stash), conv)[a - lo:b - lo]
+                store.write(a, self.checked(y), rows, cols)
+                del y
+            stash = keep
+
+    def video_attn(self, store: FrameStore, block: nn.Module, alpha_frames: torch.Tensor | None) -> None:
+        """A VideoBlock, in place: spatial attention per frame (stored for the clip), then attention along time per
+        pixel tile over all frames, blended and projected."""
+        count = len(store)
+        _, height, width = store.shape()
+        attended = FrameStore(count, self.device, self.pieces.park)
+        for a, b in self.chunks(count):
+            attended.put(a, self.checked(block.attend(store.read(a, b))))
+        frames = torch.arange(count, device=self.device)
+        emb = block.video_time_embed(frame_embedding(frames, block.channels).to(store.dtype()))  # (T, C)
+        if alpha_frames is None:
+            alpha = blend_alpha(block.mix_factor, block.merge_strategy).to(store.dtype())
+        else:
+            alpha = alpha_frames.to(device=self.device, dtype=store.dtype())[:, None, None]  # (T, 1, 1)
+        for rows, cols, y0, y1, x0, x1 in self.time_tiles(height, width):
+            x = store.read(0, count, rows, cols)
+            h = rearrange(attended.read(0, count, rows, cols), "n c h w -> n (h w) c")
+            mixed = block.time_mix_block(h + emb[:, None, :], count)
+            h = alpha * h + (1.0 - alpha) * mixed
+            del mixed
+            out = block.project(rearrange(h, "n (h w) c -> n c h w", h=y1 - y0, w=x1 - x0).contiguous(memory_format=CL), x)
+            del h, x
+            store.write(0, self.checked(out), rows, cols)
+            del out
+
+    # -- whole runs --------------------------------------------------------------------------------------------
+
+    def run(self, stages: list[Stage], x: torch.Tensor, image_only: torch.Tensor | None = None) -> FrameStore:
+        """Run `stages` over the clip x (T, C, H, W) (on the device or the host); returns the output store."""
+        store = FrameStore(x.shape[0], self.device, self.pieces.park)
+        store.put(0, x)
+        del x
+        run: list[Stage] = []
+        for stage in stages + [None]:
+            if stage is not None and stage.per_frame:
+                run.append(stage)
+                continue
+            if run:
+                store = self.spatial(run, store)
+                run = []
+            if stage is None:
+                break
+            alpha_frames = self.image_alpha(stage, image_only)
+            if stage.kind == "time_stack":
+                self.time_stack(store, stage.layer, alpha_frames)
+            elif stage.kind == "time_mix":
+                self.time_mix(store, stage.layer)
+            elif stage.kind == "video_attn":
+                self.video_attn(store, stage.layer, alpha_frames)
+            else:
+                raise ValueError(f"unknown stage kind {stage.kind!r}")
+        return store
+
+    def image_alpha(self, stage: Stage, image_only: torch.Tensor | None) -> torch.Tensor | None:
+        """α per frame for "learned_with_images" blocks when frames are flagged as images, else None."""
+        layer = stage.layer
+        if image_only is None or getattr(layer, "merge_strategy", None) != "learned_with_images":
+            return None
+        alpha = blend_alpha(layer.mix_factor, layer.merge_strategy)
+        flags = image_only.to(device=alpha.device, dtype=torch.bool).reshape(-1)
+        value = 0.0 if stage.kind == "time_stack" else 1.0  # images take the spatial branch of both blends
+        return torch.where(flags, torch.full_like(alpha, value), alpha)
+
+
+def stream_frames(store: FrameStore, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """The store's frames in order, `chunk` at a time, as (start, (n, C, H, W)); each is dropped once handed out."""
+    for a, b in spans(len(store), chunk):
+        x = store.read(a, b) if not store.park or store._shadow else torch.cat(store.frames[a:b])
+        store.drop(a, b)
+        yield a, x
+
