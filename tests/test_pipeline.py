@@ -236,7 +236,7 @@ def test_chunked_decode_equals_independent_clips(tmp_path, model):
     dec = json_lines(ok("decode", lat, "-m", model, "--chunk", 3, "--overlap", 0, "-o", f"{tmp_path}/chunks/",
                         "--json"))[0]
     plan = dec["plan"]
-    assert (plan["strategy"], plan["chunk_frames"], plan["overlap"], plan["tiles"]) == ("windows", 3, 0, None)
+    assert (plan["strategy"], plan["chunk_frames"], plan["overlap"], plan["exact"]) == ("windows", 3, 0, False)
     vae = load_vae(model)
     z = safe_open(str(lat), "pt").get_tensor("latents") / CONFIG.scaling_factor
     with torch.no_grad():

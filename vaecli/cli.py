@@ -42,12 +42,14 @@ OverwriteOpt = Annotated[bool, typer.Option(help="Replace existing outputs.")]
 SkipOpt = Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose output exists (resume a batch).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary on stderr.")]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
-    help="Memory budget on the device, weights included (512MiB, 8GiB); default: what is free.")]
+    help="Memory ceiling, weights included (512MiB, 8GiB); default: what is free on CUDA, half the available "
+         "memory on CPU.")]
 ChunkOpt = Annotated[Optional[int], typer.Option(
-    help="Decode windows of N frames (0 = one clip; default: planned from free memory).")]
+    help="Force approximate windows of N frames (0 = one clip; default: an exact plan).")]
 OverlapOpt = Annotated[Optional[int], typer.Option(
-    help="Frames shared by neighbouring windows, cross-faded (0 = hard cuts as sgm's decoding_t).")]
-TileOpt = Annotated[Optional[int], typer.Option(help="Decode in square tiles of N latent pixels.")]
+    help="Frames shared by forced windows, cross-faded (0 = hard cuts as sgm's decoding_t).")]
+TileOpt = Annotated[Optional[int], typer.Option(
+    help="Force exact streaming in square tiles of N latent pixels (default: planned).")]
 
 
 def _debug(ctx: typer.Context | None) -> bool:
@@ -352,8 +354,8 @@ def _check_windows(chunk: int | None, overlap: int | None, tile: int | None) -> 
         raise UsageError("--chunk must be 0 (one clip) or more")
     if overlap is not None and (overlap < 0 or (chunk and overlap >= chunk)):
         raise UsageError(f"--overlap must be at least 0 and smaller than --chunk, not {overlap}")
-    if tile is not None and tile < 8:
-        raise UsageError("--tile must be at least 8 latent pixels")
+    if tile is not None and tile < 4:
+        raise UsageError("--tile must be at least 4 latent pixels")
 
 
 def _dtype_name(dtype) -> str:
@@ -530,7 +532,9 @@ def plan(
     from vaecli.pipeline.frames import parse_size, plan_geometry
     from vaecli.pipeline.latents_io import open_latents
     from vaecli.pipeline.planner import parse_bytes, plan_decode, plan_encode
+    from vaecli.pipeline.runner import CPU_SHARE
     from vaecli.pipeline.video_io import FrameSource, Selection
+    import torch
 
     _check_windows(chunk, overlap, tile)
     if model is not None:
@@ -542,7 +546,10 @@ def plan(
     dev = parse_device(device)
     dt = resolve_dtype(dtype, dev)
     limit = parse_bytes(max_memory)
-    available = free_memory(dev) if limit is None else min(free_memory(dev), limit)
+    free = free_memory(dev)
+    share = int(free * CPU_SHARE) if dev.type == "cpu" and limit is None else free
+    available = share if limit is None else min(free, limit)
+    host = None if dev.type == "cpu" else int(free_memory(torch.device("cpu")) * CPU_SHARE)
     result: dict = {"input": input, "model": cfg.name}
     if _file_kind(Path(input)) == "latents":
         lf = open_latents(input)
@@ -557,10 +564,10 @@ def plan(
         width, height = geometry.processed
         latent_hw = (height // cfg.downscale, width // cfg.downscale)
         enc = plan_encode(cfg, count, (height, width), device=dev, dtype=dt, available_bytes=available,
-                          attention=attention, batch=batch, weights_resident=False)
+                          attention=attention, batch=batch, weights_resident=False, host_bytes=host)
         result["encode"] = enc.to_dict()
     dec = plan_decode(cfg, count, latent_hw, device=dev, dtype=dt, available_bytes=available, attention=attention,
-                      chunk=chunk, overlap=overlap, tile=tile, weights_resident=False)
+                      chunk=chunk, overlap=overlap, tile=tile, weights_resident=False, host_bytes=host)
     result.update(frames=count, latent_size=list(latent_hw), **dec.to_dict())
     human = [f"input:  {input}  ({count} frames, latents {latent_hw[0]}x{latent_hw[1]}, model {cfg.name})",
              f"device: {dev}, {dec.dtype}"]

@@ -33,7 +33,7 @@ Layouts: frames are `(N, C, H, W)` channels-last (memory order N, H, W, C); temp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -345,7 +345,8 @@ class Streamer:
     """
 
     def __init__(self, pieces: Pieces, device: torch.device, latent_hw: tuple[int, int], check_finite: bool = False,
-                 sample_tiles: bool = False):
+                 sample_tiles: bool = False, phase: Callable[[str], None] | None = None):
+        self.phase = phase or (lambda name: None)  # told "2d" / "temporal" as each kind of stage starts (traces)
         self.pieces = pieces
         self.device = device
         self.latent_h = latent_hw[0]
@@ -617,10 +618,12 @@ class Streamer:
                 run.append(stage)
                 continue
             if run:
+                self.phase("2d")
                 store = self.spatial(run, store)
                 run = []
             if stage is None:
                 break
+            self.phase("temporal")
             alpha_frames = self.image_alpha(stage, image_only)
             if stage.kind == "time_stack":
                 self.time_stack(store, stage.layer, alpha_frames)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -124,13 +124,14 @@ class VAE(nn.Module):
 
     def decode_stream(self, z: torch.Tensor, pieces: Pieces, num_frames: int | None = None, *,
                       per_frame: bool = False, image_only: torch.Tensor | None = None, check_finite: bool = False,
-                      out_chunk: int | None = None, sample_tiles: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+                      out_chunk: int | None = None, sample_tiles: bool = False,
+                      phase: Callable[[str], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Decode exactly like `decode`, layer by layer over `pieces` (`vaecli.model.streaming`); yields
         (first frame, frames (n, 3, 8h, 8w)) in order, `out_chunk` frames at a time (default: pieces.frames).
 
         z may live on the host (with pieces.park the clip's activations stay there too). check_finite: raise
-        `NonFiniteActivation` as soon as a half-precision piece holds inf/NaN. sample_tiles: memory traces only
-        (see `Streamer`).
+        `NonFiniteActivation` as soon as a half-precision piece holds inf/NaN. sample_tiles, phase: memory traces
+        only (see `Streamer`).
         """
         self._check_frames(z, self.config.latent_channels, "latents")
         frames = z.shape[0]
@@ -143,7 +144,7 @@ class VAE(nn.Module):
         stages = self.decoder.stages(Clips(num_frames, skip_video=skip))
         if self.config.post_quant_conv:
             stages.insert(0, Stage("conv", self.post_quant_conv, self.post_quant_conv))
-        streamer = Streamer(pieces, self._device(), (z.shape[-2], z.shape[-1]), check_finite, sample_tiles)
+        streamer = Streamer(pieces, self._device(), (z.shape[-2], z.shape[-1]), check_finite, sample_tiles, phase)
         for start in range(0, frames, num_frames):
             flags = None if image_only is None else image_only[start:start + num_frames]
             store = streamer.run(stages, z[start:start + num_frames].contiguous(memory_format=torch.channels_last),

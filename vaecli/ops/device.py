@@ -94,3 +94,12 @@ def _cpu_available_bytes() -> int:
     if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return 4 << 30
+
+
+def process_rss() -> int:
+    """This process's resident set size in bytes (from /proc/self/statm; 0 where that file does not exist)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

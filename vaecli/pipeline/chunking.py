@@ -1,10 +1,11 @@
-"""Temporal windows with cross-faded overlaps and spatial tiles with feathered blending (pure functions).
+"""Temporal windows with cross-faded overlaps (pure functions): the approximate decode.
 
-A decode plan splits the latent frames into windows of `chunk` frames that overlap by `overlap` frames; each
+A windows plan splits the latent frames into windows of `chunk` frames that overlap by `overlap` frames; each
 window is decoded as one clip, and where two windows overlap their decoded frames are cross-faded linearly, so
 no output frame sees a hard cut. `overlap=0` gives sgm's `decoding_t` chunking exactly (independent clips, the
-last one shorter). Frames too large even for small windows are decoded in spatial tiles that keep all frames of
-their window (the temporal layers still see the whole window), blended with feathered weights.
+last one shorter). This changes the picture (the temporal layers of a window do not see the others), so plans use
+it only when the user forces it or even the exact streaming executor cannot fit (`vaecli.pipeline.planner`).
+Exact tiles replaced the feathered approximate tiles (see `vaecli.model.streaming`).
 """
 
 from __future__ import annotations
@@ -76,67 +77,3 @@ class WindowBlender:
         keep = self.plan[self.index].blend if self.index < len(self.plan) else 0
         self.held = x[x.shape[0] - keep:] if keep else None
         return x[: x.shape[0] - keep]
-
-
-@dataclass(frozen=True)
-class Tiling:
-    """Spatial tiles over the latent plane: `size` (h, w) latent pixels each, overlapping by `overlap`."""
-
-    size: tuple[int, int]
-    overlap: int
-
-    def to_dict(self) -> dict:
-        return {"tile_latent": list(self.size), "overlap_latent": self.overlap}
-
-
-def tile_starts(length: int, size: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of `size` covering [0, length) with at least `overlap` in common; last aligned to the end."""
-    if size >= length:
-        return [0]
-    step = max(1, size - overlap)
-    starts = list(range(0, length - size, step))
-    return starts + [length - size]
-
-
-def tile_grid(h: int, w: int, tiling: Tiling) -> list[tuple[int, int, int, int]]:
-    """(y0, y1, x0, x1) of each latent tile."""
-    th, tw = min(tiling.size[0], h), min(tiling.size[1], w)
-    return [(y, y + th, x, x + tw) for y in tile_starts(h, th, tiling.overlap) for x in tile_starts(w, tw, tiling.overlap)]
-
-
-def feather(height: int, width: int, ramp: int, top: bool, bottom: bool, left: bool, right: bool) -> torch.Tensor:
-    """Blend weights (height, width): linear ramps of `ramp` pixels on the edges that touch another tile, 1 inside.
-
-    Weights stay > 0 so that accumulated weights can always be divided by.
-    """
-    def axis(n: int, start: bool, end: bool) -> torch.Tensor:
-        w = torch.ones(n)
-        r = min(ramp, n // 2)
-        if r > 0:
-            up = (torch.arange(r, dtype=torch.float32) + 0.5) / r
-            if start:
-                w[:r] = up
-            if end:
-                w[n - r:] = up.flip(0)
-        return w
-
-    return axis(height, top, bottom)[:, None] * axis(width, left, right)[None, :]
-
-
-def decode_tiled(decode, z: torch.Tensor, tiling: Tiling, factor: int) -> torch.Tensor:
-    """Decode latents (t, C, h, w) tile by tile with `decode(z_tile) -> (t, 3, f·th, f·tw)`; feathered blend.
-
-    Every tile holds all t frames, so the temporal layers see the whole window.
-    """
-    t, _, h, w = z.shape
-    out = weight = None
-    for y0, y1, x0, x1 in tile_grid(h, w, tiling):
-        tile = decode(z[:, :, y0:y1, x0:x1]).float()
-        if out is None:
-            out = torch.zeros(t, tile.shape[1], h * factor, w * factor, device=tile.device)
-            weight = torch.zeros(1, 1, h * factor, w * factor, device=tile.device)
-        mask = feather(tile.shape[-2], tile.shape[-1], tiling.overlap * factor, y0 > 0, y1 < h, x0 > 0, x1 < w)
-        mask = mask.to(tile.device)[None, None]
-        out[:, :, y0 * factor:y1 * factor, x0 * factor:x1 * factor] += tile * mask
-        weight[:, :, y0 * factor:y1 * factor, x0 * factor:x1 * factor] += mask
-    return out / weight

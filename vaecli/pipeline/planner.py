@@ -6,9 +6,17 @@ follows the model's own code, so it holds for any configuration, attention backe
 workspaces), calibrated by `scripts/calibrate_memory.py`. The traced peak is exactly linear in the number of
 frames (every activation has a frame axis), so two traces per spatial size give it for any window length.
 
-Plan. Decode strategies, tried in order unless forced: one clip (exact), temporal windows with a cross-faded
-overlap, spatial tiles of small windows. For each, attention backends are tried fastest first, and the first
-that fits the budget wins. Encode plans a batch size (and tiles for huge frames).
+Plan. Decode strategies, tried in order unless forced, each with the attention backends fastest first:
+1. "one-clip": all frames at once (exact);
+2. "stream": the exact streaming executor (`vaecli.model.streaming`): the clip's activation kept once between
+   layers, every layer run in pieces — frame chunks, then tiles, then the clip parked in host memory, the first
+   cut that fits (exact: the same frames as one clip within rounding). Its memory is traced on the meta device
+   with one representative piece per loop (`sample_tiles`), a fraction of a second per candidate;
+3. "windows": cross-faded temporal windows (approximate). Only when the user forces them (`--chunk N
+   --overlap K`), or as the fallback when even the host cannot hold the clip's activation; the fallback's window
+   and overlap are fixed (`FALLBACK_WINDOW`, `FALLBACK_OVERLAP`), never sized from free memory, so its pixels do
+   not depend on the machine either. Each window is itself decoded exactly (one clip or streamed).
+Encode plans a batch size, and exact tiles (parked where needed) for frames too large to encode whole.
 """
 
 from __future__ import annotations
@@ -20,17 +28,21 @@ import torch
 
 from vaecli.errors import UsageError
 from vaecli.model.config import VAEConfig
+from vaecli.model.streaming import Pieces
 from vaecli.model.vae import VAE
 from vaecli.ops.attention import BACKEND_NAMES, AttentionBackend, unavailable_reason
 from vaecli.ops.device import dtype_name
-from vaecli.ops.memtrace import traced_peak_bytes
-from vaecli.pipeline.chunking import Tiling
+from vaecli.ops.memtrace import traced_peak_bytes, traced_peaks
 
 AUTO_ORDER = ("sdpa", "math", "split", "sub-quadratic")  # fastest first; math only wins where sdpa is missing
-MIN_WINDOW = 4  # shortest temporal window worth decoding before falling back to tiles
-DEFAULT_TILE_OVERLAP = 8  # latent pixels shared by neighbouring tiles (64 output pixels at f = 8)
-MIN_TILE = 8  # smallest tile side in latent pixels
+MIN_TILE = 4  # smallest tile side in latent pixels the planner tries
 FRAME_BATCH = 4  # decode: the 2D layers run this many frames at a time (same result, a few % slower, far less memory)
+FALLBACK_WINDOW = 16  # approximate fallback: windows of this many frames...
+FALLBACK_OVERLAP = 4  # ...cross-faded over this many (fixed: the output must not depend on free memory)
+# Measured against one-clip decoding (random-weight SVD-like model with strong temporal mixing, 24 frames; see
+# docs/memory.md): what the approximate windows cost.
+WINDOWS_ERROR = "cross-faded windows differ from the one-clip decode: ~33 dB PSNR (worst frame ~30 dB) on a " \
+    "strongly temporal random model; trained models differ less"
 
 
 @dataclass(frozen=True)
@@ -78,11 +90,12 @@ def format_bytes(n: int) -> str:
 class Plan:
     """How one encode or decode runs; printed by `vaecli plan` and included in `--json` results.
 
-    strategy: "one-clip", "windows" or "tiles" (decode); "batches" (encode).
-    chunk_frames / overlap: temporal windows (decode); for encode chunk_frames is the batch size.
-    tiling: spatial tiles (None for whole frames).
-    budget_bytes: memory available for activations; activation_bytes: their predicted peak (≤ budget when the
-    plan fits); predicted_peak_bytes: activations plus weights.
+    strategy: decode: "one-clip" (exact), "stream" (exact, `pieces`), "windows" (approximate: cross-faded windows
+    of `chunk_frames` overlapping by `overlap`, each decoded one-clip or streamed with `pieces`); encode:
+    "batches" (`chunk_frames` frames per call) or "stream" (exact tiles, `pieces`).
+    exact: whether the result equals the one-clip decode (whole-frame encode) within rounding.
+    budget_bytes: device memory available for activations; activation_bytes: their predicted peak (≤ budget when
+    the plan fits); predicted_peak_bytes: activations plus weights. host_bytes: host memory the parked clip takes.
     frame_batch: decode only: the decoder's 2D layers run this many frames at a time (`Clips.frame_batch`).
     """
 
@@ -93,12 +106,14 @@ class Plan:
     strategy: str
     chunk_frames: int
     overlap: int
-    tiling: Tiling | None
     activation_bytes: int
     budget_bytes: int
     weights_bytes: int
     reasons: tuple[str, ...] = field(default=())
     frame_batch: int | None = None
+    pieces: Pieces | None = None
+    exact: bool = True
+    host_bytes: int = 0
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -109,31 +124,38 @@ class Plan:
         return self.activation_bytes <= self.budget_bytes
 
     def to_dict(self) -> dict:
+        pieces = None
+        if self.pieces is not None:
+            p = self.pieces
+            pieces = {"frames": p.frames, "tile_latent": p.tile, "time_frames": p.time_frames,
+                      "time_tile_latent": p.time_tile, "parked": p.park}
         return {"stage": self.stage, "device": self.device, "dtype": self.dtype, "attention": self.attention.name,
-                "strategy": self.strategy,
+                "strategy": self.strategy, "exact": self.exact,
                 "chunk_frames": self.chunk_frames if self.stage == "decode" else None,
                 "batch_frames": self.chunk_frames if self.stage == "encode" else None,
-                "overlap": self.overlap, "tiles": self.tiling.to_dict() if self.tiling else None,
-                "frame_batch": self.frame_batch,
+                "overlap": self.overlap, "pieces": pieces, "frame_batch": self.frame_batch,
                 "predicted_peak_bytes": self.predicted_peak_bytes, "activation_bytes": self.activation_bytes,
-                "budget_bytes": self.budget_bytes, "weights_bytes": self.weights_bytes, "fits": self.fits,
-                "reasons": list(self.reasons)}
+                "budget_bytes": self.budget_bytes, "weights_bytes": self.weights_bytes, "host_bytes": self.host_bytes,
+                "fits": self.fits, "reasons": list(self.reasons)}
 
     def describe(self) -> list[str]:
+        exact = "exact" if self.exact else "APPROXIMATE"
         if self.stage == "encode":
-            lines = [f"encode: batches of {self.chunk_frames} frames"]
-        elif self.strategy == "one-clip":
-            lines = ["decode: one-clip"]
+            lines = [f"encode: {self.strategy} ({exact}), {self.chunk_frames} frame(s) at a time"]
+        elif self.strategy == "windows":
+            lines = [f"decode: windows ({exact}), {self.chunk_frames} frames overlapping by {self.overlap}, cross-faded"]
         else:
-            lines = [f"decode: {self.strategy}, windows of {self.chunk_frames} frames overlapping by {self.overlap}"]
-        if self.tiling:
-            lines.append(f"  tiles:     {self.tiling.size[0]}x{self.tiling.size[1]} latent px, overlap {self.tiling.overlap}")
+            lines = [f"decode: {self.strategy} ({exact})"]
+        if self.pieces is not None:
+            lines.append(f"  pieces:    {self.pieces.describe()}")
         if self.frame_batch:
             lines.append(f"  2D layers: {self.frame_batch} frames at a time")
         lines += [f"  attention: {self.attention.name}",
                   f"  memory:    {format_bytes(self.predicted_peak_bytes)} predicted peak "
                   f"({format_bytes(self.activation_bytes)} activations + {format_bytes(self.weights_bytes)} weights), "
                   f"budget {format_bytes(self.budget_bytes)} for activations" + ("" if self.fits else "  (does not fit)")]
+        if self.host_bytes:
+            lines.append(f"  host:      {format_bytes(self.host_bytes)} for the parked clip")
         lines += [f"  why:       {r}" for r in self.reasons]
         return lines
 
@@ -207,6 +229,44 @@ class Estimator:
             self._exact[key] = traced_peak_bytes(lambda: vae.decode(z, frame_batch=frame_batch))
         return min(self.cost.predict(self._exact[key]), self.activations("decode", backend, frames, h, w))
 
+    def stream(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int, pieces: Pieces,
+               phase: str = "") -> int:
+        """Predicted device bytes of a streamed decode of `frames` latent frames (h, w) — or, for encode, of
+        `frames` frames of (h, w) pixels — with `pieces`: a sampled meta trace of the executor (one piece per loop,
+        see `Streamer`), through the cost model. Parked clips are not on the device, so not counted.
+        phase: "2d" or "temporal" gives the peak while those stages run (decode): the first depends only on the 2D
+        cut, the second only on the temporal cut, so one trace prices both."""
+        key = ("stream", stage, *self._key(backend), frames, h, w, pieces)
+        if key not in self._exact:
+            vae = self._model(backend)
+            if stage == "decode":
+                z = torch.empty(frames, self.config.latent_channels, h, w, device="meta", dtype=self.dtype)
+
+                def run(set_phase):
+                    for _ in vae.decode_stream(z, pieces, sample_tiles=True, phase=set_phase):
+                        set_phase("out")
+            else:
+                x = torch.empty(frames, self.config.in_channels, h, w, device="meta", dtype=self.dtype)
+
+                def run(set_phase):
+                    return vae.moments(x, pieces=pieces, sample_tiles=True)
+            self._exact[key] = traced_peaks(run)
+        peaks = self._exact[key]
+        if phase:
+            return self.cost.predict(max(peaks.get(phase, 0), peaks.get("out", 0)))
+        return self.cost.predict(peaks[""])
+
+    def clip_store(self, stage: str, frames: int, h: int, w: int) -> int:
+        """Bytes of the largest activation the streaming executor keeps for the whole clip (what parking puts in
+        host memory), with one more chunk's worth while a layer writes its output: (T+1)·max_level(C·H·W)."""
+        widths = [self.config.ch * m for m in self.config.ch_mult]
+        levels = len(widths)
+        if stage == "decode":  # level i is 2^(L-1-i) times the latent size
+            largest = max(c * h * w * 4 ** (levels - 1 - i) for i, c in enumerate(widths))
+        else:  # level i is 2^-i times the frame size
+            largest = max(c * h * w // 4 ** i for i, c in enumerate(widths))
+        return (frames + 1) * largest * (torch.finfo(self.dtype).bits // 8)
+
     def weights(self) -> int:
         with torch.device("meta"):
             vae = VAE(self.config)
@@ -239,16 +299,80 @@ def output_bytes(frames: int, height: int, width: int) -> int:
     return frames * height * width * 3 * (4 + 1)
 
 
+def tile_sides(h: int, w: int) -> list[int]:
+    """Tile sides (latent px) to try, largest first: halving from half the longer side down to MIN_TILE."""
+    sides, side = [], max(h, w) // 2
+    while side > MIN_TILE:
+        sides.append(side)
+        side //= 2
+    return sides + [MIN_TILE]
+
+
+def first_fitting(options: list, fits) -> int | None:
+    """Index of the first option that fits, for options ordered by decreasing memory (binary search)."""
+    if not options or not fits(options[-1]):
+        return None
+    lo, hi = 0, len(options) - 1  # options[hi] fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(options[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def stream_pieces(est: Estimator, backend: AttentionBackend, frames: int, h: int, w: int, budget: int,
+                  park: bool, out_bytes: int, tile: int | None = None) -> tuple[Pieces, int] | None:
+    """The exact streaming cut with the largest pieces whose predicted bytes fit `budget`, or None.
+
+    2D layers: chunks of 4, 2, 1 whole frames, then single frames in tiles; temporal layers: all frames whole,
+    then all frames in tiles, then frame chunks of small tiles. The 2D cut is chosen with the smallest temporal
+    cut, then the largest temporal cut that fits with it (the two run at different times, so they barely interact).
+    tile: force tiles of this side (latent px) for both.
+    """
+    def cost(p: Pieces) -> int:
+        return est.stream("decode", backend, frames, h, w, p) + out_bytes
+
+    if tile is not None:
+        spatial = [(1, tile)]
+        temporal = [(None, tile)] + [(f, tile) for f in (8, 4, 2, 1) if f < frames]
+    else:
+        sides = tile_sides(h, w)
+        spatial = [(c, None) for c in (4, 2, 1) if c < frames] + [(1, s) for s in sides]
+        if frames == 1 or not spatial:
+            spatial = [(1, None)] + [(1, s) for s in sides]
+        temporal = [(None, None)] + [(None, s) for s in sides] + [(f, MIN_TILE) for f in (8, 4, 2, 1) if f < frames]
+    def fits(s_opt, t_opt) -> tuple[bool, bool]:
+        p = Pieces(s_opt[0], s_opt[1], t_opt[0], t_opt[1], park)
+        return (est.stream("decode", backend, frames, h, w, p, "2d") + out_bytes <= budget,
+                est.stream("decode", backend, frames, h, w, p, "temporal") + out_bytes <= budget)
+
+    if not all(fits(spatial[-1], temporal[-1])):
+        return None
+    # one binary search over both lists at once: each trace answers for its 2D and its temporal cut
+    s_lo, s_hi, t_lo, t_hi = 0, len(spatial) - 1, 0, len(temporal) - 1
+    while s_lo < s_hi or t_lo < t_hi:
+        s_mid, t_mid = (s_lo + s_hi) // 2, (t_lo + t_hi) // 2
+        ok_2d, ok_time = fits(spatial[s_mid], temporal[t_mid])
+        s_lo, s_hi = (s_lo, s_mid) if ok_2d else (s_mid + 1, s_hi)
+        t_lo, t_hi = (t_lo, t_mid) if ok_time else (t_mid + 1, t_hi)
+    pieces = Pieces(spatial[s_lo][0], spatial[s_lo][1], temporal[t_lo][0], temporal[t_lo][1], park)
+    return pieces, cost(pieces)
+
+
 def plan_decode(config: VAEConfig, frames: int, latent_hw: tuple[int, int], *, device: torch.device,
                 dtype: torch.dtype, available_bytes: int, attention: str = "auto", chunk: int | None = None,
                 overlap: int | None = None, tile: int | None = None, cost: CostModel | None = None,
-                weights_resident: bool = True, estimator: Estimator | None = None) -> Plan:
+                weights_resident: bool = True, estimator: Estimator | None = None,
+                host_bytes: int | None = None) -> Plan:
     """Plan a decode of `frames` latent frames of size latent_hw = (h, w) within `available_bytes`.
 
-    available_bytes: memory the process may still use on the device (weights excluded when they are already
-    resident). chunk: force windows of this many frames (0 = one clip); overlap: force the overlap;
-    tile: force square tiles of this many latent pixels. Raises nothing when nothing fits: the smallest plan is
-    returned with a reason saying so (OOM recovery may still get through). estimator: reuse traces across calls.
+    available_bytes: device memory the process may still use (weights excluded when they are already resident).
+    host_bytes: host memory available for a parked clip (None: no parking; on a CPU device the host is the device).
+    chunk: force approximate windows of this many frames (0 = one clip); overlap: their overlap; tile: force the
+    exact streaming executor with tiles of this many latent pixels. Raises nothing when nothing fits: the smallest
+    plan is returned with a reason saying so (OOM recovery may still get through). estimator: reuse traces.
     """
     est = estimator or Estimator(config, dtype, cost or COST_MODELS.get(device.type, COST_MODELS["cpu"]))
     weights = est.weights()
@@ -258,74 +382,92 @@ def plan_decode(config: VAEConfig, frames: int, latent_hw: tuple[int, int], *, d
     backends = _backends(attention, device, max(budget, 0))
     if not backends:
         raise UsageError(f"no attention backend works on {device}")
-
-    def window_cost(backend: AttentionBackend, c: int, k: int, tiling: Tiling | None, exact: bool = False) -> int:
-        held = k * 3 * h * f * w * f * 4  # frames kept for the cross-fade
-        if tiling is None:
-            act = est.exact(backend, c, h, w, FRAME_BATCH) if exact else est.activations("decode", backend, c, h, w)
-        else:
-            th, tw = min(tiling.size[0], h), min(tiling.size[1], w)
-            act = est.activations("decode", backend, c, th, tw) + 2 * c * 3 * h * f * w * f * 4  # + accumulators
-        return act + held + output_bytes(c, h * f, w * f)
-
-    def make(backend, strategy, c, k, tiling, why, exact: bool = False) -> Plan:
-        # batched 2D layers: always on CUDA (headroom for a few % of time), elsewhere only where the plan needs it
-        batch = FRAME_BATCH if exact or device.type == "cuda" else None
-        return Plan("decode", str(device), dtype_name(dtype), backend, strategy, c, k, tiling,
-                    window_cost(backend, c, k, tiling, exact), budget, weights, tuple(reasons + why), batch)
-
-    def first_fitting(c: int, k: int, tiling: Tiling | None) -> AttentionBackend | None:
-        return next((b for b in backends if window_cost(b, c, k, tiling) <= budget), None)
-
-    default_overlap = lambda c: 0 if c >= frames else min(8, max(1, c // 4))  # noqa: E731
+    can_park = device.type != "cpu" and host_bytes is not None
     reasons = [f"budget {format_bytes(max(budget, 0))} for activations on {device}", norm_kernels(device)]
-    if chunk is not None or tile is not None:  # forced by the user
-        c = frames if not chunk else min(chunk, frames)
-        k = 0 if c >= frames else (overlap if overlap is not None else default_overlap(c))
-        if c < frames and k >= c:
-            raise UsageError(f"--overlap {k} must be smaller than --chunk {c}")
-        tiling = Tiling((tile, tile), min(DEFAULT_TILE_OVERLAP, tile // 4)) if tile else None
-        strategy = "tiles" if tiling else ("one-clip" if c >= frames else "windows")
-        backend = first_fitting(c, k, tiling)
+
+    def one_clip_cost(backend: AttentionBackend, c: int, batched: bool) -> int:
+        act = est.exact(backend, c, h, w, FRAME_BATCH) if batched else est.activations("decode", backend, c, h, w)
+        return act + output_bytes(c, h * f, w * f)
+
+    def plan(backend, strategy, c, k, act, why, *, pieces=None, batch=None, exact=True, host=0) -> Plan:
+        return Plan("decode", str(device), dtype_name(dtype), backend, strategy, c, k, act, budget, weights,
+                    tuple(reasons + why), batch, pieces, exact, host)
+
+    def exact_plan(c: int, tile_side: int | None = None, forced: bool = False) -> Plan | None:
+        """The best exact plan for a clip of c frames: one clip, else streamed (resident, then parked)."""
+        batch_default = FRAME_BATCH if device.type == "cuda" else None
+        out = output_bytes(min(c, FRAME_BATCH), h * f, w * f)
+        if tile_side is None:
+            for backend in backends:
+                if one_clip_cost(backend, c, False) <= budget:
+                    return plan(backend, "one-clip", c, 0, one_clip_cost(backend, c, False),
+                                [f"all {c} frames fit as one clip (exact)", f"attention {backend.name}"],
+                                batch=batch_default)
+            for backend in backends:
+                if one_clip_cost(backend, c, True) <= budget:
+                    return plan(backend, "one-clip", c, 0, one_clip_cost(backend, c, True),
+                                [f"all {c} frames fit as one clip (exact) with the 2D layers {FRAME_BATCH} frames at a "
+                                 "time", f"attention {backend.name}"], batch=FRAME_BATCH)
+        for park in (False, True) if can_park else (False,):
+            host = est.clip_store("decode", c, h, w) if park else 0
+            if park and host > host_bytes:
+                continue
+            for backend in backends:
+                found = stream_pieces(est, backend, c, h, w, budget, park, out, tile_side)
+                if found:
+                    pieces, act = found
+                    why = ("streamed exactly, forced by --tile" if forced else
+                           f"one clip of {c} frames does not fit; streamed exactly, layer by layer")
+                    where = (f"clip parked in host memory ({format_bytes(host)})" if park
+                             else "clip kept on the device")
+                    return plan(backend, "stream", c, 0, act, [why, where, f"attention {backend.name}"],
+                                pieces=pieces, host=host)
+        return None
+
+    if chunk is not None and chunk > 0 and chunk < frames:  # approximate windows, forced by the user
+        k = overlap if overlap is not None else min(8, max(1, chunk // 4))
+        if k >= chunk:
+            raise UsageError(f"--overlap {k} must be smaller than --chunk {chunk}")
+        inner = exact_plan(chunk, tile, forced=tile is not None)
+        note = ["windows forced by the user (--chunk/--overlap): approximate, " +
+                ("independent clips (sgm decoding_t)" if k == 0 else WINDOWS_ERROR)]
+        if inner is None:
+            act = one_clip_cost(backends[-1], chunk, True)
+            return plan(backends[-1], "windows", chunk, k, act, note + ["predicted peak exceeds the budget"],
+                        batch=FRAME_BATCH, exact=False)
+        return plan(inner.attention, "windows", chunk, k, inner.activation_bytes, note + list(inner.reasons[2:]),
+                    pieces=inner.pieces, batch=inner.frame_batch, exact=False, host=inner.host_bytes)
+    if chunk == 0 and tile is None:  # one clip, forced
+        backend = next((b for b in backends if one_clip_cost(b, frames, False) <= budget), None)
         note = f"attention {backend.name}" if backend else "predicted peak exceeds the budget"
-        return make(backend or backends[-1], strategy, c, k, tiling, [f"{strategy} forced by the user", note])
-    backend = first_fitting(frames, 0, None)  # 1. one clip
-    if backend:
-        return make(backend, "one-clip", frames, 0, None,
-                    [f"all {frames} frames fit as one clip (exact)", f"attention {backend.name}"])
-    # 1b. one clip, priced exactly with the 2D layers batched (the line above bounds it from above)
-    backend = next((b for b in backends if window_cost(b, frames, 0, None, exact=True) <= budget), None)
-    if backend:
-        return make(backend, "one-clip", frames, 0, None,
-                    [f"all {frames} frames fit as one clip (exact) with the 2D layers {FRAME_BATCH} frames at a time",
-                     f"attention {backend.name}"], exact=True)
-    for backend in backends:  # 2. the longest temporal window that fits, fastest backend first
-        for c in range(frames - 1, MIN_WINDOW - 1, -1):
-            k = overlap if overlap is not None else default_overlap(c)
-            if k < c and window_cost(backend, c, k, None) <= budget:
-                return make(backend, "windows", c, k, None,
-                            [f"one clip of {frames} frames does not fit; windows of {c} frames overlapping by {k}, "
-                             "cross-faded", f"attention {backend.name}"])
-    c = min(frames, MIN_WINDOW)  # 3. tiles of short windows: the largest tile that fits
-    k = 0 if c >= frames else (overlap if overlap is not None else default_overlap(c))
-    for backend in backends:
-        side = max(h, w) * 3 // 4
-        while side >= MIN_TILE:
-            tiling = Tiling((side, side), min(DEFAULT_TILE_OVERLAP, side // 4))
-            if window_cost(backend, c, k, tiling) <= budget:
-                return make(backend, "tiles", c, k, tiling,
-                            [f"even {c}-frame windows do not fit whole; tiles of {side}x{side} latent pixels "
-                             f"overlapping by {tiling.overlap}, feathered", f"attention {backend.name}"])
-            side = side * 3 // 4
-    return make(backends[-1], "tiles", c, k, Tiling((MIN_TILE, MIN_TILE), MIN_TILE // 4),
-                ["nothing fits the budget by the cost model; the smallest plan is used"])
+        backend = backend or backends[-1]
+        return plan(backend, "one-clip", frames, 0, one_clip_cost(backend, frames, False),
+                    ["one clip forced by the user", note], batch=FRAME_BATCH if device.type == "cuda" else None)
+    best = exact_plan(frames, tile, forced=tile is not None)
+    if best is not None:
+        return best
+    # approximate fallback: fixed windows, each decoded exactly (not sized from free memory)
+    c = min(FALLBACK_WINDOW, frames)
+    k = 0 if c >= frames else FALLBACK_OVERLAP
+    inner = exact_plan(c, tile) if c < frames else None
+    why = [f"even streamed (the clip parked where possible) the {frames} frames do not fit; APPROXIMATE fallback: "
+           f"windows of {c} frames overlapping by {k}, cross-faded ({WINDOWS_ERROR})"]
+    if inner is None:
+        pieces = Pieces(1, MIN_TILE, 1, MIN_TILE, can_park)
+        act = est.stream("decode", backends[-1], c, h, w, pieces)
+        return plan(backends[-1], "windows" if c < frames else "stream", c, k, act,
+                    why + ["nothing fits the budget by the cost model; the smallest plan is used"],
+                    pieces=pieces, exact=c >= frames)
+    return plan(inner.attention, "windows", c, k, inner.activation_bytes, why + list(inner.reasons[2:]),
+                pieces=inner.pieces, batch=inner.frame_batch, exact=False, host=inner.host_bytes)
 
 
 def plan_encode(config: VAEConfig, frames: int, size_hw: tuple[int, int], *, device: torch.device,
                 dtype: torch.dtype, available_bytes: int, attention: str = "auto", batch: int | None = None,
                 cost: CostModel | None = None, weights_resident: bool = True, max_batch: int = 16,
-                estimator: Estimator | None = None) -> Plan:
-    """Plan an encode: the largest batch of frames (≤ max_batch) whose encoder pass fits the budget."""
+                estimator: Estimator | None = None, host_bytes: int | None = None) -> Plan:
+    """Plan an encode: the largest batch of frames (≤ max_batch) whose encoder pass fits the budget; for frames too
+    large to encode whole, exact tiles (one frame at a time, parked in host memory where that is needed)."""
     est = estimator or Estimator(config, dtype, cost or COST_MODELS.get(device.type, COST_MODELS["cpu"]))
     weights = est.weights()
     budget = available_bytes if weights_resident else available_bytes - weights
@@ -338,14 +480,35 @@ def plan_encode(config: VAEConfig, frames: int, size_hw: tuple[int, int], *, dev
     reasons = [f"budget {format_bytes(max(budget, 0))} for activations on {device}", norm_kernels(device)]
     limit = min(max_batch, max(1, frames))
     candidates = [batch] if batch else list(range(limit, 0, -1))
+
+    def make(backend, strategy, b, act, why, pieces=None, host=0) -> Plan:
+        return Plan("encode", str(device), dtype_name(dtype), backend, strategy, b, 0, act, budget, weights,
+                    tuple(reasons + why), pieces=pieces, host_bytes=host)
+
     for backend in backends:
         for b in candidates:
             if batch_cost(backend, b) <= budget:
                 why = "forced by the user" if batch else f"the largest batch (≤ {limit}) that fits"
-                return Plan("encode", str(device), dtype_name(dtype), backend, "batches", b, 0, None,
-                            batch_cost(backend, b), budget, weights,
-                            tuple(reasons + [f"batches of {b} frames: {why}", f"attention {backend.name}"]))
+                return make(backend, "batches", b, batch_cost(backend, b),
+                            [f"batches of {b} frames: {why}", f"attention {backend.name}"])
+    f = config.downscale
+    sides = tile_sides(height // f, width // f)
+    frame_in = height * width * 3 * (4 + 1)
+    for park in (False, True) if device.type != "cpu" and host_bytes is not None else (False,):
+        host = est.clip_store("encode", 1, height, width) if park else 0
+        if park and host > host_bytes:
+            continue
+        for backend in backends:
+            def fits(side: int) -> bool:
+                return est.stream("encode", backend, 1, height, width, Pieces(1, side, park=park)) + frame_in <= budget
+            i = first_fitting(sides, fits)
+            if i is not None:
+                pieces = Pieces(1, sides[i], park=park)
+                act = est.stream("encode", backend, 1, height, width, pieces) + frame_in
+                return make(backend, "stream", 1, act,
+                            [f"one {width}x{height} frame does not fit whole; encoded exactly in tiles of {sides[i]} "
+                             "latent px" + (", parked in host memory" if park else ""), f"attention {backend.name}"],
+                            pieces, host)
     b = candidates[-1]
-    return Plan("encode", str(device), dtype_name(dtype), backends[-1], "batches", b, 0, None,
-                batch_cost(backends[-1], b), budget, weights,
-                tuple(reasons + [f"batches of {b} frame(s) do not fit by the cost model; trying anyway"]))
+    return make(backends[-1], "batches", b, batch_cost(backends[-1], b),
+                [f"batches of {b} frame(s) do not fit by the cost model; trying anyway"])

@@ -28,10 +28,11 @@ from tqdm import tqdm
 from vaecli._version import __version__
 from vaecli.errors import InputError, OutOfMemory, UsageError
 from vaecli.model.encoder import DiagonalGaussian
+from vaecli.model.streaming import NonFiniteActivation
 from vaecli.model.vae import VAE
-from vaecli.ops.device import dtype_name, free_memory
+from vaecli.ops.device import dtype_name, free_memory, process_rss
 from vaecli.ops.files import atomic_output, check_writable
-from vaecli.pipeline.chunking import WindowBlender, decode_tiled, windows
+from vaecli.pipeline.chunking import WindowBlender, windows
 from vaecli.pipeline.frames import from_model, plan_geometry, ssim, to_model
 from vaecli.pipeline.planner import Estimator, Plan, format_bytes, plan_decode, plan_encode
 from vaecli.pipeline.latents_io import FORMAT_VERSION, LatentFile, LatentFileWriter, comfy_path, open_latents
@@ -116,6 +117,13 @@ class PrecisionGuard:
             self._copies[dtype] = vae
         return self._copies[dtype]
 
+    def note(self, what: str, tried: torch.dtype, dtype: torch.dtype) -> None:
+        """Record (and unless quiet, say) that work in `tried` gave inf/NaN and is redone in `dtype`."""
+        if not self.quiet:
+            print(f"vaecli: {dtype_name(tried)} gave inf/NaN in {what}; redoing it in {dtype_name(dtype)}",
+                  file=sys.stderr)
+        self.events.append({"where": what, "from": dtype_name(tried), "to": dtype_name(dtype)})
+
     def __call__(self, compute: Callable[[VAE, torch.dtype], torch.Tensor], what: str) -> torch.Tensor:
         """compute(vae, dtype) -> result; returns the first result without inf/NaN (or the fp32 one)."""
         out = compute(self.model.vae, self.model.dtype)
@@ -123,10 +131,7 @@ class PrecisionGuard:
         for dtype in self.wider():
             if bool(torch.isfinite(out).all()):
                 break
-            if not self.quiet:
-                print(f"vaecli: {dtype_name(tried)} gave inf/NaN in {what}; redoing it in {dtype_name(dtype)}",
-                      file=sys.stderr)
-            self.events.append({"where": what, "from": dtype_name(tried), "to": dtype_name(dtype)})
+            self.note(what, tried, dtype)
             out, tried = compute(self.model_in(dtype), dtype), dtype
         return out
 
@@ -305,7 +310,7 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
         return plan_encode(cfg, expected, (geometry.processed[1], geometry.processed[0]), device=model.device,
                            dtype=model.dtype, attention=opts.attention, batch=opts.batch if forced else None,
                            available_bytes=available_memory(model, opts.max_memory) if forced else budget,
-                           estimator=estimator)
+                           estimator=estimator, host_bytes=host_memory(model))
 
     def run(plan: Plan) -> dict:
         model.vae.set_attention(plan.attention)
@@ -322,7 +327,7 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
                     if (image.shape[1], image.shape[0]) != source_size:
                         raise InputError(f"{source_spec}: frame size changes from {source_size[0]}x{source_size[1]} "
                                          f"to {image.shape[1]}x{image.shape[0]}")
-                z, posterior = encode_batch(model, batch, geometry, opts, guard)
+                z, posterior = encode_batch(model, batch, geometry, opts, guard, plan.pieces)
                 writer.append("latents", z.float() * cfg.scaling_factor)
                 if opts.save_moments:
                     writer.append("mean", posterior.mean.float())
@@ -368,12 +373,16 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
 
 
 def encode_batch(model: Model, batch: list[tuple[int, np.ndarray]], geometry, opts: EncodeOptions,
-                 guard: PrecisionGuard | None = None):
-    """Source frames [(index, uint8 (H, W, 3))] -> (latents (B, C, h, w) unscaled, posterior)."""
-    x = to_model([image for _, image in batch], geometry, model.device, torch.float32)
+                 guard: PrecisionGuard | None = None, pieces=None):
+    """Source frames [(index, uint8 (H, W, 3))] -> (latents (B, C, h, w) unscaled, posterior).
+
+    pieces: encode in exact tiles (a plan for frames too large to encode whole); the frames stay on the host
+    when the plan parks them."""
+    where = torch.device("cpu") if pieces is not None and pieces.park else model.device
+    x = to_model([image for _, image in batch], geometry, where, torch.float32)
     guard = guard or PrecisionGuard(model)
     with torch.inference_mode():
-        moments = guard(lambda vae, dtype: vae.moments(x.to(dtype)),
+        moments = guard(lambda vae, dtype: vae.moments(x.to(dtype), pieces=pieces).to(model.device),
                         f"frames {batch[0][0]}-{batch[-1][0]}")
         posterior = DiagonalGaussian(moments)
         z = posterior.mode()
@@ -421,14 +430,33 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
+CPU_SHARE = 0.5  # on CPU, plan within this share of the available memory: an OOM there is a SIGKILL
+
+
 def available_memory(model: Model, max_memory: int | None) -> int:
-    """Bytes left for activations: the device's free memory (weights are already resident), capped by
-    `max_memory` (a total that includes the weights)."""
+    """Bytes left for activations on the model's device (the weights are already resident).
+
+    CUDA: the device's free memory, capped by `max_memory` (a total that includes the weights). CPU: half of the
+    available memory (the kernel kills a process that runs out; nothing can catch it), and with `max_memory`
+    the ceiling less what the process already holds (its resident set: Python, torch, the weights), so the
+    measured peak RSS stays under it."""
     free = free_memory(model.device)
+    if model.device.type == "cpu":
+        share = int(free * CPU_SHARE)
+        if max_memory is None:
+            return share
+        return max(0, min(free, max_memory - process_rss()))
     if max_memory is None:
         return free
     weights = sum(t.numel() * t.element_size() for t in model.vae.state_dict().values())
     return max(0, min(free, max_memory - weights))
+
+
+def host_memory(model: Model) -> int | None:
+    """Host memory a parked clip may take (CUDA only: on a CPU device the host is the device)."""
+    if model.device.type == "cpu":
+        return None
+    return int(free_memory(torch.device("cpu")) * CPU_SHARE)
 
 
 def enforce_max_memory(device: torch.device, max_memory: int | None) -> None:
@@ -498,7 +526,7 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
                            available_bytes=available_memory(model, opts.max_memory) if forced else budget,
                            attention=opts.attention, chunk=opts.chunk if forced else None,
                            overlap=opts.overlap if forced else None, tile=opts.tile if forced else None,
-                           estimator=estimator)
+                           estimator=estimator, host_bytes=host_memory(model))
 
     def run(plan: Plan) -> dict:
         model.vae.set_attention(plan.attention)
@@ -537,28 +565,61 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
 
 def decode_frames(model: Model, lf: LatentFile, plan: Plan, scaling: float, geometry,
                   guard: PrecisionGuard | None = None) -> Iterator[np.ndarray]:
-    """Decode the latents window by window (tiles inside a window if planned), cross-fading overlaps;
-    yields final uint8 frames (t, H, W, 3) in order, each frame once. Windows whose half-precision result
-    holds inf/NaN are redone wider (`PrecisionGuard`)."""
-    factor = model.vae.config.downscale
-    plan_windows = windows(lf.frames, plan.chunk_frames, plan.overlap)
+    """Decode the latents as the plan says and yield final uint8 frames (t, H, W, 3) in order, each frame once.
+
+    "one-clip" and "stream" decode the whole clip exactly (streamed: layer by layer in pieces, the clip's
+    activations on the device or parked on the host); "windows" decodes cross-faded windows, each one-clip or
+    streamed. Work whose half-precision result holds inf/NaN is redone wider (`PrecisionGuard`)."""
+    count = lf.frames if plan.strategy != "windows" else plan.chunk_frames
+    plan_windows = windows(lf.frames, count, plan.overlap if plan.strategy == "windows" else 0)
     blender = WindowBlender(plan_windows)
     guard = guard or PrecisionGuard(model)
 
-    def decode_window(vae: VAE, dtype: torch.dtype, z: torch.Tensor) -> torch.Tensor:
-        def decode(part: torch.Tensor) -> torch.Tensor:
-            return vae.decode(part, num_frames=part.shape[0], frame_batch=plan.frame_batch)
-
-        z = z.to(dtype)
-        return decode_tiled(decode, z, plan.tiling, factor) if plan.tiling else decode(z)
-
     for window in plan_windows:
-        z = lf.read(window.start, window.end).to(model.device, torch.float32) / scaling
+        z = lf.read(window.start, window.end)
+        z = (z if plan.pieces is not None and plan.pieces.park else z.to(model.device)).float() / scaling
+        what = f"frames {window.start}-{window.end - 1}"
+        if plan.pieces is None:
+            with torch.inference_mode():
+                x = guard(lambda vae, dtype: vae.decode(z.to(dtype), num_frames=z.shape[0],
+                                                        frame_batch=plan.frame_batch), what)
+            parts = [x]
+        else:
+            parts = streamed(guard, z, plan, what)
+        for x in parts:
+            with torch.inference_mode():
+                final = blender.push(x)
+            if final.shape[0]:
+                yield from_model(final, geometry)
+
+
+def streamed(guard: PrecisionGuard, z: torch.Tensor, plan: Plan, what: str) -> Iterator[torch.Tensor]:
+    """Decode one clip z (T, C, h, w) with the streaming executor, yielding its frames a few at a time.
+
+    Half-precision pieces are checked as they are computed, and every check happens before the first frame is
+    handed out, so a clip that overflows is redone in a wider dtype from the start (logged like any fallback)."""
+    dtypes = [guard.model.dtype] + guard.wider()
+    for i, dtype in enumerate(dtypes):
+        vae = guard.model_in(dtype)
         with torch.inference_mode():
-            x = guard(lambda vae, dtype: decode_window(vae, dtype, z), f"frames {window.start}-{window.end - 1}")
-            final = blender.push(x)
-        if final.shape[0]:
-            yield from_model(final, geometry)
+            frames = vae.decode_stream(z.to(dtype), plan.pieces, check_finite=i + 1 < len(dtypes),
+                                       out_chunk=FRAME_OUT)
+            try:
+                first = next(frames, None)
+            except NonFiniteActivation:
+                guard.note(what, dtype, dtypes[i + 1])
+                continue
+        if first is not None:
+            yield first[1]
+        while True:
+            with torch.inference_mode():
+                item = next(frames, None)
+            if item is None:
+                return
+            yield item[1]
+
+
+FRAME_OUT = 4  # frames per block handed from a streamed decode to the writer
 
 
 def flicker(reference: np.ndarray, reconstruction: np.ndarray) -> float:
