@@ -24,6 +24,7 @@ import torch
 
 from vaecli.model.checkpoint import diffusers_config, read_checkpoint, to_layout
 from vaecli.model.config import VAEConfig, load_config
+from vaecli.model.streaming import Pieces
 from vaecli.model.vae import VAE, randomize_weights_
 from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.device import parse_dtype
@@ -84,6 +85,26 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4.0 / mse)).item()
 
 
+def parse_pieces(spec: str) -> Pieces:
+    """"f1,t16,tt16,park" -> Pieces(frames=1, tile=16, time_tile=16, park=True)."""
+    values = {"f": 1, "t": None, "tf": None, "tt": None}
+    park = False
+    for token in spec.split(","):
+        if token == "park":
+            park = True
+            continue
+        key = token.rstrip("0123456789")
+        if key not in values or key == token:
+            raise SystemExit(f"--stream: cannot read {token!r} (f, t, tf, tt followed by a number, or park)")
+        values[key] = int(token[len(key):])
+    return Pieces(values["f"], values["t"], values["tf"], values["tt"], park)
+
+
+def stream_decode(model, z, pieces, sample=False):
+    for _ in model.decode_stream(z, pieces, sample_tiles=sample):
+        pass
+
+
 def print_table(rows: list[dict], gib) -> None:
     print(f"{'case':24} {'vaecli':>9} {'diffusers':>10} {'speedup':>8} {'vaecli peak':>12} {'diff. peak':>11} "
           f"{'vaecli traced':>14} {'diff. traced':>13} {'PSNR vs fp32':>13} {'max |Δ|':>9}")
@@ -108,6 +129,11 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=None)
     parser.add_argument("--size", default=None, help="HxW of the frames, e.g. 576x1024")
     parser.add_argument("--chunk", type=int, default=None, help="also decode in chunks of N frames (num_frames=N)")
+    parser.add_argument("--stream", default=None, metavar="SPEC",
+                        help="run vaecli with the exact streaming executor, e.g. f2,tt16 or f1,t16,tt16,park "
+                             "(f: frames per 2D chunk, t: 2D tile, tf: frames per temporal piece, tt: temporal tile, "
+                             "latent px; park: clip in host memory). Traces then count device bytes only, one "
+                             "piece per loop (equal to the full trace: tests/test_planner.py)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stages", default="decode,encode")
     parser.add_argument("--json", help="write the results here")
@@ -120,6 +146,7 @@ def main() -> None:
     if args.frame_batch is None:
         args.frame_batch = 4 if device.type == "cuda" or args.trace_only else 0
     fb = args.frame_batch or None
+    pieces = parse_pieces(args.stream) if args.stream else None
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     if args.model:
         ckpt = read_checkpoint(args.model)
@@ -151,21 +178,27 @@ def main() -> None:
         if "decode" in args.stages:
             clip = t if args.chunk is None else args.chunk
             zc = torch.empty(clip, *z.shape[1:], device="meta", dtype=dtype)
-            cases.append((f"decode {t}f" + (f" chunks of {clip}" if clip < t else ""),
+            ours_trace = (lambda m: m.decode(zc, frame_batch=fb)) if pieces is None else \
+                (lambda m: stream_decode(m, zc, pieces, sample=True))
+            cases.append((f"decode {t}f" + (f" chunks of {clip}" if clip < t else "") +
+                          (f" stream {args.stream}" if pieces else ""),
                           lambda: torch.cat([ours.decode(z[i:i + clip].to(dtype), num_frames=min(clip, t - i),
-                                                         frame_batch=fb) for i in range(0, t, clip)]),
+                                                         frame_batch=fb, pieces=pieces) for i in range(0, t, clip)]),
                           lambda: torch.cat([theirs.decode(z[i:i + clip].to(dtype), num_frames=min(clip, t - i)).sample
                                              for i in range(0, t, clip)]),
                           lambda: torch.cat([ref32.decode(z[i:i + clip], num_frames=min(clip, t - i))
                                              for i in range(0, t, clip)]),
-                          lambda: traced(lambda: VAE(config).to(dtype), lambda m: m.decode(zc, frame_batch=fb)),
+                          lambda: traced(lambda: VAE(config).to(dtype), ours_trace),
                           lambda: traced(lambda: diffusers_model(config, None, dtype),
                                          lambda m: m.decode(zc, num_frames=clip).sample)))
         if "encode" in args.stages:
             xm = torch.empty(t, 3, h, w, device="meta", dtype=dtype)
-            cases.append((f"encode {t}f", lambda: ours.encode(x.to(dtype), frame_batch=fb),
+            enc_trace = (lambda m: m.encode(xm, frame_batch=fb)) if pieces is None else \
+                (lambda m: m.moments(xm, pieces=pieces, sample_tiles=True))
+            cases.append((f"encode {t}f" + (f" stream {args.stream}" if pieces else ""),
+                          lambda: ours.encode(x.to(dtype), frame_batch=fb, pieces=pieces),
                           lambda: theirs.encode(x.to(dtype)).latent_dist.mode(), lambda: ref32.encode(x),
-                          lambda: traced(lambda: VAE(config).to(dtype), lambda m: m.encode(xm, frame_batch=fb)),
+                          lambda: traced(lambda: VAE(config).to(dtype), enc_trace),
                           lambda: traced(lambda: diffusers_model(config, None, dtype),
                                          lambda m: m.encode(xm).latent_dist.mode())))
         for name, fa, fb_, fr, trace_a, trace_b in cases:
@@ -197,9 +230,9 @@ def main() -> None:
             rows.append(row)
     gib = lambda n: "-" if n is None else format_bytes(n)  # noqa: E731
     if args.trace_only:
-        print(f"{'case':24} {'size':>9} {'dtype':>5} {'vaecli traced':>14} {'diffusers traced':>17} {'ratio':>6}")
+        print(f"{'case':40} {'size':>9} {'dtype':>5} {'vaecli traced':>14} {'diffusers traced':>17} {'ratio':>6}")
         for r in rows:
-            print(f"{r['case']:24} {r['size']:>9} {r['dtype']:>5} {gib(r['vaecli_traced']):>14} "
+            print(f"{r['case']:40} {r['size']:>9} {r['dtype']:>5} {gib(r['vaecli_traced']):>14} "
                   f"{gib(r['diffusers_traced']):>17} {r['memory_ratio']:>5.2f}x")
     else:
         print_table(rows, gib)

@@ -42,8 +42,8 @@ OverwriteOpt = Annotated[bool, typer.Option(help="Replace existing outputs.")]
 SkipOpt = Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose output exists (resume a batch).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary on stderr.")]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
-    help="Memory ceiling, weights included (512MiB, 8GiB); default: what is free on CUDA, half the available "
-         "memory on CPU.")]
+    help="Memory ceiling, weights included (512MiB, 8GiB); default: what is free on CUDA, 40% of the "
+         "available memory on CPU.")]
 ChunkOpt = Annotated[Optional[int], typer.Option(
     help="Force approximate windows of N frames (0 = one clip; default: an exact plan).")]
 OverlapOpt = Annotated[Optional[int], typer.Option(

@@ -195,6 +195,10 @@ class FrameStore:
                                          for i in range(start, end)):
                 base, block = first
                 return block[start - base:end - base]  # a view: no copy
+        if self.device.type == "meta":  # a trace: the copies allocate nothing, only the result counts
+            c, h, w = self.frames[start].shape[1:]
+            return torch.empty((end - start, c, len(range(h)[rows]), len(range(w)[cols])), dtype=self._dtype,
+                               device=self.device, memory_format=CL)
         parts = [(stash[i] if stash and i in stash else self.frames[i])[:, :, rows, cols] for i in range(start, end)]
         out = torch.empty((end - start, *parts[0].shape[1:]), dtype=parts[0].dtype, device=self.device,
                           memory_format=CL)
@@ -204,7 +208,7 @@ class FrameStore:
 
     def write(self, start: int, block: torch.Tensor, rows: slice = slice(None), cols: slice = slice(None)) -> None:
         """Write `block` (n, C, h, w) into the region rows × cols of stored frames [start, start + n)."""
-        if self._shadow:
+        if self.device.type == "meta":  # a trace: copying into stored frames allocates nothing
             return
         for j in range(block.shape[0]):
             self.frames[start + j][:, :, rows, cols].copy_(block[j:j + 1])

@@ -219,15 +219,26 @@ class Estimator:
         return self.cost.predict(base + per_frame * (frames - 1))
 
     def exact(self, backend: AttentionBackend, frames: int, h: int, w: int, frame_batch: int) -> int:
-        """Predicted decode activations of exactly `frames` latent frames with the 2D layers `frame_batch` frames
-        at a time (one trace, memoised): not linear in frames, so only used to check single candidates.
-        Never above `activations(...)`, the unbatched line, which bounds it."""
-        key = ("exact", *self._key(backend), frames, h, w, frame_batch)
+        """Predicted decode activations of `frames` latent frames with the 2D layers `frame_batch` frames at a time.
+
+        The temporal layers hold the whole clip and the 2D layers one batch, so from two batches on the peak is
+        linear in frames along whole batches: traces of 2 and 3 batches give the line, and a partial last batch
+        lies below it. Never above `activations(...)`, the unbatched line, which bounds it too."""
+        key = ("exact", *self._key(backend), h, w, frame_batch)
         if key not in self._exact:
             vae = self._model(backend)
-            z = torch.empty(frames, self.config.latent_channels, h, w, device="meta", dtype=self.dtype)
-            self._exact[key] = traced_peak_bytes(lambda: vae.decode(z, frame_batch=frame_batch))
-        return min(self.cost.predict(self._exact[key]), self.activations("decode", backend, frames, h, w))
+
+            def trace(n: int) -> int:
+                z = torch.empty(n, self.config.latent_channels, h, w, device="meta", dtype=self.dtype)
+                return traced_peak_bytes(lambda: vae.decode(z, frame_batch=frame_batch))
+
+            two, three = trace(2 * frame_batch), trace(3 * frame_batch)
+            self._exact[key] = (two, (three - two) / frame_batch)
+        two, per_frame = self._exact[key]
+        batched = two + per_frame * (-(-frames // frame_batch) * frame_batch - 2 * frame_batch)
+        if frames <= 2 * frame_batch:
+            batched = two
+        return min(self.cost.predict(int(batched)), self.activations("decode", backend, frames, h, w))
 
     def stream(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int, pieces: Pieces,
                phase: str = "") -> int:
@@ -280,8 +291,10 @@ def _backends(attention: str, device: torch.device, budget: int) -> list[Attenti
         if attention not in BACKEND_NAMES:
             raise UsageError(f"unknown attention backend {attention!r}; choose one of: auto, {', '.join(BACKEND_NAMES)}")
         return [AttentionBackend(attention, scratch, "chosen by the user")]
-    return [AttentionBackend(name, scratch, "auto: the fastest backend whose memory fits")
-            for name in AUTO_ORDER if unavailable_reason(name, device) is None]
+    names = [name for name in AUTO_ORDER if unavailable_reason(name, device) is None]
+    if "sdpa" in names and "math" in names:  # math is slower and never smaller
+        names.remove("math")
+    return [AttentionBackend(name, scratch, "auto: the fastest backend whose memory fits") for name in names]
 
 
 def norm_kernels(device: torch.device) -> str:
@@ -397,20 +410,22 @@ def plan_decode(config: VAEConfig, frames: int, latent_hw: tuple[int, int], *, d
         """The best exact plan for a clip of c frames: one clip, else streamed (resident, then parked)."""
         batch_default = FRAME_BATCH if device.type == "cuda" else None
         out = output_bytes(min(c, FRAME_BATCH), h * f, w * f)
+        # every plan that keeps the clip on the device holds its largest activation at least: no trace needed
+        resident_possible = est.clip_store("decode", c - 1, h, w) <= budget
         if tile_side is None:
             for backend in backends:
                 if one_clip_cost(backend, c, False) <= budget:
                     return plan(backend, "one-clip", c, 0, one_clip_cost(backend, c, False),
                                 [f"all {c} frames fit as one clip (exact)", f"attention {backend.name}"],
                                 batch=batch_default)
-            for backend in backends:
+            for backend in backends if resident_possible else []:
                 if one_clip_cost(backend, c, True) <= budget:
                     return plan(backend, "one-clip", c, 0, one_clip_cost(backend, c, True),
                                 [f"all {c} frames fit as one clip (exact) with the 2D layers {FRAME_BATCH} frames at a "
                                  "time", f"attention {backend.name}"], batch=FRAME_BATCH)
         for park in (False, True) if can_park else (False,):
             host = est.clip_store("decode", c, h, w) if park else 0
-            if park and host > host_bytes:
+            if (park and host > host_bytes) or (not park and not resident_possible):
                 continue
             for backend in backends:
                 found = stream_pieces(est, backend, c, h, w, budget, park, out, tile_side)

@@ -430,14 +430,14 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
-CPU_SHARE = 0.5  # on CPU, plan within this share of the available memory: an OOM there is a SIGKILL
+CPU_SHARE = 0.4  # on CPU, plan within this share of the available memory: an OOM there is a SIGKILL
 
 
 def available_memory(model: Model, max_memory: int | None) -> int:
     """Bytes left for activations on the model's device (the weights are already resident).
 
-    CUDA: the device's free memory, capped by `max_memory` (a total that includes the weights). CPU: half of the
-    available memory (the kernel kills a process that runs out; nothing can catch it), and with `max_memory`
+    CUDA: the device's free memory, capped by `max_memory` (a total that includes the weights). CPU:
+    `CPU_SHARE` of the available memory (the kernel kills a process that runs out; nothing can catch it), and with `max_memory`
     the ceiling less what the process already holds (its resident set: Python, torch, the weights), so the
     measured peak RSS stays under it."""
     free = free_memory(model.device)
@@ -586,6 +586,8 @@ def decode_frames(model: Model, lf: LatentFile, plan: Plan, scaling: float, geom
             parts = [x]
         else:
             parts = streamed(guard, z, plan, what)
+            if len(plan_windows) > 1:  # a window is cross-faded whole
+                parts = [torch.cat(list(parts))]
         for x in parts:
             with torch.inference_mode():
                 final = blender.push(x)
