@@ -166,19 +166,24 @@ def test_oom_while_streaming_recovers_with_smaller_pieces(tmp_path, monkeypatch)
             raise torch.OutOfMemoryError("CUDA out of memory (injected, one clip)")
         return real_decode(self, z, *a, **kw)
 
-    def whole_frames_fail(self, z, pieces, *a, **kw):
-        if z.device.type != "meta" and pieces.tile is None:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected, whole frames)")
+    streamed = []
+
+    def first_stream_fails(self, z, pieces, *a, **kw):
+        if z.device.type != "meta":
+            streamed.append(pieces)
+            if len(streamed) == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected, streamed)")
         return real_stream(self, z, pieces, *a, **kw)
 
     real_decode = VAE.decode
     monkeypatch.setattr(VAE, "decode", one_clip_fails)
-    monkeypatch.setattr(VAE, "decode_stream", whole_frames_fail)
+    monkeypatch.setattr(VAE, "decode_stream", first_stream_fails)
     result = CliRunner().invoke(app, ["decode", str(tmp_path / "l.safetensors"), "-m", str(model), "--fps", "8",
                                       "-o", f"{tmp_path}/out/", "--json"])
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     strategies = [r["plan"]["strategy"] for r in data["oom_retries"]]
-    assert strategies[0] == "one-clip" and "stream" in strategies
-    assert data["plan"]["strategy"] == "stream" and data["plan"]["exact"] and data["plan"]["pieces"]["tile_latent"]
+    assert strategies == ["one-clip", "stream"] and "injected, streamed" in data["oom_retries"][1]["error"]
+    assert data["plan"]["strategy"] == "stream" and data["plan"]["exact"]
+    assert data["plan"]["activation_bytes"] <= data["oom_retries"][1]["plan"]["activation_bytes"]
     assert len(list((tmp_path / "out").iterdir())) == 6

@@ -2,14 +2,14 @@
 
 Public API (imported lazily, so `import vaecli` stays cheap):
     load_vae(source=None, *, device="cpu", dtype=torch.float32, attention="auto") -> VAE
-    VAE, VAEConfig
+    VAE, VAEConfig, Pieces (how the exact streaming executor cuts a clip)
 """
 
 from __future__ import annotations
 
 from vaecli._version import __version__
 
-__all__ = ["load_vae", "VAE", "VAEConfig", "__version__"]
+__all__ = ["load_vae", "VAE", "VAEConfig", "Pieces", "__version__"]
 
 
 def __getattr__(name: str):
@@ -21,6 +21,10 @@ def __getattr__(name: str):
         from vaecli.model.vae import VAE
 
         return VAE
+    if name == "Pieces":
+        from vaecli.model.streaming import Pieces
+
+        return Pieces
     if name == "VAEConfig":
         from vaecli.model.config import VAEConfig
 

@@ -182,7 +182,8 @@ class FrameStore:
              stash: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Frames [start, end), region rows × cols, as one `(n, C, h, w)` channels-last tensor on the device.
 
-        stash: frames to read instead of the stored ones (their values before an in-place update)."""
+        stash: regions (rows × cols) to read instead of the stored frames' (their values before an in-place
+            update)."""
         whole = rows == slice(None) and cols == slice(None)
         if self._shadow:
             c, h, w = self._shapes[start]
@@ -199,7 +200,7 @@ class FrameStore:
             c, h, w = self.frames[start].shape[1:]
             return torch.empty((end - start, c, len(range(h)[rows]), len(range(w)[cols])), dtype=self._dtype,
                                device=self.device, memory_format=CL)
-        parts = [(stash[i] if stash and i in stash else self.frames[i])[:, :, rows, cols] for i in range(start, end)]
+        parts = [stash[i] if stash and i in stash else self.frames[i][:, :, rows, cols] for i in range(start, end)]
         out = torch.empty((end - start, *parts[0].shape[1:]), dtype=parts[0].dtype, device=self.device,
                           memory_format=CL)
         for j, part in enumerate(parts):
@@ -213,12 +214,13 @@ class FrameStore:
         for j in range(block.shape[0]):
             self.frames[start + j][:, :, rows, cols].copy_(block[j:j + 1])
 
-    def original(self, start: int, end: int, stash: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Frames [start, end) as they are before an in-place update overwrites them: from `stash` (frames kept
-        earlier) or copied."""
+    def original(self, start: int, end: int, stash: dict[int, torch.Tensor], rows: slice = slice(None),
+                 cols: slice = slice(None)) -> dict[int, torch.Tensor]:
+        """Region rows × cols of frames [start, end) as it is before an in-place update overwrites it: from `stash`
+        (regions kept earlier) or copied."""
         if self._shadow:
             return {}
-        return {i: stash[i] if i in stash else self.frames[i].clone()
+        return {i: stash[i] if i in stash else self.frames[i][:, :, rows, cols].clone()
                 for i in range(max(0, start), min(self.count, end))}
 
     def gather(self) -> torch.Tensor:
@@ -549,23 +551,27 @@ class Streamer:
         if alpha_frames is None:
             dtype = store.dtype()
             scalar = blend_alpha(block.mix_factor, block.merge_strategy).to(dtype)
-        stash: dict[int, torch.Tensor] = {}
-        for k, (a, b) in enumerate(chunks):
-            keep = store.original(b - 2 * halo, b, stash) if b < count else {}
-            lo2, hi2 = grown(a, b, 2 * halo, count)
-            lo1, hi1 = grown(a, b, halo, count)
-            for rows, cols, *_ in (tiles if self.computed(k, len(chunks)) else []):
-                x = store.read(lo2, hi2, rows, cols, stash)
-                h = temporal(affine_silu(x, s1), conv1)[lo1 - lo2:hi1 - lo2]
-                g = affine_silu(h, s2)
-                del h
-                if scalar is not None:
-                    u = temporal(g, conv2, scale=scalar)[a - lo1:b - lo1]
-                else:
-                    u = temporal(g, conv2)[a - lo1:b - lo1] * alpha_frames[a:b].to(g)[:, None, None, None]
-                store.write(a, self.checked(u.add_(x[a - lo2:b - lo2])), rows, cols)
-                del x, g, u
-            stash = keep
+        # tile-major: a tile goes through all frame chunks before the next tile, so only its region of the frames
+        # the next chunk reads as halo is kept aside before the chunk is overwritten
+        for rows, cols, *_ in tiles:
+            stash: dict[int, torch.Tensor] = {}
+            for k, (a, b) in enumerate(chunks):
+                keep = store.original(b - 2 * halo, b, stash, rows, cols) if b < count else {}
+                if self.computed(k, len(chunks)):
+                    lo2, hi2 = grown(a, b, 2 * halo, count)
+                    lo1, hi1 = grown(a, b, halo, count)
+                    x = store.read(lo2, hi2, rows, cols, stash)
+                    h = temporal(affine_silu(x, s1), conv1)[lo1 - lo2:hi1 - lo2]
+                    g = affine_silu(h, s2)
+                    del h
+                    if scalar is not None:
+                        u = temporal(g, conv2, scale=scalar)[a - lo1:b - lo1]
+                    else:
+                        u = temporal(g, conv2)[a - lo1:b - lo1] * alpha_frames[a:b].to(g)[:, None, None, None]
+                    store.write(a, self.checked(u.add_(x[a - lo2:b - lo2])), rows, cols)
+                    del x, g, u
+                stash = keep
+            del stash, keep
 
     def time_mix(self, store: FrameStore, layer: nn.Module) -> None:
         """AE3DConv's time_mix_conv over the clip, in place (no residual)."""
@@ -573,16 +579,18 @@ class Streamer:
         count = len(store)
         _, height, width = store.shape()
         halo = conv.weight.shape[2] // 2
-        stash: dict[int, torch.Tensor] = {}
         chunks = self.time_chunks(count)
-        for k, (a, b) in enumerate(chunks):
-            keep = store.original(b - halo, b, stash) if b < count else {}
-            lo, hi = grown(a, b, halo, count)
-            for rows, cols, *_ in (self.time_tiles(height, width) if self.computed(k, len(chunks)) else []):
-                y = temporal(store.read(lo, hi, rows, cols, stash), conv)[a - lo:b - lo]
-                store.write(a, self.checked(y), rows, cols)
-                del y
-            stash = keep
+        for rows, cols, *_ in self.time_tiles(height, width):  # tile-major, as in time_stack
+            stash: dict[int, torch.Tensor] = {}
+            for k, (a, b) in enumerate(chunks):
+                keep = store.original(b - halo, b, stash, rows, cols) if b < count else {}
+                if self.computed(k, len(chunks)):
+                    lo, hi = grown(a, b, halo, count)
+                    y = temporal(store.read(lo, hi, rows, cols, stash), conv)[a - lo:b - lo]
+                    store.write(a, self.checked(y), rows, cols)
+                    del y
+                stash = keep
+            del stash, keep
 
     def video_attn(self, store: FrameStore, block: nn.Module, alpha_frames: torch.Tensor | None) -> None:
         """A VideoBlock, in place: spatial attention per frame (stored for the clip), then attention along time per

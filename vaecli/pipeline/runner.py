@@ -586,8 +586,11 @@ def decode_frames(model: Model, lf: LatentFile, plan: Plan, scaling: float, geom
             parts = [x]
         else:
             parts = streamed(guard, z, plan, what)
-            if len(plan_windows) > 1:  # a window is cross-faded whole
-                parts = [torch.cat(list(parts))]
+            if len(plan_windows) == 1:  # one clip, streamed: its frames are final as they come
+                for x in parts:
+                    yield from_model(x, geometry)
+                return
+            parts = [torch.cat(list(parts))]  # a window is cross-faded whole
         for x in parts:
             with torch.inference_mode():
                 final = blender.push(x)
