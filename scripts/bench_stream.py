@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from vaecli.model.checkpoint import build_vae, bundled_model_path, read_checkpoint
+from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.device import parse_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,7 +43,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
     ckpt = read_checkpoint(args.model or bundled_model_path())
-    vae = build_vae(ckpt.config, ckpt.state, device=device, dtype=dtype)
+    vae = build_vae(ckpt.config, ckpt.state, device=device, dtype=dtype, attention=AttentionBackend("sdpa"))
     f = ckpt.config.downscale
     h, w = (int(v) // f for v in args.size.split("x"))
     z = torch.randn(args.frames, ckpt.config.latent_channels, h, w, generator=torch.Generator().manual_seed(0))

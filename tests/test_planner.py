@@ -117,8 +117,8 @@ def test_decode_strategies_in_order():
     below = int(batched.activation_bytes * 0.8)
     mid = plan_decode(config, 12, (32, 32), available_bytes=below, **kw)
     assert mid.strategy == "stream" and mid.exact and mid.activation_bytes <= below and not mid.pieces.park
-    small = plan_decode(config, 12, (32, 32), available_bytes=one // 6, **kw)
-    assert small.strategy == "stream" and small.exact and small.activation_bytes <= one // 6
+    small = plan_decode(config, 12, (32, 32), available_bytes=one // 3, **kw)
+    assert small.strategy == "stream" and small.exact and small.activation_bytes <= one // 3
     assert plan_size(small) < plan_size(mid)
     # on a CPU device nothing is parked: when even the smallest pieces do not fit, fixed approximate windows
     tiny = plan_decode(config, 40, (32, 32), available_bytes=1, **kw)
@@ -166,11 +166,13 @@ def test_stream_memory_prediction_bounds_the_full_trace():
         def full():
             for _ in vae.decode_stream(z, pieces):
                 pass
-        assert est.stream("decode", AttentionBackend("sdpa"), 9, 20, 24, pieces) == traced_peak_bytes(full), pieces
+        # equal up to a few small statistics tensors (fp64 means and M2 of the pieces): ≤ 0.5%
+        sampled, exact = est.stream("decode", AttentionBackend("sdpa"), 9, 20, 24, pieces), traced_peak_bytes(full)
+        assert abs(sampled - exact) <= 0.005 * exact, (pieces, sampled, exact)
     x = torch.empty(1, 3, 96, 80, device="meta")
     for pieces in (Pieces(1, 4), Pieces(1, 3, park=True)):
         full = traced_peak_bytes(lambda: vae.moments(x, pieces=pieces))
-        assert est.stream("encode", AttentionBackend("sdpa"), 1, 96, 80, pieces) == full
+        assert abs(est.stream("encode", AttentionBackend("sdpa"), 1, 96, 80, pieces) - full) <= 0.005 * full
 
 
 def test_encode_plan_batches_shrink_with_budget():
@@ -290,12 +292,20 @@ def test_oom_that_never_ends_is_a_clean_error(tmp_path, tiny8_file, monkeypatch)
 
     real_decode = VAE.decode
 
+    real_stream = VAE.decode_stream
+
     def always(self, z, num_frames=None, **kw):
         if z.device.type == "meta":
             return real_decode(self, z, num_frames, **kw)
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
+    def always_streamed(self, z, *args, **kw):
+        if z.device.type == "meta":
+            return real_stream(self, z, *args, **kw)
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
     monkeypatch.setattr(VAE, "decode", always)
+    monkeypatch.setattr(VAE, "decode_stream", always_streamed)
     result = CliRunner().invoke(app, ["decode", str(tmp_path / "l.safetensors"), "-m", str(tiny8_file), "--fps", "8"])
     assert result.exit_code == 1 and "out of memory on cpu after 5 attempts" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.safetensors", "tiny8.safetensors"]
@@ -308,10 +318,10 @@ def test_encode_recovers_from_oom_with_smaller_batches(tmp_path, tiny8_file, mon
                                str(tmp_path / "ref.safetensors")]).exit_code == 0
     real = VAE.moments
 
-    def failing(self, x, frame_batch=None):
+    def failing(self, x, *args, **kwargs):
         if x.device.type != "meta" and x.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(self, x, frame_batch)
+        return real(self, x, *args, **kwargs)
 
     monkeypatch.setattr(VAE, "moments", failing)
     result = runner.invoke(app, ["encode", str(tmp_path / "v.mp4"), "-m", str(tiny8_file), "--json"])
@@ -334,10 +344,11 @@ def test_plan_command(tmp_path, tiny8_file):
     assert {"attention", "chunk_frames", "overlap", "exact", "pieces", "predicted_peak_bytes"} <= set(data)
     assert data["strategy"] == "one-clip" and data["chunk_frames"] == 25 and data["encode"]["batch_frames"] >= 1
     assert data["exact"] is True and data["pieces"] is None
+    limit = str(data["predicted_peak_bytes"] - 1)  # just below one clip: batched 2D layers or streamed, exact
     small = json.loads(runner.invoke(app, ["plan", str(tmp_path / "v.mp4"), "-m", str(tiny8_file), "--json",
-                                           "--max-memory", "3MiB", "--device", "cpu"]).stdout)
-    assert small["predicted_peak_bytes"] < data["predicted_peak_bytes"] and small["strategy"] == "stream"
-    assert small["exact"] is True and small["pieces"]["frames"] >= 1
+                                           "--max-memory", limit, "--device", "cpu"]).stdout)
+    assert small["predicted_peak_bytes"] < data["predicted_peak_bytes"] and small["exact"] is True
+    assert small["strategy"] == "stream" or small["frame_batch"] == 4
     svd = runner.invoke(app, ["plan", str(tmp_path / "v.mp4"), "--config", "svd-vae", "--frames", "14"])
     assert svd.exit_code == 0 and "decode:" in svd.stdout and "why:" in svd.stdout
     assert runner.invoke(app, ["plan", str(tmp_path / "v.mp4"), "--max-memory", "lots", "-m",

@@ -123,7 +123,13 @@ def test_store_reads_views_and_regions():
     whole = store.read(1, 3)
     assert whole.data_ptr() == block[1:3].data_ptr()  # frames written together read back as a view
     part = store.read(0, 4, slice(1, 4), slice(2, 5))
-    assert torch.equal(part, block[:, :, 1:4, 2:5]) and part.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(part, block[:, :, 1:4, 2:5]) and store.holds(part, 0)  # regions are views too
+    apart = FrameStore(2, torch.device("cpu"))
+    apart.put(0, block[:1].clone())
+    apart.put(1, block[1:2].clone())
+    copied = apart.read(0, 2, slice(1, 4), slice(2, 5))  # frames in two tensors: one contiguous copy
+    assert torch.equal(copied, block[:2, :, 1:4, 2:5]) and copied.is_contiguous(memory_format=torch.channels_last)
+    assert not apart.holds(copied, 0)
     parked = FrameStore(4, torch.device("cpu"), park=True)
     parked.put(0, block)
     assert torch.equal(parked.read(0, 4), block) and parked.read(0, 4).data_ptr() != block.data_ptr()

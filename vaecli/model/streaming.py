@@ -184,18 +184,17 @@ class FrameStore:
 
         stash: regions (rows × cols) to read instead of the stored frames' (their values before an in-place
             update)."""
-        whole = rows == slice(None) and cols == slice(None)
         if self._shadow:
             c, h, w = self._shapes[start]
             h = len(range(h)[rows])
             w = len(range(w)[cols])
             return torch.empty((end - start, c, h, w), dtype=self._dtype, device=self.device, memory_format=CL)
-        if whole and not self.park and not (stash and any(start <= i < end for i in stash)):
+        if not self.park and not (stash and any(start <= i < end for i in stash)):
             first = self._block_of[start]
             if first is not None and all(self._block_of[i] is not None and self._block_of[i][1] is first[1]
                                          for i in range(start, end)):
                 base, block = first
-                return block[start - base:end - base]  # a view: no copy
+                return block[start - base:end - base, :, rows, cols]  # a view: no copy
         if self.device.type == "meta":  # a trace: the copies allocate nothing, only the result counts
             c, h, w = self.frames[start].shape[1:]
             return torch.empty((end - start, c, len(range(h)[rows]), len(range(w)[cols])), dtype=self._dtype,
@@ -206,6 +205,12 @@ class FrameStore:
         for j, part in enumerate(parts):
             out[j:j + 1].copy_(part)
         return out
+
+    def holds(self, x: torch.Tensor, start: int) -> bool:
+        """Whether x is a view of the stored frames from `start` on (a result computed into it is stored)."""
+        frame = self.frames[start]
+        return (frame is not None and x.device == frame.device and x.device.type != "meta"
+                and x.untyped_storage().data_ptr() == frame.untyped_storage().data_ptr())
 
     def write(self, start: int, block: torch.Tensor, rows: slice = slice(None), cols: slice = slice(None)) -> None:
         """Write `block` (n, C, h, w) into the region rows × cols of stored frames [start, start + n)."""
@@ -250,18 +255,21 @@ class Moments:
         self.m2: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, frame: int = 0) -> None:
-        """x: a piece (n, C, h, w); for per-frame statistics its frames are frames frame..frame+n of the chunk."""
+        """x: a piece (n, C, h, w); for per-frame statistics its frames are frames frame..frame+n of the chunk.
+
+        Two passes over the piece in fp32: sums give each group's mean, then the squared deviations about it."""
         n, c, h, w = x.shape
         g = self.groups
-        pixels = x.float().permute(0, 2, 3, 1).reshape(n, h * w, g, c // g)  # (frame, pixel, group, channel)
-        if self.per_frame:
-            var, mean = torch.var_mean(pixels, dim=(1, 3), correction=0)  # (n, G)
-            count = h * w * (c // g)
-        else:
-            var, mean = torch.var_mean(pixels, dim=(0, 1, 3), correction=0)
-            var, mean = var[None], mean[None]  # (1, G)
-            count = n * h * w * (c // g)
-        mean, m2 = mean.double(), var.double() * count
+        per_group = c // g
+        pixels = x.float().permute(0, 2, 3, 1)  # (frame, h, w, C): a view for channels-last pieces
+        pixels = pixels.reshape(n, h * w, c) if self.per_frame else pixels.reshape(1, n * h * w, c)
+        count = pixels.shape[1] * per_group
+        sums = pixels.sum(dim=1)  # (rows, C)
+        mean = sums.view(-1, g, per_group).sum(-1) / count  # (rows, G)
+        deviations = pixels - mean.repeat_interleave(per_group, dim=1)[:, None, :]
+        m2 = deviations.square_().sum(dim=1).view(-1, g, per_group).sum(-1)  # (rows, G)
+        del deviations
+        mean, m2 = mean.double(), m2.double()
         if self.per_frame:
             self._add_rows(frame, n, count, mean, m2)
             return
@@ -278,7 +286,7 @@ class Moments:
         for j in range(n):
             key = frame + j
             if key not in self.rows:
-                self.rows[key] = (count, mean[j], m2[j])
+                self.rows[key] = (count, mean[j].clone(), m2[j].clone())  # not views that keep the piece's rows
                 continue
             n0, mean0, m20 = self.rows[key]
             total = n0 + count
@@ -371,6 +379,13 @@ class Streamer:
             for x0, x1 in spans(width, side):
                 out.append((slice(y0, y1), slice(x0, x1), y0, y1, x0, x1))
         return out[:1] if self.sample_tiles else out
+
+    def tile_count(self, height: int, width: int, tile: int | None) -> int:
+        """How many tiles `tiles` cuts a plane into (also when a trace samples only the first)."""
+        if tile is None:
+            return 1
+        side = max(1, tile * height // self.latent_h)
+        return len(spans(height, side)) * len(spans(width, side))
 
     def checked(self, x: torch.Tensor) -> torch.Tensor:
         if self.check_finite and x.dtype != torch.float32 and x.device.type != "meta" and not bool(torch.isfinite(x).all()):
@@ -540,6 +555,12 @@ class Streamer:
         s1 = self.clip_moments(store, norm1)
         moments = Moments(norm2.num_groups, per_frame=False)
         chunks = self.time_chunks(count)
+        scalar = None
+        if alpha_frames is None:
+            scalar = blend_alpha(block.mix_factor, block.merge_strategy).to(store.dtype())
+        if len(chunks) == 1 and self.tile_count(height, width, self.pieces.time_tile) == 1:  # one piece: no recompute
+            self.time_stack_whole(store, stack, s1, moments, scalar, alpha_frames)
+            return
         for k, (a, b) in enumerate(chunks):
             lo, hi = grown(a, b, halo, count)
             for rows, cols, *_ in (tiles if self.computed(k, len(chunks)) else []):
@@ -547,10 +568,6 @@ class Streamer:
                 moments.add(h[a - lo:b - lo])
                 del h
         s2 = moments.affine(norm2)
-        scalar = None
-        if alpha_frames is None:
-            dtype = store.dtype()
-            scalar = blend_alpha(block.mix_factor, block.merge_strategy).to(dtype)
         # tile-major: a tile goes through all frame chunks before the next tile, so only its region of the frames
         # the next chunk reads as halo is kept aside before the chunk is overwritten
         for rows, cols, *_ in tiles:
@@ -568,10 +585,36 @@ class Streamer:
                         u = temporal(g, conv2, scale=scalar)[a - lo1:b - lo1]
                     else:
                         u = temporal(g, conv2)[a - lo1:b - lo1] * alpha_frames[a:b].to(g)[:, None, None, None]
-                    store.write(a, self.checked(u.add_(x[a - lo2:b - lo2])), rows, cols)
-                    del x, g, u
+                    out = x[a - lo2:b - lo2]
+                    if store.holds(out, a):  # x is a view of the stored frames: add the update in place
+                        self.checked(out.add_(u))
+                    else:
+                        store.write(a, self.checked(u.add_(out)), rows, cols)
+                    del x, g, u, out
                 stash = keep
             del stash, keep
+
+    def time_stack_whole(self, store: FrameStore, stack: nn.Module, s1, moments: Moments, scalar, alpha_frames) -> None:
+        """`time_stack` when one piece is the whole clip: as the one-clip block (conv1's output kept, conv2
+        accumulated into the stored frames), with norm2's statistics from a pass over conv1's output."""
+        conv1, conv2, norm2 = stack.in_layers[2], stack.out_layers[3], stack.out_layers[0]
+        x = store.read(0, len(store))
+        h = temporal(affine_silu(x, s1), conv1)
+        moments.add(h)
+        g = affine_silu(h, moments.affine(norm2))
+        del h
+        if scalar is not None and store.holds(x, 0) and x.is_contiguous(memory_format=CL):
+            clip = g.permute(0, 2, 3, 1)[None]
+            temporal_conv(clip, conv2.weight, conv2.bias, into=x.permute(0, 2, 3, 1)[None], scale=scalar)
+            self.checked(x)
+            return
+        u = temporal(g, conv2, scale=scalar) if scalar is not None else \
+            temporal(g, conv2) * alpha_frames.to(g)[:, None, None, None]
+        del g
+        if store.holds(x, 0):
+            self.checked(x.add_(u))
+        else:
+            store.write(0, self.checked(u.add_(x)))
 
     def time_mix(self, store: FrameStore, layer: nn.Module) -> None:
         """AE3DConv's time_mix_conv over the clip, in place (no residual)."""
