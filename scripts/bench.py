@@ -88,16 +88,16 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def parse_pieces(spec: str) -> Pieces:
     """"f1,t16,tt16,park" -> Pieces(frames=1, tile=16, time_tile=16, park=True)."""
     values = {"f": 1, "t": None, "tf": None, "tt": None}
-    park = False
+    park = keep = False
     for token in spec.split(","):
-        if token == "park":
-            park = True
+        if token in ("park", "keep"):
+            park, keep = park or token == "park", keep or token == "keep"
             continue
         key = token.rstrip("0123456789")
         if key not in values or key == token:
-            raise SystemExit(f"--stream: cannot read {token!r} (f, t, tf, tt followed by a number, or park)")
+            raise SystemExit(f"--stream: cannot read {token!r} (f, t, tf, tt followed by a number, park or keep)")
         values[key] = int(token[len(key):])
-    return Pieces(values["f"], values["t"], values["tf"], values["tt"], park)
+    return Pieces(values["f"], values["t"], values["tf"], values["tt"], park, keep)
 
 
 def stream_decode(model, z, pieces, sample=False):
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--stream", default=None, metavar="SPEC",
                         help="run vaecli with the exact streaming executor, e.g. f2,tt16 or f1,t16,tt16,park "
                              "(f: frames per 2D chunk, t: 2D tile, tf: frames per temporal piece, tt: temporal tile, "
-                             "latent px; park: clip in host memory). Traces then count device bytes only, one "
+                             "latent px; park: clip in host memory; keep: conv1 outputs kept per chunk in tiled 2D layers). Traces then count device bytes only, one "
                              "piece per loop (equal to the full trace: tests/test_planner.py)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stages", default="decode,encode")

@@ -128,7 +128,7 @@ class Plan:
         if self.pieces is not None:
             p = self.pieces
             pieces = {"frames": p.frames, "tile_latent": p.tile, "time_frames": p.time_frames,
-                      "time_tile_latent": p.time_tile, "parked": p.park}
+                      "time_tile_latent": p.time_tile, "parked": p.park, "keep_conv1": p.keep}
         return {"stage": self.stage, "device": self.device, "dtype": self.dtype, "attention": self.attention.name,
                 "strategy": self.strategy, "exact": self.exact,
                 "chunk_frames": self.chunk_frames if self.stage == "decode" else None,
@@ -347,17 +347,20 @@ def stream_pieces(est: Estimator, backend: AttentionBackend, frames: int, h: int
     def cost(p: Pieces) -> int:
         return est.stream("decode", backend, frames, h, w, p) + out_bytes
 
+    # 2D cuts (frames, tile, keep conv1 outputs); tiled cuts keep conv1's output per chunk where that fits
     if tile is not None:
-        spatial = [(1, tile)]
+        spatial = [(1, tile, True), (1, tile, False)]
         temporal = [(None, tile)] + [(f, tile) for f in (8, 4, 2, 1) if f < frames]
     else:
         sides = tile_sides(h, w)
-        spatial = [(c, None) for c in (4, 2, 1) if c < frames] + [(1, s) for s in sides]
-        if frames == 1 or not spatial:
-            spatial = [(1, None)] + [(1, s) for s in sides]
+        tiled = [(1, s, keep) for s in sides for keep in (True, False)]
+        spatial = [(c, None, False) for c in (4, 2, 1) if c < frames] + tiled
+        if frames == 1 or len(spatial) == len(tiled):
+            spatial = [(1, None, False)] + tiled
         temporal = [(None, None)] + [(None, s) for s in sides] + [(f, MIN_TILE) for f in (8, 4, 2, 1) if f < frames]
+
     def fits(s_opt, t_opt) -> tuple[bool, bool]:
-        p = Pieces(s_opt[0], s_opt[1], t_opt[0], t_opt[1], park)
+        p = Pieces(s_opt[0], s_opt[1], t_opt[0], t_opt[1], park, s_opt[2])
         return (est.stream("decode", backend, frames, h, w, p, "2d") + out_bytes <= budget,
                 est.stream("decode", backend, frames, h, w, p, "temporal") + out_bytes <= budget)
 
@@ -370,7 +373,7 @@ def stream_pieces(est: Estimator, backend: AttentionBackend, frames: int, h: int
         ok_2d, ok_time = fits(spatial[s_mid], temporal[t_mid])
         s_lo, s_hi = (s_lo, s_mid) if ok_2d else (s_mid + 1, s_hi)
         t_lo, t_hi = (t_lo, t_mid) if ok_time else (t_mid + 1, t_hi)
-    pieces = Pieces(spatial[s_lo][0], spatial[s_lo][1], temporal[t_lo][0], temporal[t_lo][1], park)
+    pieces = Pieces(spatial[s_lo][0], spatial[s_lo][1], temporal[t_lo][0], temporal[t_lo][1], park, spatial[s_lo][2])
     return pieces, cost(pieces)
 
 
