@@ -55,6 +55,18 @@ class VAE(nn.Module):
         if x.shape[-2] % multiple or x.shape[-1] % multiple:
             raise UsageError(f"{what} height and width must be multiples of {multiple}, got {tuple(x.shape[-2:])}")
 
+    def _check_latents(self, z: torch.Tensor, num_frames: int | None, image_only: torch.Tensor | None
+                       ) -> tuple[int, int]:
+        """Validate decode arguments; returns (frames, frames per clip)."""
+        self._check_frames(z, self.config.latent_channels, "latents")
+        frames = z.shape[0]
+        num_frames = frames if num_frames is None else num_frames
+        if num_frames < 1 or frames % num_frames:
+            raise UsageError(f"{frames} latent frames do not split into clips of {num_frames} frames")
+        if image_only is not None and image_only.shape != (frames,):
+            raise UsageError(f"image_only must have shape ({frames},), got {tuple(image_only.shape)}")
+        return frames, num_frames
+
     def moments(self, x: torch.Tensor, frame_batch: int | None = None, pieces: Pieces | None = None,
                 sample_tiles: bool = False) -> torch.Tensor:
         """Frames (T, 3, H, W) in [-1, 1] -> the posterior's moments (T, 2C, H/8, W/8): mean, then log-variance.
@@ -107,13 +119,7 @@ class VAE(nn.Module):
             parts = [x for _, x in self.decode_stream(z, pieces, num_frames, per_frame=per_frame,
                                                       image_only=image_only)]
             return torch.cat(parts).contiguous(memory_format=torch.channels_last)
-        self._check_frames(z, self.config.latent_channels, "latents")
-        frames = z.shape[0]
-        num_frames = frames if num_frames is None else num_frames
-        if num_frames < 1 or frames % num_frames:
-            raise UsageError(f"{frames} latent frames do not split into clips of {num_frames} frames")
-        if image_only is not None and image_only.shape != (frames,):
-            raise UsageError(f"image_only must have shape ({frames},), got {tuple(image_only.shape)}")
+        frames, num_frames = self._check_latents(z, num_frames, image_only)
         _check_frame_batch(frame_batch)
         z = z.contiguous(memory_format=torch.channels_last)
         if self.config.post_quant_conv:
@@ -133,13 +139,7 @@ class VAE(nn.Module):
         `NonFiniteActivation` as soon as a half-precision piece holds inf/NaN. sample_tiles, phase: memory traces
         only (see `Streamer`).
         """
-        self._check_frames(z, self.config.latent_channels, "latents")
-        frames = z.shape[0]
-        num_frames = frames if num_frames is None else num_frames
-        if num_frames < 1 or frames % num_frames:
-            raise UsageError(f"{frames} latent frames do not split into clips of {num_frames} frames")
-        if image_only is not None and image_only.shape != (frames,):
-            raise UsageError(f"image_only must have shape ({frames},), got {tuple(image_only.shape)}")
+        frames, num_frames = self._check_latents(z, num_frames, image_only)
         skip = not self.config.is_video or per_frame
         stages = self.decoder.stages(Clips(num_frames, skip_video=skip))
         if self.config.post_quant_conv:
