@@ -144,7 +144,12 @@ def test_cli_streams_exactly_and_says_so(tmp_path):
     save_file({"latents": z.contiguous()}, str(tmp_path / "l.safetensors"))
     runner = CliRunner()
     outs = {}
-    for name, extra in (("one", ["--chunk", "0"]), ("tiles", ["--tile", "4"]), ("auto", ["--max-memory", "1MiB"])):
+    # on CPU a --max-memory ceiling that nothing fits is refused before any work
+    tight = runner.invoke(app, ["decode", str(tmp_path / "l.safetensors"), "-m", str(model), "--fps", "8",
+                                "-o", f"{tmp_path}/tight/", "--max-memory", "1MiB"])
+    assert tight.exit_code == 1 and "--max-memory 1.00 MiB is too small" in tight.stderr
+    assert not (tmp_path / "tight").exists()
+    for name, extra in (("one", ["--chunk", "0"]), ("tiles", ["--tile", "4"])):
         result = runner.invoke(app, ["decode", str(tmp_path / "l.safetensors"), "-m", str(model), "--fps", "8",
                                      "-o", f"{tmp_path}/{name}/", "--json", *extra])
         assert result.exit_code == 0, result.stderr

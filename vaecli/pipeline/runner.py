@@ -466,6 +466,15 @@ def enforce_max_memory(device: torch.device, max_memory: int | None) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory / total), device)
 
 
+def check_ceiling(plan: Plan, max_memory: int | None) -> Plan:
+    """On CPU a `--max-memory` ceiling that even the smallest plan exceeds is refused before any work: going over
+    it would break the promise, and running out there is a SIGKILL (on CUDA torch's memory fraction enforces it)."""
+    if max_memory is not None and plan.device == "cpu" and not plan.fits:
+        raise OutOfMemory(f"--max-memory {format_bytes(max_memory)} is too small: the smallest plan needs about "
+                          f"{format_bytes(plan.activation_bytes - plan.budget_bytes + max_memory)}; raise it")
+    return plan
+
+
 def with_oom_recovery(plan_for: Callable[[int | None], Plan], run: Callable[[Plan], dict], device: torch.device,
                       quiet: bool) -> dict:
     """Run `run(plan_for(None))`; on out-of-memory free the cache, re-plan with half the failed plan's predicted
@@ -522,11 +531,12 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
 
     def plan_for(budget: int | None) -> Plan:
         forced = budget is None
-        return plan_decode(cfg, lf.frames, (lf.shape[2], lf.shape[3]), device=model.device, dtype=model.dtype,
+        plan = plan_decode(cfg, lf.frames, (lf.shape[2], lf.shape[3]), device=model.device, dtype=model.dtype,
                            available_bytes=available_memory(model, opts.max_memory) if forced else budget,
                            attention=opts.attention, chunk=opts.chunk if forced else None,
                            overlap=opts.overlap if forced else None, tile=opts.tile if forced else None,
                            estimator=estimator, host_bytes=host_memory(model))
+        return check_ceiling(plan, opts.max_memory if forced else None)
 
     def run(plan: Plan) -> dict:
         model.vae.set_attention(plan.attention)
