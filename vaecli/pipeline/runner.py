@@ -307,10 +307,11 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
 
     def plan_for(budget: int | None) -> Plan:
         forced = budget is None
-        return plan_encode(cfg, expected, (geometry.processed[1], geometry.processed[0]), device=model.device,
+        plan = plan_encode(cfg, expected, (geometry.processed[1], geometry.processed[0]), device=model.device,
                            dtype=model.dtype, attention=opts.attention, batch=opts.batch if forced else None,
                            available_bytes=available_memory(model, opts.max_memory) if forced else budget,
                            estimator=estimator, host_bytes=host_memory(model))
+        return check_ceiling(plan, opts.max_memory if forced else None)
 
     def run(plan: Plan) -> dict:
         model.vae.set_attention(plan.attention)
