@@ -532,9 +532,8 @@ def plan(
     from vaecli.pipeline.frames import parse_size, plan_geometry
     from vaecli.pipeline.latents_io import open_latents
     from vaecli.pipeline.planner import parse_bytes, plan_decode, plan_encode
-    from vaecli.pipeline.runner import CPU_SHARE
+    from vaecli.pipeline.runner import default_budget, host_memory
     from vaecli.pipeline.video_io import FrameSource, Selection
-    import torch
 
     _check_windows(chunk, overlap, tile)
     if model is not None:
@@ -546,10 +545,8 @@ def plan(
     dev = parse_device(device)
     dt = resolve_dtype(dtype, dev)
     limit = parse_bytes(max_memory)
-    free = free_memory(dev)
-    share = int(free * CPU_SHARE) if dev.type == "cpu" and limit is None else free
-    available = share if limit is None else min(free, limit)
-    host = None if dev.type == "cpu" else int(free_memory(torch.device("cpu")) * CPU_SHARE)
+    available = default_budget(dev) if limit is None else min(free_memory(dev), limit)
+    host = host_memory(dev)
     result: dict = {"input": input, "model": cfg.name}
     if _file_kind(Path(input)) == "latents":
         lf = open_latents(input)

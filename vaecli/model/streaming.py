@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vaecli.model.blocks import Stage, pointwise
-from vaecli.model.temporal import blend_alpha, frame_embedding
+from vaecli.model.blocks import Clips, Stage, pointwise
+from vaecli.model.temporal import blend_alpha, frame_embedding, image_frames_alpha
 from vaecli.ops.conv import temporal_conv
 
 CL = torch.channels_last
@@ -133,11 +133,7 @@ class FrameStore:
                 self.frames[start + i] = None
             return
         if self.park:
-            n, c, h, w = block.shape
-            host = torch.empty((n, h, w, c), dtype=block.dtype, pin_memory=self.device.type == "cuda")
-            host = host.permute(0, 3, 1, 2)  # (n, C, H, W), channels-last
-            host.copy_(block)
-            block = host
+            block = self._host_empty(tuple(block.shape), block.dtype).copy_(block)
         else:
             block = block.to(self.device).contiguous(memory_format=CL)
         for i in range(n):
@@ -152,12 +148,23 @@ class FrameStore:
                 self._shapes[i] = (channels, height, width)
                 continue
             if self.park:
-                frame = torch.empty((1, height, width, channels), dtype=dtype, pin_memory=self.device.type == "cuda")
-                frame = frame.permute(0, 3, 1, 2)  # (1, C, H, W), channels-last
+                frame = self._host_empty((1, channels, height, width), dtype)
             else:
                 frame = torch.empty((1, channels, height, width), dtype=dtype, device=self.device, memory_format=CL)
             self.frames[i] = frame
             self._block_of[i] = (i, frame)
+
+    def _host_empty(self, shape: tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:
+        """An empty channels-last (n, C, H, W) tensor in host memory, pinned when the device is CUDA."""
+        n, c, h, w = shape
+        host = torch.empty((n, h, w, c), dtype=dtype, pin_memory=self.device.type == "cuda")
+        return host.permute(0, 3, 1, 2)
+
+    def _region(self, start: int, end: int, rows: slice, cols: slice) -> torch.Tensor:
+        """An empty tensor of the shape `read` returns (for traces, which compute shapes only)."""
+        c, h, w = self._shapes[start] if self._shadow else self.frames[start].shape[1:]
+        return torch.empty((end - start, c, len(range(h)[rows]), len(range(w)[cols])), dtype=self._dtype,
+                           device=self.device, memory_format=CL)
 
     def subset(self, start: int, end: int) -> "FrameStore":
         """A store of frames [start, end) sharing this store's tensors."""
@@ -189,10 +196,7 @@ class FrameStore:
         stash: regions (rows × cols) to read instead of the stored frames' (their values before an in-place
             update)."""
         if self._shadow:
-            c, h, w = self._shapes[start]
-            h = len(range(h)[rows])
-            w = len(range(w)[cols])
-            return torch.empty((end - start, c, h, w), dtype=self._dtype, device=self.device, memory_format=CL)
+            return self._region(start, end, rows, cols)
         if not self.park and not (stash and any(start <= i < end for i in stash)):
             first = self._block_of[start]
             if first is not None and all(self._block_of[i] is not None and self._block_of[i][1] is first[1]
@@ -200,9 +204,7 @@ class FrameStore:
                 base, block = first
                 return block[start - base:end - base, :, rows, cols]  # a view: no copy
         if self.device.type == "meta":  # a trace: the copies allocate nothing, only the result counts
-            c, h, w = self.frames[start].shape[1:]
-            return torch.empty((end - start, c, len(range(h)[rows]), len(range(w)[cols])), dtype=self._dtype,
-                               device=self.device, memory_format=CL)
+            return self._region(start, end, rows, cols)
         parts = [stash[i] if stash and i in stash else self.frames[i][:, :, rows, cols] for i in range(start, end)]
         out = torch.empty((end - start, *parts[0].shape[1:]), dtype=parts[0].dtype, device=self.device,
                           memory_format=CL)
@@ -280,11 +282,7 @@ class Moments:
         if self.mean is None:
             self.count, self.mean, self.m2 = count, mean, m2
             return
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
-        self.count = total
+        self.count, self.mean, self.m2 = merge(self.count, self.mean, self.m2, count, mean, m2)
 
     def _add_rows(self, frame: int, n: int, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         for j in range(n):
@@ -292,10 +290,7 @@ class Moments:
             if key not in self.rows:
                 self.rows[key] = (count, mean[j].clone(), m2[j].clone())  # not views that keep the piece's rows
                 continue
-            n0, mean0, m20 = self.rows[key]
-            total = n0 + count
-            delta = mean[j] - mean0
-            self.rows[key] = (total, mean0 + delta * (count / total), m20 + m2[j] + delta * delta * (n0 * count / total))
+            self.rows[key] = merge(*self.rows[key], count, mean[j], m2[j])
 
     def affine(self, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift), fp32 (n or 1, C, 1, 1): norm(x) = x·scale + shift with these statistics."""
@@ -316,6 +311,14 @@ class Moments:
         scale = rstd * weight
         shift = bias - mean * scale
         return scale.float()[:, :, None, None], shift.float()[:, :, None, None]
+
+
+def merge(n0: int, mean0: torch.Tensor, m2_0: torch.Tensor, n1: int, mean1: torch.Tensor, m2_1: torch.Tensor
+          ) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Count, mean and M2 of two sets together (Chan et al.): M2 = M2₀ + M2₁ + δ²·n₀n₁/n, δ = mean₁ − mean₀."""
+    total = n0 + n1
+    delta = mean1 - mean0
+    return total, mean0 + delta * (n1 / total), m2_0 + m2_1 + delta * delta * (n0 * n1 / total)
 
 
 def affine_silu(x: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -375,21 +378,19 @@ class Streamer:
 
     def tiles(self, height: int, width: int, tile: int | None) -> list[tuple[slice, slice, int, int, int, int]]:
         """Non-overlapping tiles of a (height, width) plane: (rows, cols, y0, y1, x0, x1); `tile` in latent px."""
-        if tile is None:
-            return [(slice(None), slice(None), 0, height, 0, width)]
-        side = max(1, tile * height // self.latent_h)  # the same cut at every level
-        out = []
-        for y0, y1 in spans(height, side):
-            for x0, x1 in spans(width, side):
-                out.append((slice(y0, y1), slice(x0, x1), y0, y1, x0, x1))
+        out = [(slice(y0, y1), slice(x0, x1), y0, y1, x0, x1)
+               for y0, y1 in self.tile_spans(height, tile) for x0, x1 in self.tile_spans(width, tile, height)]
         return out[:1] if self.sample_tiles else out
+
+    def tile_spans(self, length: int, tile: int | None, height: int | None = None) -> list[tuple[int, int]]:
+        """The tile spans along one axis of a plane `height` rows high (default: `length`); `tile` in latent px,
+        scaled by the plane's size over the latent size, so every level is cut the same way."""
+        side = None if tile is None else max(1, tile * (height or length) // self.latent_h)
+        return spans(length, side)
 
     def tile_count(self, height: int, width: int, tile: int | None) -> int:
         """How many tiles `tiles` cuts a plane into (also when a trace samples only the first)."""
-        if tile is None:
-            return 1
-        side = max(1, tile * height // self.latent_h)
-        return len(spans(height, side)) * len(spans(width, side))
+        return len(self.tile_spans(height, tile)) * len(self.tile_spans(width, tile, height))
 
     def checked(self, x: torch.Tensor) -> torch.Tensor:
         if self.check_finite and x.dtype != torch.float32 and x.device.type != "meta" and not bool(torch.isfinite(x).all()):
@@ -712,9 +713,8 @@ class Streamer:
         if image_only is None or getattr(layer, "merge_strategy", None) != "learned_with_images":
             return None
         alpha = blend_alpha(layer.mix_factor, layer.merge_strategy)
-        flags = image_only.to(device=alpha.device, dtype=torch.bool).reshape(-1)
         value = 0.0 if stage.kind == "time_stack" else 1.0  # images take the spatial branch of both blends
-        return torch.where(flags, torch.full_like(alpha, value), alpha)
+        return image_frames_alpha(alpha, Clips(len(image_only), image_only=image_only), value)
 
 
 def stream_frames(store: FrameStore, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:

@@ -341,13 +341,13 @@ def stream_pieces(est: Estimator, backend: AttentionBackend, frames: int, h: int
                   park: bool, out_bytes: int, tile: int | None = None) -> tuple[Pieces, int] | None:
     """The exact streaming cut with the largest pieces whose predicted bytes fit `budget`, or None.
 
-    2D layers: chunks of 4, 2, 1 whole frames, then single frames in tiles; temporal layers: all frames whole,
-    then all frames in tiles, then frame chunks of small tiles. The 2D cut is chosen with the smallest temporal
-    cut, then the largest temporal cut that fits with it (the two run at different times, so they barely interact).
-    tile: force tiles of this side (latent px) for both.
+    2D layers: chunks of 4, 2, 1 whole frames, then single frames in tiles (conv1 outputs kept, then not);
+    temporal layers: all frames whole, then all frames in tiles, then frame chunks of small tiles. Both lists are
+    ordered by decreasing memory and searched together: the 2D and the temporal layers run at different times,
+    so one trace prices a 2D cut and a temporal cut at once. tile: force tiles of this side (latent px) for both.
     """
-    def cost(p: Pieces) -> int:
-        return est.stream("decode", backend, frames, h, w, p) + out_bytes
+    def cost(p: Pieces, phase: str = "") -> int:
+        return est.stream("decode", backend, frames, h, w, p, phase) + out_bytes
 
     # 2D cuts (frames, tile, keep conv1 outputs); tiled cuts keep conv1's output per chunk where that fits
     if tile is not None:
@@ -363,8 +363,7 @@ def stream_pieces(est: Estimator, backend: AttentionBackend, frames: int, h: int
 
     def fits(s_opt, t_opt) -> tuple[bool, bool]:
         p = Pieces(s_opt[0], s_opt[1], t_opt[0], t_opt[1], park, s_opt[2])
-        return (est.stream("decode", backend, frames, h, w, p, "2d") + out_bytes <= budget,
-                est.stream("decode", backend, frames, h, w, p, "temporal") + out_bytes <= budget)
+        return cost(p, "2d") <= budget, cost(p, "temporal") <= budget
 
     if not all(fits(spatial[-1], temporal[-1])):
         return None

@@ -310,7 +310,7 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
         plan = plan_encode(cfg, expected, (geometry.processed[1], geometry.processed[0]), device=model.device,
                            dtype=model.dtype, attention=opts.attention, batch=opts.batch if forced else None,
                            available_bytes=available_memory(model, opts.max_memory) if forced else budget,
-                           estimator=estimator, host_bytes=host_memory(model))
+                           estimator=estimator, host_bytes=host_memory(model.device))
         return check_ceiling(plan, opts.max_memory if forced else None)
 
     def run(plan: Plan) -> dict:
@@ -442,22 +442,25 @@ def available_memory(model: Model, max_memory: int | None) -> int:
     the ceiling less what the process already holds (its resident set: Python, torch, the weights), so the
     measured peak RSS stays under it."""
     free = free_memory(model.device)
-    if model.device.type == "cpu":
-        share = int(free * CPU_SHARE)
-        if max_memory is None:
-            return share
-        return max(0, min(free, max_memory - process_rss()))
     if max_memory is None:
-        return free
+        return default_budget(model.device)
+    if model.device.type == "cpu":
+        return max(0, min(free, max_memory - process_rss()))
     weights = sum(t.numel() * t.element_size() for t in model.vae.state_dict().values())
     return max(0, min(free, max_memory - weights))
 
 
-def host_memory(model: Model) -> int | None:
+def default_budget(device: torch.device) -> int:
+    """Memory a plan may use on `device` without --max-memory: what is free on CUDA, `CPU_SHARE` of it on CPU."""
+    free = free_memory(device)
+    return int(free * CPU_SHARE) if device.type == "cpu" else free
+
+
+def host_memory(device: torch.device) -> int | None:
     """Host memory a parked clip may take (CUDA only: on a CPU device the host is the device)."""
-    if model.device.type == "cpu":
+    if device.type == "cpu":
         return None
-    return int(free_memory(torch.device("cpu")) * CPU_SHARE)
+    return default_budget(torch.device("cpu"))
 
 
 def enforce_max_memory(device: torch.device, max_memory: int | None) -> None:
@@ -536,7 +539,7 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
                            available_bytes=available_memory(model, opts.max_memory) if forced else budget,
                            attention=opts.attention, chunk=opts.chunk if forced else None,
                            overlap=opts.overlap if forced else None, tile=opts.tile if forced else None,
-                           estimator=estimator, host_bytes=host_memory(model))
+                           estimator=estimator, host_bytes=host_memory(model.device))
         return check_ceiling(plan, opts.max_memory if forced else None)
 
     def run(plan: Plan) -> dict:
