@@ -94,7 +94,7 @@ def test_click_usage_errors_exit_2():
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "vaecli.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vaecli", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
 

@@ -35,6 +35,13 @@ class _LiveBytes(TorchDispatchMode):
         self.phase = ""
         self.peaks: dict[str, int] = {}
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """Keep `__torch_dispatch__` a plain method. By default torch wraps it in `torch._dynamo.disable`, whose first
+        call imports torch._dynamo and sympy (about 1 s of a `vaecli plan` on 2 cores); the tracer never runs under
+        torch.compile, so there is nothing to disable."""
+        return False
+
     def set_phase(self, name: str) -> None:
         self.phase = name
 

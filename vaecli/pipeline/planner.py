@@ -162,6 +162,12 @@ class Plan:
         return lines
 
 
+# split and sub-quadratic attention bound their scratch by their budget by construction: they are priced as sdpa's
+# trace plus that budget (no trace of their own)
+CHUNKED_BACKENDS = ("split", "sub-quadratic")
+SDPA = AttentionBackend("sdpa")
+
+
 class Estimator:
     """Traced activation peaks of one model config at one dtype, memoised per (stage, backend, size)."""
 
@@ -176,7 +182,7 @@ class Estimator:
     @staticmethod
     def _key(backend: AttentionBackend) -> tuple:
         """Only the chunked backends' memory depends on their budget."""
-        return (backend.name, backend.budget if backend.name in ("split", "sub-quadratic") else None)
+        return (backend.name, backend.budget if backend.name in CHUNKED_BACKENDS else None)
 
     def _model(self, backend: AttentionBackend) -> VAE:
         key = self._key(backend)
@@ -204,10 +210,8 @@ class Estimator:
         is scaled by area from one that was: tile searches then cost no further traces. split and
         sub-quadratic are priced as sdpa plus their scratch budget.
         """
-        if backend.name in ("split", "sub-quadratic"):
-            # their scratch is bounded by their budget by construction: the sdpa trace plus that budget
-            sdpa = AttentionBackend("sdpa")
-            return self.activations(stage, sdpa, frames, h, w) + backend.budget
+        if backend.name in CHUNKED_BACKENDS:
+            return self.activations(stage, SDPA, frames, h, w) + backend.budget
         lines = self._lines.setdefault((stage, *self._key(backend)), {})
         if (h, w) not in lines:
             if stage == "decode" and backend.name != "math" and lines:
@@ -226,6 +230,8 @@ class Estimator:
         The temporal layers hold the whole clip and the 2D layers one batch, so from two batches on the peak is
         linear in frames along whole batches: traces of 2 and 3 batches give the line, and a partial last batch
         lies below it. Never above `activations(...)`, the unbatched line, which bounds it too."""
+        if backend.name in CHUNKED_BACKENDS:
+            return self.exact(SDPA, frames, h, w, frame_batch) + backend.budget
         key = ("exact", *self._key(backend), h, w, frame_batch)
         if key not in self._exact:
             vae = self._model(backend)
@@ -249,6 +255,8 @@ class Estimator:
         see `Streamer`), through the cost model. Parked clips are not on the device, so not counted.
         phase: "2d" or "temporal" gives the peak while those stages run (decode): the first depends only on the 2D
         cut, the second only on the temporal cut, so one trace prices both."""
+        if backend.name in CHUNKED_BACKENDS:
+            return self.stream(stage, SDPA, frames, h, w, pieces, phase) + backend.budget
         key = ("stream", stage, *self._key(backend), frames, h, w, pieces)
         if key not in self._exact:
             vae = self._model(backend)
