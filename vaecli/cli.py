@@ -465,15 +465,18 @@ def roundtrip(
     """
     import tempfile
 
-    from vaecli.ops.files import atomic_output
+    from vaecli.ops.files import Output, atomic_output, check_outputs, remove, write_error
     from vaecli.pipeline.planner import parse_bytes
-    from vaecli.pipeline.runner import DecodeOptions, EncodeOptions, RoundtripMeter, decode_file, encode_file
+    from vaecli.pipeline.runner import (DecodeOptions, EncodeOptions, RoundtripMeter, decode_file, encode_file,
+                                        output_kind)
     from vaecli.pipeline.video_io import FrameSource, Selection
 
     _check_windows(chunk, overlap, tile)
     budget = parse_bytes(max_memory)
-    if report is not None and report.exists() and not overwrite:
-        raise UsageError(f"{report} exists; pass --overwrite to replace it")
+    video = output_kind(out, None)[1]
+    if report is not None and not report.name.endswith(".json"):
+        raise UsageError(f"{report}: the report is JSON; end its name in .json")
+    check_outputs([video] + ([Output(report)] if report is not None else []), overwrite)  # all before any work
     m = _load_model(model, config, device, dtype, attention)
     selection = Selection(start, frames, stride)
     with tempfile.TemporaryDirectory(prefix="vaecli-roundtrip-") as tmp:
@@ -488,8 +491,13 @@ def roundtrip(
               "dtype": _dtype_name(m.dtype), "encode_seconds": enc["seconds"], "decode_seconds": dec["seconds"],
               "plan": dec["plan"], **meter.summary()}
     if report is not None:
-        with atomic_output(report, overwrite) as tmp_report:
-            tmp_report.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        try:
+            with atomic_output(report, overwrite) as tmp_report:
+                tmp_report.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        except (OSError, VaecliError) as e:
+            if video.kind != "frames":  # the outputs fail together
+                remove(video.path)
+            raise write_error(report, e) if isinstance(e, OSError) else e from None
     def line(name: str, c: dict) -> str:
         text = f"{name}: {c['frames']} frames  PSNR {c['psnr']:.2f} dB  SSIM {c['ssim']:.4f}"
         return text + (f"  flicker {c['flicker']:.2f}" if c.get("flicker") is not None else "")

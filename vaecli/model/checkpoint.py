@@ -431,9 +431,9 @@ def save_checkpoint(state: dict[str, torch.Tensor], config: VAEConfig, out: str 
     folder = layout == "diffusers" and out.suffix != ".safetensors"
     if not folder and out.suffix != ".safetensors":
         raise UsageError(f"{out}: the output of --to {layout} must end in .safetensors")
-    with atomic_output(out, overwrite) as tmp:
+    owned = {DIFFUSERS_FILES[0], "config.json"}
+    with atomic_output(out, overwrite, kind="folder" if folder else "file", owns=owned.__contains__) as tmp:
         if folder:
-            tmp.mkdir()
             save_file(state, str(tmp / DIFFUSERS_FILES[0]), metadata=metadata)
             (tmp / "config.json").write_text(json.dumps(diffusers_config(config), indent=2) + "\n", encoding="utf-8")
         else:

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from vaecli.errors import InputError, OutputError, UsageError
 from vaecli.model.checkpoint import read_header
+from vaecli.ops.files import make_temp, remove, write_error
 from vaecli.pipeline.frames import Geometry
 
 FORMAT_VERSION = "1"
@@ -44,18 +45,23 @@ class LatentFileWriter:
         self.dtype = dtype
         self.names = names
         self.shapes: dict[str, list[int] | None] = {n: None for n in names}
-        self.paths = {n: beside.with_name(f".{beside.name}.{os.getpid()}.{n}.raw") for n in names}
+        self.beside = beside
+        self.paths: dict[str, Path] = {}
         self.files = {}
         try:
-            for n in names:
-                self.files[n] = open(self.paths[n], "wb")
-        except OSError as e:
+            for n in names:  # created O_EXCL under a name `clean_stale` recognises after a crash
+                self.paths[n] = make_temp(beside, f".{n}.raw")
+                self.files[n] = open(self.paths[n], "r+b")
+        except (OSError, OutputError) as e:
             self.close()
-            raise OutputError(f"{beside.parent}: cannot write ({e.strerror})") from None
+            if isinstance(e, OutputError):
+                raise
+            raise write_error(beside.parent, e) from None
 
     def append(self, name: str, chunk: torch.Tensor) -> None:
         """chunk: (t, C, h, w); appended after the frames written so far."""
         chunk = chunk.detach().to("cpu", self.dtype).contiguous()
+        flat = chunk.reshape(-1)  # 1-D and contiguous whatever the strides of size-1 axes (a width-1 latent)
         shape = self.shapes[name]
         if shape is None:
             self.shapes[name] = list(chunk.shape)
@@ -64,9 +70,9 @@ class LatentFileWriter:
                 raise InputError(f"frame size changed mid-stream: latents {list(chunk.shape[1:])} after {shape[1:]}")
             shape[0] += chunk.shape[0]
         try:
-            self.files[name].write(chunk.view(torch.uint8).numpy().tobytes())
+            self.files[name].write(flat.view(torch.uint8).numpy().tobytes())
         except OSError as e:
-            raise OutputError(f"write failed: {e.strerror}") from None
+            raise write_error(self.beside, e) from None
 
     def finish(self, path: Path, metadata: dict[str, str], empty: tuple[str, ...] = ()) -> None:
         """Write the safetensors file at `path`; `empty` names zero-length F32 marker tensors to add."""
@@ -89,13 +95,13 @@ class LatentFileWriter:
                     with open(self.paths[n], "rb") as f:
                         shutil.copyfileobj(f, out, 16 << 20)
         except OSError as e:
-            raise OutputError(f"{path.name}: write failed ({e.strerror})") from None
+            raise write_error(self.beside, e) from None
 
     def close(self) -> None:
         for f in self.files.values():
             f.close()
         for p in self.paths.values():
-            p.unlink(missing_ok=True)
+            remove(p)
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,12 @@ import torch
 from tqdm import tqdm
 
 from vaecli._version import __version__
-from vaecli.errors import InputError, OutOfMemory, UsageError
+from vaecli.errors import InputError, OutOfMemory, OutputError, UsageError
 from vaecli.model.encoder import DiagonalGaussian
 from vaecli.model.streaming import NonFiniteActivation
 from vaecli.model.vae import VAE
 from vaecli.ops.device import dtype_name, free_memory, process_rss
-from vaecli.ops.files import atomic_output, check_writable
+from vaecli.ops.files import Output, atomic_outputs, check_outputs, pattern_regex, write_error
 from vaecli.pipeline.chunking import WindowBlender, windows
 from vaecli.pipeline.frames import from_model, plan_geometry, ssim, to_model
 from vaecli.pipeline.planner import Estimator, Plan, format_bytes, plan_decode, plan_encode
@@ -241,6 +241,8 @@ class BackgroundWriter:
             if self.error is None:
                 try:
                     self.writer.write(item)
+                except OSError as e:  # a writer that let one through (Pillow, PyAV): the one message
+                    self.error = write_error(getattr(self.writer, "path", "output"), e)
                 except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                     self.error = e
 
@@ -254,7 +256,10 @@ class BackgroundWriter:
         self.thread.join()
         if self.error is not None:
             raise self.error
-        self.writer.close()
+        try:
+            self.writer.close()
+        except OSError as e:
+            raise write_error(getattr(self.writer, "path", "output"), e) from None
 
     def abort(self) -> None:
         self.error = self.error or InputError("aborted")
@@ -292,9 +297,8 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
     """
     started = time.perf_counter()
     cfg = model.vae.config
-    check_writable(out, opts.overwrite)
-    if opts.export_comfy:
-        check_writable(comfy_path(out), opts.overwrite)
+    outputs = latents_output(out, opts.export_comfy)
+    check_outputs(outputs, opts.overwrite)
     source = FrameSource(source_spec)
     probe = source.frames(opts.selection)
     _, first = next(probe)
@@ -347,14 +351,11 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
                 "latents_dtype": dtype_name(opts.latent_dtype), "posterior": "sample" if opts.sample else "mode",
                 "seed": str(opts.seed) if opts.sample else "",
             }
-            with atomic_output(out, opts.overwrite) as tmp:
-                writer.finish(tmp, metadata)
-            outputs = [str(out)]
-            if comfy is not None:
-                with atomic_output(comfy_path(out), opts.overwrite) as tmp:
+            with atomic_outputs(outputs, opts.overwrite) as temps:  # both files or neither
+                writer.finish(temps[0], metadata)
+                if comfy is not None:
                     # ComfyUI's .latent: raw (unscaled) `latent_tensor` plus an empty `latent_format_version_0`
-                    comfy.finish(tmp, {"format": "pt"}, empty=("latent_format_version_0",))
-                outputs.append(str(comfy_path(out)))
+                    comfy.finish(temps[1], {"format": "pt"}, empty=("latent_format_version_0",))
         finally:
             bar.close()
             writer.close()
@@ -363,7 +364,8 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
             frames.close()
         shape = [len(indices), cfg.latent_channels, geometry.processed[1] // cfg.downscale,
                  geometry.processed[0] // cfg.downscale]
-        return {"input": source_spec, "output": str(out), "outputs": outputs, "frames": len(indices),
+        return {"input": source_spec, "output": str(out), "outputs": [str(o.path) for o in outputs],
+                "frames": len(indices),
                 "shape": shape, "fps": f"{source.fps.numerator}/{source.fps.denominator}",
                 "geometry": {"source": list(geometry.source), "processed": list(geometry.processed),
                              "fit": geometry.fit}, "precision_fallbacks": guard.events}
@@ -393,20 +395,69 @@ def encode_batch(model: Model, batch: list[tuple[int, np.ndarray]], geometry, op
     return z, posterior
 
 
-def output_kind(out: Path | str, fmt: str | None) -> tuple[str, Path, str | None]:
-    """Decide the output format: (format, target path, PNG name pattern or None)."""
+PNG_PATTERN = "frame_%05d.png"
+VIDEO_SUFFIXES = {"mp4": "mp4", "webm": "webm", "gif": "gif", "png": "png"}
+
+
+def output_kind(out: Path | str, fmt: str | None, frames: int | None = None) -> tuple[str, Output, bool]:
+    """Decide what a decode writes from `-o` and `--format`: (format, output, single PNG image).
+
+    - `folder/`, an existing folder, or a name without suffix with `--format png`: PNG frames `frame_%05d.png` in
+      that folder (created by the decode);
+    - a name with one `%d` (`img_%04d.png`): PNG frames after that pattern (in a new folder, or among the other
+      files of an existing one, replacing only the pattern's frames);
+    - `one.png`: one image (the latents must hold one frame);
+    - `clip.mp4`, `clip.webm`, `clip.gif`: a video; a suffix that says another format than `--format` is refused.
+    """
     text = str(out)
-    if "%" in Path(text).name:
-        return "png", Path(text).parent, Path(text).name
-    if text.endswith(("/", os.sep)) or fmt == "png":
-        return "png", Path(text), "frame_%05d.png"
-    suffix = Path(text).suffix.lower().lstrip(".")
-    fmt = fmt or (suffix if suffix in FORMATS else None)
-    if fmt is None:
-        raise UsageError(f"{out}: cannot tell the format from the name; pass --format ({', '.join(FORMATS)})")
-    if fmt not in FORMATS:
+    path = Path(text)
+    if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    return fmt, Path(text), None
+    suffix = path.suffix.lower().lstrip(".")
+    if "%" in path.name:
+        if fmt not in (None, "png") or suffix != "png":
+            raise UsageError(f"{out}: a frame pattern writes PNG frames; end it in .png (like img_%05d.png)")
+        try:
+            regex = pattern_regex(path.name)
+        except OutputError as e:
+            raise UsageError(str(e)) from None
+        if not path.parent.exists():  # a new folder, filled and renamed into place as a whole
+            return "png", Output(path.parent, "folder", owns=regex.fullmatch, pattern=path.name), False
+        return "png", Output(path.parent, "frames", pattern=path.name), False
+    folder = text.endswith(("/", os.sep)) or path.is_dir() or (fmt == "png" and not suffix)
+    if folder:
+        if fmt not in (None, "png"):
+            raise UsageError(f"{out} is a folder; a folder output holds PNG frames, not {fmt}")
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{out} is not a folder")
+        return "png", Output(path, "folder", owns=pattern_regex(PNG_PATTERN).fullmatch), False
+    if not suffix:
+        if fmt is None:
+            raise UsageError(f"{out}: cannot tell the format from the name; add a suffix (.mp4, .webm, .gif, .png), "
+                             "end it in / for PNG frames, or pass --format")
+        return fmt, Output(path), False
+    said = VIDEO_SUFFIXES.get(suffix)
+    if said is None:
+        raise UsageError(f"{out}: a decode writes {', '.join('.' + f for f in FORMATS)} or PNG frames, not "
+                         f".{suffix}; rename the output")
+    if fmt is not None and fmt != said:
+        raise UsageError(f"{out}: the name says {said} but --format says {fmt}; make them agree")
+    if said == "png":
+        if frames is not None and frames != 1:
+            raise UsageError(f"{out} names one image but the latents hold {frames} frames; use a pattern "
+                             f"({path.stem}_%05d.png) or a folder ({path.stem}/)")
+        return "png", Output(path), True
+    return said, Output(path), False
+
+
+def latents_output(out: Path, export_comfy: bool) -> list[Output]:
+    """The outputs of an encode: the latent file (a .safetensors name), and the ComfyUI `.latent` when exported."""
+    text = str(out)
+    if text.endswith(("/", os.sep)) or out.is_dir():
+        raise UsageError(f"{out} is a folder; -o names the latent file (use --out-dir for a folder)")
+    if not out.name.endswith(".safetensors"):
+        raise UsageError(f"{out}: an encode writes a safetensors latent file; end the name in .latents.safetensors")
+    return [Output(out)] + ([Output(comfy_path(out))] if export_comfy else [])
 
 
 def check_model(lf: LatentFile, model: Model, allow_mismatch: bool) -> None:
@@ -525,8 +576,8 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
     fps = opts.fps or lf.fps
     if fps is None:
         raise UsageError(f"{latents_path}: no vaecli metadata to take the frame rate from; pass --fps")
-    fmt, target, pattern = output_kind(out, opts.fmt)
-    check_writable(target, opts.overwrite)
+    fmt, target, single = output_kind(out, opts.fmt, lf.frames)
+    check_outputs([target], opts.overwrite)
     geometry = None if opts.native_size else lf.geometry
     size = geometry.source if geometry else (lf.shape[3] * cfg.downscale, lf.shape[2] * cfg.downscale)
     scaling = (lf.scaling_factor or cfg.scaling_factor) if lf.scaled else 1.0
@@ -546,10 +597,9 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
         model.vae.set_attention(plan.attention)
         guard = PrecisionGuard(model, quiet)
         bar = progress(lf.frames, f"decode {latents_path.name}", quiet)
-        with atomic_output(target, opts.overwrite) as tmp:
+        with atomic_outputs([target], opts.overwrite) as (tmp,):
             if fmt == "png":
-                tmp.mkdir()
-                sink = PngWriter(tmp, pattern)
+                sink = PngWriter(tmp, target.pattern or PNG_PATTERN, single=tmp if single else None)
             elif fmt == "gif":
                 sink = GifWriter(tmp, fps)
             else:
@@ -568,7 +618,7 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
                 raise
             finally:
                 bar.close()
-        return {"input": str(latents_path), "output": str(target), "format": fmt, "frames": lf.frames,
+        return {"input": str(latents_path), "output": target.display, "format": fmt, "frames": lf.frames,
                 "shape": [lf.frames, 3, size[1], size[0]], "fps": f"{fps.numerator}/{fps.denominator}",
                 "precision_fallbacks": guard.events}
 

@@ -17,6 +17,7 @@ import av
 import numpy as np
 
 from vaecli.errors import InputError, OutputError, UsageError
+from vaecli.ops.files import write_error
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DEFAULT_IMAGE_FPS = Fraction(24)
@@ -214,7 +215,7 @@ class VideoWriter:
         try:
             self.container.mux(packets)
         except OSError as e:
-            raise OutputError(f"{self.path}: write failed ({e.strerror})") from None
+            raise write_error(self.path, e) from None
 
     def close(self) -> None:
         self._mux(self.stream.encode(None))
@@ -241,31 +242,39 @@ class GifWriter:
             raise OutputError(f"{path}: cannot write ({e.strerror})") from None
 
     def write(self, image: np.ndarray) -> None:
-        self.file.write(image, duration=self.delay_ms, loop=0)
+        try:
+            self.file.write(image, duration=self.delay_ms, loop=0)
+        except OSError as e:
+            raise write_error(self.path, e) from None
 
     def close(self) -> None:
         try:
             self.file.close()
         except OSError as e:
-            raise OutputError(f"{self.path}: write failed ({e.strerror})") from None
+            raise write_error(self.path, e) from None
 
     def abort(self) -> None:
         pass
 
 
 class PngWriter:
-    """Write frames as numbered lossless PNGs into a folder (`frame_00000.png`) or after a `%05d` pattern."""
+    """Write frames as numbered lossless PNGs into a folder (`frame_00000.png`) or after a `%05d` pattern;
+    with `single`, the one frame of a one-frame clip to that file (a second frame is an error)."""
 
-    def __init__(self, folder: Path, pattern: str = "frame_%05d.png"):
-        self.folder, self.pattern, self.count = folder, pattern, 0
+    def __init__(self, folder: Path, pattern: str = "frame_%05d.png", single: Path | None = None):
+        self.folder, self.pattern, self.single, self.count = folder, pattern, single, 0
 
     def write(self, image: np.ndarray) -> None:
         import imageio.v3 as iio
 
+        if self.single is not None and self.count:
+            raise UsageError(f"{self.single} names one image but there is more than one frame; use a %05d pattern "
+                             "or a folder/")
+        target = self.single if self.single is not None else self.folder / (self.pattern % self.count)
         try:
-            iio.imwrite(self.folder / (self.pattern % self.count), image, extension=".png")
+            iio.imwrite(target, image, extension=".png")
         except OSError as e:
-            raise OutputError(f"{self.folder}: write failed ({e.strerror})") from None
+            raise write_error(target, e) from None
         self.count += 1
 
     def close(self) -> None:
