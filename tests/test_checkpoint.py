@@ -69,7 +69,7 @@ def test_truncated_file(tmp_path, tiny_state):
     path = write(tiny_state, tmp_path / "vae.safetensors")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 1000])
-    with pytest.raises(CheckpointError, match=r"truncated: tensors need \d+ bytes, the file has \d+"):
+    with pytest.raises(CheckpointError, match=r"truncated: tensor '.+' needs bytes up to \d+, the file has \d+"):
         load_vae(path)
     path.write_bytes(data[:20])
     with pytest.raises(CheckpointError, match="not a safetensors file, or truncated"):
@@ -87,7 +87,7 @@ def test_corrupt_header(tmp_path):
         load_vae(path)
     entry = b'{"x": {"dtype": "F32", "shape": [1]}}'
     path.write_bytes(struct.pack("<Q", len(entry)) + entry)
-    with pytest.raises(CheckpointError, match="corrupt safetensors header \\(entry 'x'\\)"):
+    with pytest.raises(CheckpointError, match="corrupt safetensors header \\(tensor 'x': data_offsets None"):
         load_vae(path)
 
 

@@ -15,12 +15,43 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from vaecli._version import __version__
-from vaecli.errors import InputError, UsageError, VaecliError
+from vaecli.errors import InputError, UsageError, VaecliError, printable
+from vaecli.ops.validate import DEFAULT_MAX_PIXELS
+
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # Typer vendors Click (pinned in pyproject)
+
+class Group(TyperGroup):
+    """The root command group: Click/Typer usage errors (unknown options, values of the wrong type) are printed as
+    the one-line `error: ...` every other error uses, with exit code 2 (`--help` is unchanged)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except NoArgsIsHelpError as e:  # `vaecli` alone: the help (Typer's rich help prints itself)
+            text = e.ctx.get_help()
+            if text:
+                typer.echo(text)
+            sys.exit(2)
+        except ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            message = " ".join(e.format_message().split())
+            typer.echo(f"error: {printable(message[:1].lower() + message[1:])}{where}", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="vaecli",
+    cls=Group,
     help="Encode videos into latents and decode latents into videos with the SVD temporal VAE.",
     no_args_is_help=True,
     add_completion=False,
@@ -50,6 +81,8 @@ OverlapOpt = Annotated[Optional[int], typer.Option(
     help="Frames shared by forced windows, cross-faded (0 = hard cuts as sgm's decoding_t).")]
 TileOpt = Annotated[Optional[int], typer.Option(
     help="Force exact streaming in square tiles of N latent pixels (default: planned).")]
+MaxPixelsOpt = Annotated[int, typer.Option(
+    min=1, help="Refuse frames of more pixels than this (decompression bombs); default 8192x8192.")]
 
 
 def _debug(ctx: typer.Context | None) -> bool:
@@ -70,7 +103,7 @@ def handle_errors(command):
         except VaecliError as e:
             if _debug(ctx):
                 traceback.print_exc()
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {printable(e)}", err=True)
             raise typer.Exit(e.exit_code) from None
 
     return wrapper
@@ -94,8 +127,8 @@ def root(
 def _print_result(result: dict, as_json: bool, human: list[str]) -> None:
     if as_json:
         typer.echo(json.dumps(result, sort_keys=True))
-    else:
-        typer.echo("\n".join(human))
+    else:  # names and values read from files may hold control characters: escaped
+        typer.echo("\n".join(printable(line) for line in human))
 
 
 @app.command()
@@ -118,7 +151,7 @@ def info(
         meta = result["metadata"]
         human = [f"file:      {result['path']}", f"latents:   {result['tensor']} {result['shape']} {result['dtype']}"
                  f" ({'scaled by the model' if result['scaled'] else 'raw, ComfyUI'})"]
-        human += [f"{k + ':':<17}{v}" for k, v in sorted(meta.items()) if k != "__metadata__"]
+        human += [f"{printable(k) + ':':<17}{printable(v)}" for k, v in sorted(meta.items()) if k != "__metadata__"]
         if not result["vaecli_metadata"]:
             human.append("no vaecli metadata: decode it with --fps (and --model)")
         return _print_result(result, as_json, human)
@@ -239,15 +272,26 @@ def _batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, defa
         raise UsageError(f"-o takes one input, {len(inputs)} were given; use --out-dir")
     if out_dir is not None and not out_dir.is_dir():
         raise UsageError(f"--out-dir {out_dir} is not a folder; create it first")
+    def target_of(item: str):
+        target = out if out is not None else (out_dir or Path(item).parent) / default_name(Path(item))
+        if isinstance(target, Path) and default_name(Path(item)).endswith("/"):
+            target = f"{target}/"
+        return target
+
+    targets = {}
+    for item in inputs:  # two inputs with the same name would share one output: refused before any work
+        key = os.path.abspath(str(target_of(item)))
+        if key in targets and targets[key] != item:
+            raise UsageError(f"{printable(targets[key])} and {printable(item)} would both write "
+                             f"{printable(target_of(item))}; give them different --out-dir folders or names")
+        targets[key] = item
     started = time.perf_counter()
     done = failed = skipped = 0
     usage_failed = False
     files = tqdm(inputs, desc=f"{verb} files", unit="file", file=sys.stderr, leave=False,
                  disable=quiet or len(inputs) < 2 or not sys.stderr.isatty())
     for item in files:
-        target = out if out is not None else (out_dir or Path(item).parent) / default_name(Path(item))
-        if isinstance(target, Path) and default_name(Path(item)).endswith("/"):
-            target = f"{target}/"
+        target = target_of(item)
         if skip_existing and Path(target).exists():
             skipped += 1
             result = {"input": item, "output": str(target), "skipped": True}
@@ -259,7 +303,8 @@ def _batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, defa
                 failed += 1
                 usage_failed = usage_failed or e.exit_code == 2
                 result = {"input": item, "output": str(target), "error": str(e)}
-                typer.echo(f"error: {e}" if item in str(e) else f"error: {item}: {e}", err=True)
+                text = str(e) if printable(item) in str(e) else f"{item}: {e}"
+                typer.echo(f"error: {printable(text)}", err=True)
         if as_json:
             typer.echo(json.dumps(result, sort_keys=True))
         elif "error" not in result:
@@ -305,12 +350,14 @@ def encode(
     size: Annotated[Optional[str], typer.Option(help="Resize frames to WxH first.")] = None,
     fit: Annotated[str, typer.Option(help="Sizes not multiple of 8: pad (reflect), crop or resize.")] = "pad",
     sample: Annotated[bool, typer.Option(help="Sample the posterior instead of taking its mode.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for --sample (per frame, independent of batching).")] = 0,
+    seed: Annotated[Optional[int], typer.Option(
+        min=0, help="Seed for --sample (per frame, independent of batching; default 0).")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Frames per encoder call (default: planned).")] = None,
     max_memory: MaxMemoryOpt = None,
     save_moments: Annotated[bool, typer.Option(help="Also store the posterior mean and logvar.")] = False,
     export: Annotated[Optional[str], typer.Option(help="Also write another format: comfy (.latent).")] = None,
     latent_dtype: Annotated[str, typer.Option(help="Stored dtype of the latents: fp32, fp16 or bf16.")] = "fp32",
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     attention: AttentionOpt = "auto",
@@ -333,20 +380,28 @@ def encode(
     from vaecli.pipeline.runner import EncodeOptions, encode_file
     from vaecli.pipeline.video_io import Selection
 
+    if seed is not None and not sample:
+        raise UsageError("--seed only applies with --sample (the posterior mode needs no noise)")
+    _check_batch_flags(skip_existing, overwrite)
     if export not in (None, "comfy"):
         raise UsageError(f"--export takes comfy, not {export!r}")
     if batch is not None and batch < 1:
         raise UsageError("--batch must be at least 1")
     opts = EncodeOptions(selection=Selection(start, frames, stride), size=parse_size(size), fit=fit, sample=sample,
-                         seed=seed, batch=batch, max_memory=parse_bytes(max_memory), attention=attention,
+                         seed=seed or 0, batch=batch, max_memory=parse_bytes(max_memory), attention=attention,
                          save_moments=save_moments, export_comfy=export == "comfy",
-                         latent_dtype=parse_dtype(latent_dtype), overwrite=overwrite)
+                         latent_dtype=parse_dtype(latent_dtype), overwrite=overwrite, max_pixels=max_pixels)
     if fit not in ("pad", "crop", "resize"):
         raise UsageError(f"--fit must be pad, crop or resize, not {fit!r}")
     work = _worker(model, config, device, dtype, attention,
                    lambda m, item, target: encode_file(m, item, Path(target), opts, quiet=quiet))
     _batch(_inputs(inputs, manifest), out, out_dir, _latents_name, work, skip_existing=skip_existing,
            as_json=as_json, quiet=quiet, verb="encode")
+
+
+def _check_batch_flags(skip_existing: bool, overwrite: bool) -> None:
+    if skip_existing and overwrite:
+        raise UsageError("--skip-existing and --overwrite contradict each other; pass one of them")
 
 
 def _check_windows(chunk: int | None, overlap: int | None, tile: int | None) -> None:
@@ -391,7 +446,9 @@ def decode(
     model: ModelOpt = None,
     config: ConfigOpt = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="mp4 (H.264), webm (VP9), gif or png.")] = None,
-    crf: Annotated[int, typer.Option(help="Quality for mp4/webm (lower is better; 0 is lossless H.264).")] = 18,
+    crf: Annotated[int, typer.Option(
+        min=0, max=63, help="Quality for mp4 (H.264, 0-51) and webm (VP9, 0-63): lower is better; 0 is lossless "
+                            "H.264.")] = 18,
     fps: Annotated[Optional[str], typer.Option(help="Frame rate (default: from the latents' metadata).")] = None,
     chunk: ChunkOpt = None,
     overlap: OverlapOpt = None,
@@ -399,6 +456,9 @@ def decode(
     max_memory: MaxMemoryOpt = None,
     native_size: Annotated[bool, typer.Option(help="Keep the model's size; do not undo padding/cropping/resizing.")] = False,
     allow_model_mismatch: Annotated[bool, typer.Option(help="Decode with another model than the encoding one.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option(
+        help="Decode latents holding NaN/inf anyway (refused by default: they decode to black).")] = False,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     attention: AttentionOpt = "auto",
@@ -422,10 +482,12 @@ def decode(
 
     if fmt is not None and fmt not in ("mp4", "webm", "gif", "png"):
         raise UsageError(f"--format must be mp4, webm, gif or png, not {fmt!r}")
+    _check_batch_flags(skip_existing, overwrite)
     _check_windows(chunk, overlap, tile)
     opts = DecodeOptions(fmt=fmt, crf=crf, fps=parse_fps(fps), chunk=chunk, overlap=overlap, tile=tile,
                          max_memory=parse_bytes(max_memory), attention=attention, native_size=native_size,
-                         allow_model_mismatch=allow_model_mismatch, overwrite=overwrite)
+                         allow_model_mismatch=allow_model_mismatch, overwrite=overwrite,
+                         allow_nonfinite=allow_nonfinite, max_pixels=max_pixels)
     # target stays a str when it ends in "/" (a PNG folder)
     work = _worker(model, config, device, dtype, attention,
                    lambda m, item, target: decode_file(m, Path(item), target, opts, quiet=quiet))
@@ -451,7 +513,8 @@ def roundtrip(
     tile: TileOpt = None,
     max_memory: MaxMemoryOpt = None,
     clip_frames: Annotated[Optional[int], typer.Option(help="Report metrics per clip of N frames (default: all).")] = None,
-    crf: Annotated[int, typer.Option(help="Quality of the written video.")] = 18,
+    crf: Annotated[int, typer.Option(min=0, max=63, help="Quality of the written video (H.264 0-51, VP9 0-63).")] = 18,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     attention: AttentionOpt = "auto",
@@ -482,11 +545,11 @@ def roundtrip(
     with tempfile.TemporaryDirectory(prefix="vaecli-roundtrip-") as tmp:
         latents = Path(tmp) / "roundtrip.latents.safetensors"
         enc = encode_file(m, input, latents, EncodeOptions(selection=selection, fit=fit, max_memory=budget,
-                                                           attention=attention), quiet=quiet)
-        meter = RoundtripMeter(FrameSource(input).frames(selection), clip_frames)
+                                                           attention=attention, max_pixels=max_pixels), quiet=quiet)
+        meter = RoundtripMeter(FrameSource(input, max_pixels).frames(selection), clip_frames)
         dec = decode_file(m, latents, out, DecodeOptions(chunk=chunk, overlap=overlap, tile=tile, crf=crf,
-                                                         max_memory=budget, attention=attention,
-                                                         overwrite=overwrite), quiet=quiet, observer=meter)
+                                                         max_memory=budget, attention=attention, overwrite=overwrite,
+                                                         max_pixels=max_pixels), quiet=quiet, observer=meter)
     result = {"input": input, "output": dec["output"], "model": m.name, "device": str(m.device),
               "dtype": _dtype_name(m.dtype), "encode_seconds": enc["seconds"], "decode_seconds": dec["seconds"],
               "plan": dec["plan"], **meter.summary()}
@@ -512,7 +575,8 @@ def roundtrip(
 def plan(
     ctx: typer.Context,
     input: Annotated[str, typer.Argument(help="A video (plans encode and decode) or a latent file (decode).")],
-    frames: Annotated[Optional[int], typer.Option("--frames", help="Plan for this many frames.")] = None,
+    frames: Annotated[Optional[int], typer.Option("--frames", min=1, max=10_000_000,
+                                                  help="Plan for this many frames.")] = None,
     max_memory: MaxMemoryOpt = None,
     model: ModelOpt = None,
     config: ConfigOpt = None,
@@ -521,7 +585,8 @@ def plan(
     chunk: ChunkOpt = None,
     overlap: OverlapOpt = None,
     tile: TileOpt = None,
-    batch: Annotated[Optional[int], typer.Option(help="Force the encode batch size.")] = None,
+    batch: Annotated[Optional[int], typer.Option(min=1, help="Force the encode batch size.")] = None,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     attention: AttentionOpt = "auto",
@@ -557,10 +622,10 @@ def plan(
     host = host_memory(dev)
     result: dict = {"input": input, "model": cfg.name}
     if _file_kind(Path(input)) == "latents":
-        lf = open_latents(input)
+        lf = open_latents(input, max_pixels)
         count, latent_hw = frames or lf.frames, (lf.shape[2], lf.shape[3])
     else:
-        source = FrameSource(input)
+        source = FrameSource(input, max_pixels)
         it = source.frames(Selection(0, frames, 1))
         _, first = next(it)
         it.close()

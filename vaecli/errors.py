@@ -38,3 +38,12 @@ class OutputError(VaecliError):
 
 class OutOfMemory(VaecliError):
     """The device ran out of memory even after re-planning smaller."""
+
+
+def printable(value: object) -> str:
+    """`str(value)` with control characters, newlines and other unprintable characters escaped (`\\n`, `\\x1b`):
+    names and values read from files reach the terminal only this way."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)

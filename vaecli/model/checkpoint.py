@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,13 +24,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vaecli._version import __version__
-from vaecli.errors import CheckpointError, UsageError
+from vaecli.errors import CheckpointError, InputError, UsageError, printable
 from vaecli.model import keymap
 from vaecli.model.config import VAEConfig, load_config, named_configs
 from vaecli.model.vae import VAE
 from vaecli.ops.attention import AttentionBackend, resolve_attention
 from vaecli.ops.device import parse_device, parse_dtype
 from vaecli.ops.files import atomic_output
+from vaecli.ops.validate import FLOAT_DTYPES, number, parse_json, regular_file, safetensors_header
 
 BUNDLED_MODEL = "vaecli-small.safetensors"
 PREFIXES = ("first_stage_model.", "vae.", "")
@@ -104,53 +104,44 @@ def find_weights_file(source: str | os.PathLike) -> tuple[Path, dict]:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
+    """A diffusers config.json: a JSON object (missing: {}); its scaling_factor a finite positive number."""
+    if not path.exists():
         return {}
+    regular_file(path, CheckpointError)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable config.json ({e})") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{printable(path)}: cannot read ({e.strerror})") from None
+    if len(raw) > 1 << 20:
+        raise CheckpointError(f"{printable(path)}: a config.json of {len(raw)} bytes is not a VAE config")
+    config = parse_json(raw, printable(path), CheckpointError)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{printable(path)}: config.json must be a JSON object, not {type(config).__name__}")
+    if "scaling_factor" in config:
+        try:
+            config["scaling_factor"] = number(config["scaling_factor"], printable(path), "scaling_factor", 1e-6, 1e6)
+        except InputError as e:
+            raise CheckpointError(str(e)) from None
+    return config
 
 
 def read_header(path: Path) -> tuple[dict, dict[str, str]]:
     """Validate a safetensors file without loading tensors -> (tensor entries, `__metadata__`).
 
-    Refuses pickle/zip files (torch.save) by their first bytes, and truncated or corrupt files.
-    """
+    Refuses pickle/zip files (torch.save) by their first bytes, then anything `validate.safetensors_header`
+    refuses (corrupt or truncated headers, shapes that do not match their bytes, non-regular files)."""
+    regular_file(path, CheckpointError)
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(9)
-            header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
-            looks_safetensors = len(head) == 9 and head[8:9] == b"{" and header_len <= size - 8
-            if not looks_safetensors and (_looks_pickled(head) or path.suffix in PICKLE_SUFFIXES):
-                raise CheckpointError(
-                    f"{path}: a pickle-based PyTorch file; vaecli never unpickles files (they can run code). "
-                    "Convert it to .safetensors with a tool you trust, or use the model's safetensors release")
-            if len(head) < 9:
-                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
-            if header_len > min(size - 8, 100 << 20):
-                raise CheckpointError(f"{path}: not a safetensors file, or truncated (header of {header_len} bytes "
-                                      f"in a {size}-byte file)")
-            f.seek(8)
-            raw = f.read(header_len)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    metadata = header.pop("__metadata__", None) or {}
-    end = 0
-    for name, entry in header.items():
-        try:
-            end = max(end, int(entry["data_offsets"][1]))
-        except (TypeError, KeyError, IndexError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header (entry {name!r})") from None
-    if 8 + header_len + end > size:
-        raise CheckpointError(f"{path}: truncated: tensors need {8 + header_len + end} bytes, the file has {size}")
+        raise CheckpointError(f"{printable(path)}: cannot read ({e.strerror})") from None
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if not looks_safetensors and (_looks_pickled(head) or path.suffix in PICKLE_SUFFIXES):
+        raise CheckpointError(
+            f"{printable(path)}: a pickle-based PyTorch file; vaecli never unpickles files (they can run code). "
+            "Convert it to .safetensors with a tool you trust, or use the model's safetensors release")
+    header, metadata, _ = safetensors_header(path, CheckpointError)
     return header, metadata
 
 
@@ -185,17 +176,25 @@ def read_checkpoint(source: str | os.PathLike, config: VAEConfig | str | None = 
     layout = detect_layout(header)
     vae_prefixes = tuple(layout.prefix + p for p in ("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
     names = [k for k in header if k.startswith(vae_prefixes)]
+    bad = [n for n in names if header[n]["dtype"] not in FLOAT_DTYPES]
+    if bad:
+        raise CheckpointError(f"{printable(path)}: tensor {printable(bad[0])} is {header[bad[0]]['dtype']}; "
+                              "VAE weights are floating point")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = {name[len(layout.prefix):]: f.get_tensor(name) for name in names}
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: cannot read tensors ({e})") from None
+        raise CheckpointError(f"{printable(path)}: cannot read tensors ({printable(e)})") from None
+    for name, tensor in raw.items():  # one pass, negligible next to reading the file
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{printable(path)}: tensor {printable(layout.prefix + name)} holds NaN or inf; "
+                                  "the checkpoint is corrupt")
     state = keymap.from_diffusers(raw, layout.temporal) if layout.naming == "diffusers" else raw
     state = {k: v[:, :, None, None] if keymap.is_attention_weight(k) and v.ndim == 2 else v for k, v in state.items()}
     stem = path.parent.name if path.name in DIFFUSERS_FILES else path.stem
     scaling = config_json.get("scaling_factor")
     inferred = infer_config(state, _base_config(config, metadata), name=stem,
-                            scaling_factor=None if scaling is None else float(scaling))
+                            scaling_factor=scaling)
     dtypes = tuple(sorted({str(header[n]["dtype"]) for n in names}))
     return Checkpoint(path, layout, state, inferred, dtypes, dict(metadata))
 

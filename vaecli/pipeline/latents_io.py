@@ -19,12 +19,16 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from vaecli.errors import InputError, OutputError, UsageError
-from vaecli.model.checkpoint import read_header
+from vaecli.errors import InputError, OutputError, UsageError, printable
 from vaecli.ops.files import make_temp, remove, write_error
+from vaecli.ops.validate import DEFAULT_MAX_PIXELS, FLOAT_DTYPES, first_nonfinite, integer, number, safetensors_header
+from vaecli.ops.validate import fps as validate_fps
+from vaecli.ops.validate import geometry as validate_geometry
 from vaecli.pipeline.frames import Geometry
 
 FORMAT_VERSION = "1"
+MEDIA_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif", ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif",
+                  ".tiff", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 METADATA_KEYS = (
     "vaecli.format", "vaecli.version", "model.name", "model.hash", "scaling_factor", "latent_channels",
@@ -106,10 +110,11 @@ class LatentFileWriter:
 
 @dataclass(frozen=True)
 class LatentFile:
-    """A latent file opened for reading.
+    """A latent file opened for reading, its header and metadata validated (`open_latents`).
 
     key: the tensor holding latents; scaled: True when multiplied by the scaling factor (vaecli, diffusers
-    convention), False for ComfyUI's raw `latent_tensor`; metadata: the file's string metadata.
+    convention), False for ComfyUI's raw `latent_tensor`; metadata: the file's string metadata; fps,
+    scaling_factor, geometry: parsed from it (None when absent).
     """
 
     path: Path
@@ -118,6 +123,9 @@ class LatentFile:
     dtype: str
     scaled: bool
     metadata: dict[str, str]
+    fps: Fraction | None = None
+    scaling_factor: float | None = None
+    geometry: Geometry | None = None
 
     @property
     def frames(self) -> int:
@@ -127,47 +135,64 @@ class LatentFile:
     def has_vaecli_metadata(self) -> bool:
         return "vaecli.format" in self.metadata
 
-    @property
-    def fps(self) -> Fraction | None:
-        return Fraction(self.metadata["fps"]) if "fps" in self.metadata else None
-
-    @property
-    def geometry(self) -> Geometry | None:
-        text = self.metadata.get("geometry")
-        return Geometry.from_json(text) if text else None
-
-    @property
-    def scaling_factor(self) -> float | None:
-        return float(self.metadata["scaling_factor"]) if "scaling_factor" in self.metadata else None
-
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Frames [start, stop) of the latents as stored (no rescaling), (t, C, h, w)."""
         try:
             with safe_open(str(self.path), framework="pt") as f:
                 return f.get_slice(self.key)[start:stop]
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise InputError(f"{self.path}: cannot read latents ({e})") from None
+            raise InputError(f"{printable(self.path)}: cannot read latents ({printable(e)})") from None
+
+    def check_finite(self, block: int = 64) -> None:
+        """Refuse latents holding NaN or inf (they decode to black or garbage), naming the first bad frame."""
+        for start in range(0, self.frames, block):
+            bad = first_nonfinite(self.read(start, min(start + block, self.frames)))
+            if bad is not None:
+                raise InputError(f"{printable(self.path)}: latents hold NaN or inf (first in frame {start + bad}); "
+                                 "pass --allow-nonfinite to decode them anyway")
 
 
-def open_latents(path: str | os.PathLike) -> LatentFile:
-    """Open a vaecli latent file, a foreign safetensors with a `latents` tensor, or a ComfyUI `.latent`."""
+def open_latents(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> LatentFile:
+    """Open a vaecli latent file, a foreign safetensors with a `latents` tensor, or a ComfyUI `.latent`.
+
+    The header and the metadata vaecli uses are validated here (`vaecli.ops.validate`), before anything is
+    sized from them: a float tensor (T, C, h, w) with no empty axis; fps, scaling_factor and geometry in range
+    and consistent with the latents' size (the decoded frames at most `max_pixels`)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    header, metadata = read_header(path)
+    where = printable(path)
+    if path.is_dir():
+        raise InputError(f"{where}: is a folder; decode takes latent files (.latents.safetensors, .latent)")
+    if path.suffix.lower() in MEDIA_SUFFIXES:
+        raise InputError(f"{where}: is a video or image, not a latent file; make latents with `vaecli encode`")
+    header, metadata, _ = safetensors_header(path)
     if "latents" in header:
         key, scaled = "latents", True
     elif "latent_tensor" in header:
         key, scaled = "latent_tensor", False
         if "latent_format_version_0" not in header:
-            raise InputError(f"{path}: an old-format ComfyUI latent (pre latent_format_version_0); re-save it")
+            raise InputError(f"{where}: an old-format ComfyUI latent (pre latent_format_version_0); re-save it")
     else:
-        some = ", ".join(sorted(header)[:4]) or "none"
-        raise InputError(f"{path}: no `latents` tensor (found {some}); is it a checkpoint? try `vaecli info`")
-    shape = tuple(header[key]["shape"])
-    if len(shape) != 4:
-        raise InputError(f"{path}: latents must be (T, C, h, w), found shape {list(shape)}")
-    return LatentFile(path, key, shape, header[key]["dtype"], scaled, dict(metadata))
+        some = ", ".join(printable(k) for k in sorted(header)[:4]) or "none"
+        raise InputError(f"{where}: no `latents` tensor (found {some}); is it a checkpoint? try `vaecli info`")
+    entry = header[key]
+    shape = tuple(entry["shape"])
+    if len(shape) != 4 or min(shape) < 1:
+        raise InputError(f"{where}: latents must be (T, C, h, w) with no empty axis, found shape {list(shape)}")
+    if entry["dtype"] not in FLOAT_DTYPES:
+        raise InputError(f"{where}: latents are {entry['dtype']}; they must be floating point")
+    t, _, h, w = shape
+    if "frame_count" in metadata and integer(metadata["frame_count"], where, "frame_count", 1, 1 << 40) != t:
+        raise InputError(f"{where}: frame_count {metadata['frame_count']} does not match the {t} frames stored")
+    geometry = None
+    if metadata.get("geometry"):
+        g = validate_geometry(metadata["geometry"], where, (h, w), max_pixels)
+        geometry = Geometry(g["source"], g["resized"], g["processed"], g["fit"], g["box"])
+    return LatentFile(
+        path, key, shape, entry["dtype"], scaled, dict(metadata),
+        fps=validate_fps(metadata["fps"], where) if metadata.get("fps") else None,
+        scaling_factor=(number(metadata["scaling_factor"], where, "scaling_factor", 1e-6, 1e6)
+                        if metadata.get("scaling_factor") else None),
+        geometry=geometry)
 
 
 def describe_latents(path: str | os.PathLike) -> dict:

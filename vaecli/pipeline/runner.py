@@ -26,12 +26,13 @@ import torch
 from tqdm import tqdm
 
 from vaecli._version import __version__
-from vaecli.errors import InputError, OutOfMemory, OutputError, UsageError
+from vaecli.errors import InputError, OutOfMemory, OutputError, UsageError, printable
 from vaecli.model.encoder import DiagonalGaussian
 from vaecli.model.streaming import NonFiniteActivation
 from vaecli.model.vae import VAE
 from vaecli.ops.device import dtype_name, free_memory, process_rss
 from vaecli.ops.files import Output, atomic_outputs, check_outputs, pattern_regex, write_error
+from vaecli.ops.validate import DEFAULT_MAX_PIXELS, first_nonfinite, pixels
 from vaecli.pipeline.chunking import WindowBlender, windows
 from vaecli.pipeline.frames import from_model, plan_geometry, ssim, to_model
 from vaecli.pipeline.planner import Estimator, Plan, format_bytes, plan_decode, plan_encode
@@ -160,6 +161,7 @@ class EncodeOptions:
     export_comfy: bool = False
     latent_dtype: torch.dtype = torch.float32
     overwrite: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per source frame
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,8 @@ class DecodeOptions:
     attention: str = "auto"
     native_size: bool = False
     allow_model_mismatch: bool = False
+    allow_nonfinite: bool = False  # decode latents holding NaN/inf anyway (they come out black)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per decoded frame
     overwrite: bool = False
 
 
@@ -299,7 +303,8 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
     cfg = model.vae.config
     outputs = latents_output(out, opts.export_comfy)
     check_outputs(outputs, opts.overwrite)
-    source = FrameSource(source_spec)
+    source = FrameSource(source_spec, opts.max_pixels)
+    fps = source.fps / opts.selection.stride  # every stride-th frame: the rate that plays them at the source's speed
     probe = source.frames(opts.selection)
     _, first = next(probe)
     probe.close()
@@ -333,6 +338,11 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
                         raise InputError(f"{source_spec}: frame size changes from {source_size[0]}x{source_size[1]} "
                                          f"to {image.shape[1]}x{image.shape[0]}")
                 z, posterior = encode_batch(model, batch, geometry, opts, guard, plan.pieces)
+                checked = (z, posterior.mean, posterior.logvar) if opts.save_moments else (z,)
+                for bad in (first_nonfinite(t) for t in checked):
+                    if bad is not None:  # even in fp32: never written
+                        raise InputError(f"{printable(source_spec)}: the encoder gave NaN or inf for source frame "
+                                         f"{batch[bad][0]} (in fp32 too); the checkpoint is broken")
                 writer.append("latents", z.float() * cfg.scaling_factor)
                 if opts.save_moments:
                     writer.append("mean", posterior.mean.float())
@@ -345,7 +355,7 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
                 "vaecli.format": FORMAT_VERSION, "vaecli.version": __version__, "model.name": model.name,
                 "model.hash": model.hash, "scaling_factor": repr(cfg.scaling_factor),
                 "latent_channels": str(cfg.latent_channels), "time_mode": cfg.time_mode,
-                "fps": f"{source.fps.numerator}/{source.fps.denominator}", "source": Path(source_spec).name,
+                "fps": f"{fps.numerator}/{fps.denominator}", "source": Path(source_spec).name,
                 "frame_start": str(indices[0]), "frame_stride": str(opts.selection.stride),
                 "frame_count": str(len(indices)), "geometry": geometry.to_json(), "dtype": dtype_name(model.dtype),
                 "latents_dtype": dtype_name(opts.latent_dtype), "posterior": "sample" if opts.sample else "mode",
@@ -366,7 +376,7 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
                  geometry.processed[0] // cfg.downscale]
         return {"input": source_spec, "output": str(out), "outputs": [str(o.path) for o in outputs],
                 "frames": len(indices),
-                "shape": shape, "fps": f"{source.fps.numerator}/{source.fps.denominator}",
+                "shape": shape, "fps": f"{fps.numerator}/{fps.denominator}",
                 "geometry": {"source": list(geometry.source), "processed": list(geometry.processed),
                              "fit": geometry.fit}, "precision_fallbacks": guard.events}
 
@@ -571,12 +581,23 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
     """
     started = time.perf_counter()
     cfg = model.vae.config
-    lf = open_latents(latents_path)
+    lf = open_latents(latents_path, opts.max_pixels)
     check_model(lf, model, opts.allow_model_mismatch)
+    h, w = lf.shape[2], lf.shape[3]
+    if lf.geometry is not None and lf.geometry.processed != (w * cfg.downscale, h * cfg.downscale):
+        raise InputError(f"{printable(latents_path)}: geometry says frames of {lf.geometry.processed[0]}x"
+                         f"{lf.geometry.processed[1]}, but model {model.name} decodes these latents to "
+                         f"{w * cfg.downscale}x{h * cfg.downscale}; pass the model they were made with")
+    pixels(w * cfg.downscale, h * cfg.downscale, printable(latents_path), opts.max_pixels)
+    if not opts.allow_nonfinite:
+        lf.check_finite()
     fps = opts.fps or lf.fps
     if fps is None:
         raise UsageError(f"{latents_path}: no vaecli metadata to take the frame rate from; pass --fps")
     fmt, target, single = output_kind(out, opts.fmt, lf.frames)
+    crf_max = {"mp4": 51, "webm": 63}.get(fmt)
+    if crf_max is not None and not 0 <= opts.crf <= crf_max:
+        raise UsageError(f"--crf {opts.crf} is out of range for {fmt} (0-{crf_max})")
     check_outputs([target], opts.overwrite)
     geometry = None if opts.native_size else lf.geometry
     size = geometry.source if geometry else (lf.shape[3] * cfg.downscale, lf.shape[2] * cfg.downscale)
@@ -606,7 +627,7 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
                 sink = VideoWriter(tmp, fmt, fps, size, opts.crf)
             writer = BackgroundWriter(sink)
             try:
-                for images in decode_frames(model, lf, plan, scaling, geometry, guard):
+                for images in decode_frames(model, lf, plan, scaling, geometry, guard, opts.allow_nonfinite):
                     if observer is not None:
                         observer(images)
                     for image in images:
@@ -628,7 +649,7 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
 
 
 def decode_frames(model: Model, lf: LatentFile, plan: Plan, scaling: float, geometry,
-                  guard: PrecisionGuard | None = None) -> Iterator[np.ndarray]:
+                  guard: PrecisionGuard | None = None, allow_nonfinite: bool = False) -> Iterator[np.ndarray]:
     """Decode the latents as the plan says and yield final uint8 frames (t, H, W, 3) in order, each frame once.
 
     "one-clip" and "stream" decode the whole clip exactly (streamed: layer by layer in pieces, the clip's
@@ -639,6 +660,14 @@ def decode_frames(model: Model, lf: LatentFile, plan: Plan, scaling: float, geom
     blender = WindowBlender(plan_windows)
     guard = guard or PrecisionGuard(model)
 
+    def final(x: torch.Tensor, start: int) -> np.ndarray:
+        bad = None if allow_nonfinite else first_nonfinite(x)
+        if bad is not None:  # even in fp32: never written as black frames
+            raise InputError(f"{printable(lf.path)}: the model gave NaN or inf for frame {start + bad} (in fp32 too); "
+                             "the checkpoint or the latents are broken")
+        return from_model(x, geometry)
+
+    done = 0
     for window in plan_windows:
         z = lf.read(window.start, window.end)
         z = (z if plan.pieces is not None and plan.pieces.park else z.to(model.device)).float() / scaling
@@ -652,14 +681,16 @@ def decode_frames(model: Model, lf: LatentFile, plan: Plan, scaling: float, geom
             parts = streamed(guard, z, plan, what)
             if len(plan_windows) == 1:  # one clip, streamed: its frames are final as they come
                 for x in parts:
-                    yield from_model(x, geometry)
+                    yield final(x, done)
+                    done += x.shape[0]
                 return
             parts = [torch.cat(list(parts))]  # a window is cross-faded whole
         for x in parts:
             with torch.inference_mode():
-                final = blender.push(x)
-            if final.shape[0]:
-                yield from_model(final, geometry)
+                blended = blender.push(x)
+            if blended.shape[0]:
+                yield final(blended, done)
+                done += blended.shape[0]
 
 
 def streamed(guard: PrecisionGuard, z: torch.Tensor, plan: Plan, what: str) -> Iterator[torch.Tensor]:

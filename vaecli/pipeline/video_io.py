@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import struct
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -16,8 +17,9 @@ from typing import Iterator
 import av
 import numpy as np
 
-from vaecli.errors import InputError, OutputError, UsageError
+from vaecli.errors import InputError, OutputError, UsageError, printable
 from vaecli.ops.files import write_error
+from vaecli.ops.validate import DEFAULT_MAX_PIXELS, pixels, regular_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DEFAULT_IMAGE_FPS = Fraction(24)
@@ -55,11 +57,33 @@ class Selection:
         return self.count is not None and taken >= self.count
 
 
-class FrameSource:
-    """Frames of one input: a video file, a GIF, an image, an image folder or a glob pattern."""
+# Containers FFmpeg may open for a video input (format_whitelist): no playlists (hls), concat lists, image-pattern
+# sequences or network formats, which would make FFmpeg open other files or URLs named inside the input.
+DEMUXERS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "flv", "mpegts", "mpeg", "ogg", "asf", "gif", "h264",
+            "hevc", "m4v", "mjpeg", "nut", "yuv4mpegpipe", "dv", "mxf", "ivf", "obu", "apng", "flic",
+            "wav", "mp3", "flac", "aac")  # audio-only: opened to say "no video stream"
+OPEN_OPTIONS = {"protocol_whitelist": "file", "format_whitelist": ",".join(DEMUXERS)}
+# What third-party decoders (Pillow through imageio, PyAV) raise on corrupt or hostile data
+DECODER_ERRORS = (OSError, ValueError, SyntaxError, IndexError, KeyError, AttributeError, TypeError, EOFError,
+                  RuntimeError, MemoryError, struct.error, av.error.FFmpegError)
 
-    def __init__(self, spec: str | os.PathLike):
+
+def image_size(name: str) -> tuple[int, int]:
+    """(W, H) of an image or GIF from its header, without decoding it."""
+    from PIL import Image
+
+    with Image.open(name) as image:
+        return image.size
+
+
+class FrameSource:
+    """Frames of one input: a video file, a GIF, an image, an image folder or a glob pattern.
+
+    Only regular files are opened; frames larger than `max_pixels` are refused before they are decoded."""
+
+    def __init__(self, spec: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.spec = str(spec)
+        self.max_pixels = max_pixels
         path = Path(self.spec)
         if any(ch in self.spec for ch in "*?[") and not path.exists():
             self.kind, self.images = "images", sorted(p for p in glob.glob(self.spec) if p.lower().endswith(IMAGE_SUFFIXES))
@@ -70,14 +94,14 @@ class FrameSource:
             self.images = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not self.images:
                 raise InputError(f"{path}: a folder with no images ({', '.join(IMAGE_SUFFIXES)})")
-        elif not path.exists():
-            raise InputError(f"{path}: no such file")
-        elif path.suffix.lower() == ".gif":
-            self.kind, self.images = "gif", [str(path)]
-        elif path.suffix.lower() in IMAGE_SUFFIXES:
-            self.kind, self.images = "image", [str(path)]
         else:
-            self.kind, self.images = "video", []
+            regular_file(path)  # a FIFO or device would block the reader forever
+            if path.suffix.lower() == ".gif":
+                self.kind, self.images = "gif", [str(path)]
+            elif path.suffix.lower() in IMAGE_SUFFIXES:
+                self.kind, self.images = "image", [str(path)]
+            else:
+                self.kind, self.images = "video", []
         self.name = path.name if self.kind != "images" or path.is_dir() else Path(self.images[0]).parent.name
         self.fps, self.count, self.codec = self._probe()
 
@@ -87,36 +111,47 @@ class FrameSource:
         if self.kind == "image":
             return DEFAULT_IMAGE_FPS, 1, "image"
         if self.kind == "gif":
-            import imageio.v3 as iio
+            from PIL import Image
 
             try:
-                meta = iio.immeta(self.images[0])
-                count = iio.improps(self.images[0]).shape[0]
-            except (OSError, ValueError, SyntaxError) as e:
-                raise InputError(f"{self.spec}: unreadable GIF ({e})") from None
-            duration = meta.get("duration") or 0
-            fps = Fraction(1000, int(duration)) if duration else Fraction(10)
+                with Image.open(self.images[0]) as image:
+                    pixels(*image.size, printable(self.spec), self.max_pixels)
+                    duration = image.info.get("duration") or 0
+                    count = getattr(image, "n_frames", 1)
+            except DECODER_ERRORS as e:
+                raise InputError(f"{printable(self.spec)}: unreadable GIF ({printable(e)})") from None
+            fps = Fraction(1000, int(duration)) if isinstance(duration, (int, float)) and duration >= 1 else Fraction(10)
             return fps, count, "gif"
         with self._open() as container:
             stream = container.streams.video[0]
+            pixels(stream.codec_context.width or 1, stream.codec_context.height or 1, printable(self.spec),
+                   self.max_pixels)
             fps = stream.average_rate or stream.guessed_rate or stream.base_rate or DEFAULT_IMAGE_FPS
+            if not 0 < fps <= 10_000:
+                fps = DEFAULT_IMAGE_FPS  # a broken container's rate: play at the image default
             count = stream.frames or None
             if count is None and stream.duration and stream.time_base:
                 count = int(round(float(stream.duration * stream.time_base * fps)))
-            return Fraction(fps), count, stream.codec_context.name
+            return Fraction(fps), count if count and count > 0 else None, stream.codec_context.name
 
     def _open(self):
+        where = printable(self.spec)
         try:
-            container = av.open(self.spec)
+            container = av.open(self.spec, options=OPEN_OPTIONS)
         except av.error.EOFError:
-            raise InputError(f"{self.spec}: the video has no frames (the file ends after its header)") from None
+            raise InputError(f"{where}: the video has no frames (the file ends after its header)") from None
+        except av.error.ArgumentError:
+            raise InputError(f"{where}: not a video container vaecli opens (playlists, concat lists and image "
+                             "patterns are refused; convert it to .mp4 or .mkv)") from None
         except av.error.FFmpegError as e:
-            raise InputError(f"{self.spec}: not a readable video ({e.strerror or e})") from None
+            raise InputError(f"{where}: not a readable video ({printable(e.strerror or e)})") from None
         except OSError as e:
-            raise InputError(f"{self.spec}: cannot read ({e.strerror})") from None
+            raise InputError(f"{where}: cannot read ({e.strerror})") from None
+        except DECODER_ERRORS as e:
+            raise InputError(f"{where}: not a readable video ({type(e).__name__})") from None
         if not container.streams.video:
             container.close()
-            raise InputError(f"{self.spec}: has no video stream")
+            raise InputError(f"{where}: has no video stream")
         return container
 
     def frames(self, selection: Selection = Selection()) -> Iterator[tuple[int, np.ndarray]]:
@@ -139,33 +174,54 @@ class FrameSource:
             for index, name in enumerate(self.images):
                 if not selection.wants(index):
                     continue
+                regular_file(name)
                 try:
-                    yield index, _rgb(iio.imread(name))
-                except (OSError, ValueError, SyntaxError) as e:
-                    raise InputError(f"{name}: unreadable image ({e})") from None
+                    pixels(*image_size(name), printable(name), self.max_pixels)
+                    image = _rgb(iio.imread(name))
+                except InputError:
+                    raise
+                except DECODER_ERRORS as e:
+                    raise InputError(f"{printable(name)}: unreadable image ({printable(e)})") from None
+                yield index, image
             return
         if self.kind == "gif":
             import imageio.v3 as iio
 
-            try:
-                for index, image in enumerate(iio.imiter(self.images[0])):
-                    if selection.wants(index):
-                        yield index, _rgb(image)
-            except (OSError, ValueError, SyntaxError) as e:
-                raise InputError(f"{self.spec}: unreadable GIF ({e})") from None
-            return
+            frames = iio.imiter(self.images[0])
+            index = 0
+            while True:
+                try:
+                    image = next(frames, None)
+                    if image is None:
+                        return
+                    image = _rgb(image) if selection.wants(index) else None
+                except DECODER_ERRORS as e:
+                    raise InputError(f"{printable(self.spec)}: unreadable GIF ({printable(e)})") from None
+                if image is not None:
+                    yield index, image
+                index += 1
         with self._open() as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            try:
-                for index, frame in enumerate(container.decode(stream)):
+            frames = container.decode(stream)
+            index = -1
+            while True:
+                index += 1
+                try:
+                    frame = next(frames, None)
+                    if frame is None:
+                        return
                     if not selection.wants(index):
                         continue  # decoded but not converted: cheap skipping
+                    pixels(frame.width, frame.height, printable(self.spec), self.max_pixels)
                     image = frame.to_ndarray(format="rgb24")
                     turns = (int(frame.rotation or 0) // 90) % 4  # counterclockwise quarter turns for display
-                    yield index, np.ascontiguousarray(np.rot90(image, turns)) if turns else image
-            except av.error.FFmpegError as e:
-                raise InputError(f"{self.spec}: corrupt video data ({e.strerror or e})") from None
+                except InputError:
+                    raise
+                except DECODER_ERRORS as e:
+                    raise InputError(f"{printable(self.spec)}: corrupt video data "
+                                     f"({printable(getattr(e, 'strerror', None) or e)})") from None
+                yield index, np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
 def describe_video(spec: str | os.PathLike) -> dict:
