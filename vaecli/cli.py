@@ -606,6 +606,7 @@ def plan(
     from vaecli.pipeline.latents_io import open_latents
     from vaecli.pipeline.planner import parse_bytes, plan_decode, plan_encode
     from vaecli.pipeline.runner import default_budget, host_memory
+    from vaecli.ops.validate import pixels
     from vaecli.pipeline.video_io import FrameSource, Selection
 
     _check_windows(chunk, overlap, tile)
@@ -630,6 +631,8 @@ def plan(
         _, first = next(it)
         it.close()
         geometry = plan_geometry((first.shape[1], first.shape[0]), cfg.downscale, fit, parse_size(size))
+        for wh in (geometry.resized, geometry.processed):
+            pixels(*wh, printable(input), max_pixels)
         count = frames or source.count or 1
         width, height = geometry.processed
         latent_hw = (height // cfg.downscale, width // cfg.downscale)

@@ -310,6 +310,9 @@ def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, 
     probe.close()
     source_size = (first.shape[1], first.shape[0])
     geometry = plan_geometry(source_size, cfg.downscale, opts.fit, opts.size)
+    for size in (geometry.resized, geometry.processed):  # --size may ask for more than the source holds
+        pixels(*size, printable(source_spec), opts.max_pixels)
+    check_frame_size(cfg, *geometry.processed, printable(source_spec))
     expected = opts.selection.count or source.count or 16
     enforce_max_memory(model.device, opts.max_memory)
     estimator = Estimator(cfg, model.dtype, device_type=model.device.type)
@@ -470,6 +473,16 @@ def latents_output(out: Path, export_comfy: bool) -> list[Output]:
     return [Output(out)] + ([Output(comfy_path(out))] if export_comfy else [])
 
 
+def check_frame_size(cfg, width: int, height: int, where: str) -> None:
+    """Refuse frames so small that a GroupNorm of the model would normalise single values (torch refuses that:
+    every group needs two values; only tiny models at a few pixels get there, SVD's 512 channels never do)."""
+    for level, mult in enumerate(cfg.ch_mult):
+        channels, pixels_at = cfg.ch * mult, max(1, width >> level) * max(1, height >> level)
+        if channels // 32 * pixels_at < 2:
+            raise InputError(f"{where}: frames of {width}x{height} are too small for model {cfg.name} "
+                             "(a normalisation would see one value); use larger frames or --size")
+
+
 def check_model(lf: LatentFile, model: Model, allow_mismatch: bool) -> None:
     cfg = model.vae.config
     if lf.shape[1] != cfg.latent_channels:
@@ -589,6 +602,7 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
                          f"{lf.geometry.processed[1]}, but model {model.name} decodes these latents to "
                          f"{w * cfg.downscale}x{h * cfg.downscale}; pass the model they were made with")
     pixels(w * cfg.downscale, h * cfg.downscale, printable(latents_path), opts.max_pixels)
+    check_frame_size(cfg, w * cfg.downscale, h * cfg.downscale, printable(latents_path))
     if not opts.allow_nonfinite:
         lf.check_finite()
     fps = opts.fps or lf.fps

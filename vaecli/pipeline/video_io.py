@@ -6,9 +6,11 @@ far as its frames are asked for, so memory does not grow with its length. Rotati
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -68,11 +70,26 @@ DECODER_ERRORS = (OSError, ValueError, SyntaxError, IndexError, KeyError, Attrib
                   RuntimeError, MemoryError, struct.error, av.error.FFmpegError)
 
 
+@contextlib.contextmanager
+def pillow_limits(where: str) -> Iterator[None]:
+    """Pillow's own decompression-bomb guard: its warning is silenced (vaecli checks `--max-pixels` itself) and its
+    error (images over ~179 MP, whatever --max-pixels says) becomes the usual one-line error."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            yield
+        except Image.DecompressionBombError:
+            raise InputError(f"{where}: an image of more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, which Pillow "
+                             "refuses to decode (a decompression bomb?)") from None
+
+
 def image_size(name: str) -> tuple[int, int]:
     """(W, H) of an image or GIF from its header, without decoding it."""
     from PIL import Image
 
-    with Image.open(name) as image:
+    with pillow_limits(printable(name)), Image.open(name) as image:
         return image.size
 
 
@@ -114,7 +131,7 @@ class FrameSource:
             from PIL import Image
 
             try:
-                with Image.open(self.images[0]) as image:
+                with pillow_limits(printable(self.spec)), Image.open(self.images[0]) as image:
                     pixels(*image.size, printable(self.spec), self.max_pixels)
                     duration = image.info.get("duration") or 0
                     count = getattr(image, "n_frames", 1)
@@ -123,16 +140,21 @@ class FrameSource:
             fps = Fraction(1000, int(duration)) if isinstance(duration, (int, float)) and duration >= 1 else Fraction(10)
             return fps, count, "gif"
         with self._open() as container:
-            stream = container.streams.video[0]
-            pixels(stream.codec_context.width or 1, stream.codec_context.height or 1, printable(self.spec),
-                   self.max_pixels)
-            fps = stream.average_rate or stream.guessed_rate or stream.base_rate or DEFAULT_IMAGE_FPS
-            if not 0 < fps <= 10_000:
-                fps = DEFAULT_IMAGE_FPS  # a broken container's rate: play at the image default
-            count = stream.frames or None
-            if count is None and stream.duration and stream.time_base:
-                count = int(round(float(stream.duration * stream.time_base * fps)))
-            return Fraction(fps), count if count and count > 0 else None, stream.codec_context.name
+            try:
+                stream = container.streams.video[0]
+                codec = stream.codec_context
+                if codec is None:
+                    raise InputError(f"{printable(self.spec)}: a video stream in a codec FFmpeg cannot decode")
+                pixels(codec.width or 1, codec.height or 1, printable(self.spec), self.max_pixels)
+                fps = stream.average_rate or stream.guessed_rate or stream.base_rate or DEFAULT_IMAGE_FPS
+                if not 0 < fps <= 10_000:
+                    fps = DEFAULT_IMAGE_FPS  # a broken container's rate: play at the image default
+                count = stream.frames or None
+                if count is None and stream.duration and stream.time_base:
+                    count = int(round(float(stream.duration * stream.time_base * fps)))
+                return Fraction(fps), count if count and count > 0 else None, codec.name
+            except (*DECODER_ERRORS, ZeroDivisionError, OverflowError) as e:
+                raise InputError(f"{printable(self.spec)}: not a readable video ({type(e).__name__})") from None
 
     def _open(self):
         where = printable(self.spec)
@@ -177,7 +199,8 @@ class FrameSource:
                 regular_file(name)
                 try:
                     pixels(*image_size(name), printable(name), self.max_pixels)
-                    image = _rgb(iio.imread(name))
+                    with pillow_limits(printable(name)):
+                        image = _rgb(iio.imread(name))
                 except InputError:
                     raise
                 except DECODER_ERRORS as e:
@@ -191,7 +214,8 @@ class FrameSource:
             index = 0
             while True:
                 try:
-                    image = next(frames, None)
+                    with pillow_limits(printable(self.spec)):
+                        image = next(frames, None)
                     if image is None:
                         return
                     image = _rgb(image) if selection.wants(index) else None

@@ -1,0 +1,608 @@
+"""Seeded generators of bad (and some good) inputs for vaecli's commands, and the checker that judges each run.
+
+Used by `tests/test_fuzz.py` (a few hundred cases in the normal test run) and `scripts/fuzz.py` (long runs).
+Each case gets its own folder holding its inputs; it runs in-process through the CLI's entry point (Typer's
+CliRunner on `vaecli.cli.app`, as the console script does) under a per-case time limit, and must end with
+- exit 0 and a valid output (a latent file with finite values, a readable video or image, a readable checkpoint,
+  or text on stdout for info/plan), or
+- exit 1 or 2 with one `error: ...` line per failing input on stderr and no traceback;
+and in both cases leave nothing in its folder but its inputs and, on success, its outputs.
+
+Families (each mutates a valid file made once per corpus): latent files (metadata values, header JSON, shapes,
+offsets, dtypes, truncation, NaN/inf data), checkpoints (header, tensors with NaN/inf, shapes, diffusers
+config.json, pickles, non-regular files), videos and images (tiny sizes, truncation, bit flips, playlists,
+decompression bombs, FIFOs) and option values (numbers out of range, wrong types, unknown options, outputs that
+name folders, patterns or protected paths).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from helpers import make_video, random_vae, tiny_config
+
+CONFIG = tiny_config(ch_mult=(1, 1), num_res_blocks=2, name="fuzz")  # downscale 2: tiny and fast
+TIME_LIMIT = 30.0  # seconds per case: a hang fails the case
+
+
+@dataclass
+class Case:
+    family: str
+    name: str
+    folder: Path
+    args: list[str]
+    outputs: list[str] = field(default_factory=list)  # names in `folder` a successful run may create
+    check: str = ""  # how to validate a successful output: latents, video, image, frames, checkpoint, text
+
+
+@dataclass
+class Outcome:
+    case: Case
+    exit_code: int | None
+    problem: str | None  # None: the run kept every promise
+    seconds: float
+    stderr: str = ""
+
+
+class Corpus:
+    """The valid files the mutations start from (made once, in `root`)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.model = root / "model.safetensors"
+        vae = random_vae(CONFIG, seed=5)
+        self.state = {k: v.contiguous() for k, v in vae.state_dict().items()}
+        save_file(self.state, str(self.model))
+        self.video = root / "clip.mp4"
+        make_video(self.video, n=3, width=16, height=12)
+        self.latents = root / "clip.latents.safetensors"
+        from typer.testing import CliRunner
+
+        from vaecli.cli import app
+
+        done = CliRunner().invoke(app, ["encode", str(self.video), "-m", str(self.model), "-o", str(self.latents),
+                                        "-q"])
+        assert done.exit_code == 0, done.stderr
+        self.latents_bytes = self.latents.read_bytes()
+        self.model_bytes = self.model.read_bytes()
+        self.video_bytes = self.video.read_bytes()
+        self.png_bytes = _png(np.random.default_rng(0).integers(0, 255, (12, 16, 3), dtype=np.uint8))
+        gif = root / "clip.gif"
+        import imageio.v3 as iio
+
+        iio.imwrite(gif, np.random.default_rng(1).integers(0, 255, (3, 12, 16, 3), dtype=np.uint8),
+                    extension=".gif", duration=100, loop=0)
+        self.gif_bytes = gif.read_bytes()
+
+
+def _png(image: np.ndarray) -> bytes:
+    import io
+
+    import imageio.v3 as iio
+
+    buf = io.BytesIO()
+    iio.imwrite(buf, image, extension=".png")
+    return buf.getvalue()
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid PNG header declaring width x height with a tiny compressed body (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = zlib.compress(b"\0" * (1 << 16))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+# ------------------------------------------------------------------------------------------ safetensors editing
+
+
+def split_safetensors(data: bytes) -> tuple[dict, bytes]:
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def join_safetensors(header: dict | str | bytes, body: bytes, pad: bool = True) -> bytes:
+    raw = header if isinstance(header, bytes) else (header if isinstance(header, str) else json.dumps(header)).encode()
+    if pad:
+        raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+WEIRD_NUMBERS = ["abc", "", "0", "-1", "0/0", "1/0", "24/-1", "-24", "1e308", "1e-320", "nan", "inf", "-inf",
+                 "0x1p-3", "1/3", "30000/1001", "24", "7.5", "  12 ", "10" * 40, "1_000", "½", "\x1b[31m", "24\n"]
+CONTROL = ["\x1b[2J\x1b[31mred", "line\nbreak", "\r\rcarriage", "\x00nul", "tab\tbell\x07", "\u202eevil"]
+
+
+def weird_json(rng: random.Random) -> str:
+    choices = [
+        "null", "[]", "{}", "[1, 2]", '"text"', "1e999", "NaN", "{" * 5000 + "}" * 5000, "[" * 100000,
+        json.dumps({"source": [-16, 12], "resized": [16, 12], "processed": [16, 12], "fit": "pad", "box": [0, 0, 16, 12]}),
+        json.dumps({"source": [100000, 100000], "resized": [100000, 100000], "processed": [16, 12], "fit": "resize",
+                    "box": [0, 0, 0, 0]}),
+        json.dumps({"source": [20000, 20000], "resized": [16, 12], "processed": [16, 12], "fit": "pad",
+                    "box": [0, 0, 16, 12]}),
+        json.dumps({"source": [16.5, 12], "resized": [16, 12], "processed": [16, 12], "fit": "pad", "box": [0, 0, 16, 12]}),
+        json.dumps({"source": [16, 12], "resized": [16, 12], "processed": [16, 12], "fit": "pad", "box": [-5, 0, 99, 12]}),
+        json.dumps({"source": [16, 12], "resized": [16, 12], "processed": [32, 24], "fit": "pad", "box": [0, 0, 16, 12]}),
+        json.dumps({"source": [16, 12], "resized": [16, 12], "processed": [16, 12], "fit": "stretch", "box": [0, 0, 16, 12]}),
+        json.dumps({"source": [15, 11], "resized": [15, 11], "processed": [16, 12], "fit": "pad", "box": [0, 0, 15, 11]}),
+        json.dumps({"source": [17, 13], "resized": [17, 13], "processed": [16, 12], "fit": "crop", "box": [0, 0, 16, 12]}),
+        json.dumps({"source": [1, 1], "resized": [1, 1], "processed": [16, 12], "fit": "resize", "box": [0, 0, 0, 0]}),
+    ]
+    return rng.choice(choices)
+
+
+def mutate_latents(rng: random.Random, corpus: Corpus) -> tuple[str, bytes]:
+    header, body = split_safetensors(corpus.latents_bytes)
+    meta = header["__metadata__"]
+    kind = rng.choice(["meta-number", "meta-geometry", "meta-control", "meta-drop", "shape", "dtype", "offsets",
+                       "header-json", "truncate", "flip", "nonfinite", "header-len", "extra-tensor", "valid"])
+    entry = header["latents"]
+    t, c, h, w = entry["shape"]
+    if kind == "meta-number":
+        key = rng.choice(["fps", "scaling_factor", "frame_count", "frame_start", "frame_stride", "latent_channels"])
+        meta[key] = rng.choice(WEIRD_NUMBERS)
+        return f"{kind}:{key}={meta[key]!r}", join_safetensors(header, body)
+    if kind == "meta-geometry":
+        meta["geometry"] = weird_json(rng)
+        return f"{kind}:{meta['geometry'][:40]!r}", join_safetensors(header, body)
+    if kind == "meta-control":
+        key = rng.choice(["source", "model.name", "time_mode", "posterior", "model.hash", "vaecli.version"])
+        meta[key] = rng.choice(CONTROL)
+        return f"{kind}:{key}", join_safetensors(header, body)
+    if kind == "meta-drop":
+        for key in rng.sample(sorted(meta), rng.randint(1, len(meta))):
+            del meta[key]
+        if rng.random() < 0.3:
+            del header["__metadata__"]
+        return kind, join_safetensors(header, body)
+    if kind == "shape":
+        choice = rng.choice([[0, c, h, w], [t, c, 0, w], [t, c, h, 0], [10**6, c, h, w], [t, c, h], [t, c, h, w, 1],
+                             [t, c + 1, h, w], [t, c, h * 2, w], [t * c * h * w], [-t, c, h, w], [t, c, h, 1.5],
+                             [t, 0, h, w], [2**62, 1, 1, 1], "abc"])
+        entry["shape"] = choice
+        return f"{kind}:{choice}", join_safetensors(header, body)
+    if kind == "dtype":
+        entry["dtype"] = rng.choice(["I32", "U8", "F64", "BOOL", "F8_E4M3", "Q4", "", None, 7])
+        return f"{kind}:{entry['dtype']}", join_safetensors(header, body)
+    if kind == "offsets":
+        entry["data_offsets"] = rng.choice([[0, 10**12], [-8, len(body)], [len(body), 0], [0], None, "0,1",
+                                            [0, float("inf")], [0.5, len(body)], [8, len(body) + 8]])
+        text = json.dumps(header, allow_nan=True)
+        return f"{kind}:{entry['data_offsets']}", join_safetensors(text, body)
+    if kind == "header-json":
+        raw = rng.choice(["[]", "null", "{", '{"latents": 5}', "{" * 3000 + "}" * 3000, '{"a":' * 2000 + "1" + "}" * 2000,
+                          json.dumps({"latents": {"dtype": "F32", "shape": [1, 4, 6, 8], "data_offsets": [0, 768]},
+                                      "mean": {"dtype": "F32", "shape": [1, 4, 6, 8], "data_offsets": [0, 768]}}),
+                          "\xff\xfe", '{"__metadata__": [1]}', '{"__metadata__": {"fps": 24}}'])
+        return f"{kind}:{raw[:30]!r}", join_safetensors(raw.encode("utf-8", "surrogatepass"), body)
+    data = corpus.latents_bytes
+    if kind == "truncate":
+        cut = rng.randint(0, len(data) - 1)
+        return f"{kind}:{cut}", data[:cut]
+    if kind == "flip":
+        buf = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            i = rng.randrange(len(buf))
+            buf[i] ^= 1 << rng.randrange(8)
+        return kind, bytes(buf)
+    if kind == "nonfinite":
+        values = np.frombuffer(body, dtype=np.float32).copy()
+        for _ in range(rng.randint(1, 3)):
+            values[rng.randrange(values.size)] = rng.choice([np.nan, np.inf, -np.inf])
+        return kind, join_safetensors(header, values.tobytes())
+    if kind == "header-len":
+        n = rng.choice([0, 1, 7, 2**63, 2**40, len(data)])
+        return f"{kind}:{n}", struct.pack("<Q", n) + data[8:]
+    if kind == "extra-tensor":
+        header["junk\n\x1b[31m"] = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+        return kind, join_safetensors(header, body)
+    return "valid", data
+
+
+def mutate_checkpoint(rng: random.Random, corpus: Corpus, folder: Path) -> tuple[str, str]:
+    """Write a mutated checkpoint in `folder`; returns (what, the --model argument)."""
+    kind = rng.choice(["nonfinite", "shape", "missing", "dtype", "header", "truncate", "pickle", "empty",
+                       "diffusers-config", "fifo", "folder", "valid"])
+    path = folder / "vae.safetensors"
+    state = dict(corpus.state)
+    if kind == "nonfinite":
+        key = rng.choice(sorted(state))
+        t = state[key].clone()
+        t.view(-1)[rng.randrange(t.numel())] = rng.choice([float("nan"), float("inf"), float("-inf")])
+        state[key] = t
+        save_file(state, str(path))
+        return f"{kind}:{key}", str(path)
+    if kind == "shape":
+        key = rng.choice(sorted(state))
+        state[key] = torch.zeros(*[d + 1 for d in state[key].shape]) if state[key].ndim else torch.zeros(2)
+        save_file(state, str(path))
+        return f"{kind}:{key}", str(path)
+    if kind == "missing":
+        for key in rng.sample(sorted(state), rng.randint(1, 5)):
+            del state[key]
+        save_file(state, str(path))
+        return kind, str(path)
+    if kind == "dtype":
+        key = rng.choice(sorted(state))
+        state[key] = state[key].to(torch.int8)
+        save_file(state, str(path))
+        return f"{kind}:{key}", str(path)
+    if kind == "header":
+        header, body = split_safetensors(corpus.model_bytes)
+        name = rng.choice(sorted(k for k in header if k != "__metadata__"))
+        header[name]["data_offsets"] = rng.choice([[0, 10**15], "x", [5, 1], [0, float("inf")]])
+        if rng.random() < 0.3:
+            path.write_bytes(join_safetensors("{" * 4000 + "}" * 4000, body))
+        else:
+            path.write_bytes(join_safetensors(json.dumps(header, allow_nan=True), body))
+        return kind, str(path)
+    if kind == "truncate":
+        path.write_bytes(corpus.model_bytes[: rng.randint(0, len(corpus.model_bytes) - 1)])
+        return kind, str(path)
+    if kind == "pickle":
+        path = folder / "vae.ckpt"
+        path.write_bytes(b"PK\x03\x04" + os.urandom(64))
+        return kind, str(path)
+    if kind == "empty":
+        path.write_bytes(b"")
+        return kind, str(path)
+    if kind == "diffusers-config":
+        from vaecli.model.checkpoint import to_layout
+
+        d = folder / "vae_diffusers"
+        d.mkdir()
+        dstate, _ = to_layout(corpus.state, CONFIG, "diffusers")
+        save_file({k: v.contiguous() for k, v in dstate.items()}, str(d / "diffusion_pytorch_model.safetensors"))
+        config = rng.choice(["[1, 2]", "{" * 3000 + "}" * 3000, '{"scaling_factor": "abc"}', '{"scaling_factor": NaN}',
+                             '{"scaling_factor": -1}', '{"scaling_factor": 1e400}', "not json", '{"scaling_factor": 0.5}'])
+        (d / "config.json").write_text(config)
+        return f"{kind}:{config[:20]!r}", str(d)
+    if kind == "fifo":
+        os.mkfifo(path)
+        return kind, str(path)
+    if kind == "folder":
+        (folder / "empty_dir").mkdir()
+        return kind, str(folder / "empty_dir")
+    path.write_bytes(corpus.model_bytes)
+    return "valid", str(path)
+
+
+def mutate_media(rng: random.Random, corpus: Corpus, folder: Path) -> tuple[str, str]:
+    """Write a mutated video or image in `folder`; returns (what, the input argument)."""
+    kind = rng.choice(["tiny-png", "tiny-gif", "tiny-video", "truncate", "flip", "playlist", "bomb", "fifo", "empty",
+                       "random", "folder", "valid-png", "valid-gif", "valid"])
+    import imageio.v3 as iio
+
+    if kind == "tiny-png":
+        w, h = rng.choice([(1, 1), (2, 2), (7, 3), (3, 7), (1, 9), (9, 1)])
+        path = folder / "tiny.png"
+        path.write_bytes(_png(np.random.default_rng(rng.randrange(99)).integers(0, 255, (h, w, 3), dtype=np.uint8)))
+        return f"{kind}:{w}x{h}", str(path)
+    if kind == "tiny-gif":
+        w, h = rng.choice([(1, 1), (2, 2), (7, 3)])
+        path = folder / "tiny.gif"
+        iio.imwrite(path, np.random.default_rng(3).integers(0, 255, (2, h, w, 3), dtype=np.uint8), extension=".gif",
+                    duration=50, loop=0)
+        return f"{kind}:{w}x{h}", str(path)
+    if kind == "tiny-video":
+        w, h = rng.choice([(2, 2), (4, 2), (6, 4)])
+        path = folder / "tiny.mp4"
+        make_video(path, n=2, width=w, height=h)
+        return f"{kind}:{w}x{h}", str(path)
+    if kind in ("truncate", "flip", "valid", "valid-png", "valid-gif"):
+        source, suffix = rng.choice([(corpus.video_bytes, ".mp4"), (corpus.gif_bytes, ".gif"),
+                                     (corpus.png_bytes, ".png"), (corpus.video_bytes, ".mkv")])
+        if kind == "valid-png":
+            source, suffix = corpus.png_bytes, ".png"
+        if kind == "valid-gif":
+            source, suffix = corpus.gif_bytes, ".gif"
+        data = bytearray(source)
+        if kind == "truncate":
+            data = data[: rng.randint(0, len(data) - 1)]
+        elif kind == "flip":
+            for _ in range(rng.randint(1, 20)):
+                i = rng.randrange(len(data))
+                data[i] ^= 1 << rng.randrange(8)
+        path = folder / f"input{suffix}"
+        path.write_bytes(bytes(data))
+        return f"{kind}{suffix}", str(path)
+    if kind == "playlist":
+        (folder / "other.mp4").write_bytes(corpus.video_bytes)
+        name = rng.choice(["list.m3u8", "disguised.mp4", "concat.txt"])
+        text = ("#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nother.mp4\n#EXT-X-ENDLIST\n" if name != "concat.txt"
+                else "ffconcat version 1.0\nfile other.mp4\n")
+        (folder / name).write_text(text)
+        return f"{kind}:{name}", str(folder / name)
+    if kind == "bomb":
+        w, h = rng.choice([(12000, 12000), (100000, 100), (65535, 65535)])
+        path = folder / "bomb.png"
+        path.write_bytes(png_bomb(w, h))
+        return f"{kind}:{w}x{h}", str(path)
+    if kind == "fifo":
+        path = folder / rng.choice(["pipe.mp4", "pipe.png", "pipe.gif"])
+        os.mkfifo(path)
+        return kind, str(path)
+    if kind == "empty":
+        path = folder / rng.choice(["empty.mp4", "empty.png", "empty.gif"])
+        path.write_bytes(b"")
+        return kind, str(path)
+    if kind == "random":
+        path = folder / rng.choice(["noise.mp4", "noise.png", "noise.gif", "noise.webm"])
+        path.write_bytes(bytes(rng.randrange(256) for _ in range(rng.randint(1, 2000))))
+        return kind, str(path)
+    frames = folder / "frames"
+    frames.mkdir()
+    sizes = rng.choice([[(16, 12)] * 3, [(16, 12), (18, 12)], [(16, 12), (0, 0)]])
+    for i, (w, h) in enumerate(sizes):
+        p = frames / f"f{i:03d}.png"
+        p.write_bytes(_png(np.zeros((h, w, 3), np.uint8)) if w else b"junk")
+    return f"{kind}:{sizes}", str(frames)
+
+
+BAD_VALUES = {
+    "--crf": ["-1", "inf", "99", "64", "52", "10" * 30, "abc", "0", "63"],
+    "--fps": ["-1", "0", "abc", "1/0", "1e308", "0/0", "24", "nan"],
+    "--batch": ["abc", "0", "-3", "1", "100000"],
+    "--frames": ["0", "-1", "abc", "1", "2", "10" * 20],
+    "--start": ["-1", "abc", "1000", "1"],
+    "--stride": ["0", "-2", "abc", "2", "1000"],
+    "--size": ["0x0", "abc", "16x", "-16x12", "100000x100000", "17x13", "16x12", "1x1"],
+    "--fit": ["pad", "crop", "resize", "stretch", ""],
+    "--max-memory": ["abc", "0", "-1GiB", "1B", "1e999", "512MiB", "10GiB", "1 PiB"],
+    "--chunk": ["-1", "0", "1", "abc", "2"],
+    "--overlap": ["-1", "0", "1", "5", "abc"],
+    "--tile": ["0", "3", "4", "abc", "100000"],
+    "--format": ["mp4", "webm", "gif", "png", "avi", "", "MP4"],
+    "--latent-dtype": ["fp32", "fp16", "bf16", "int8", "abc"],
+    "--dtype": ["fp32", "fp16", "bf16", "abc", "auto"],
+    "--attention": ["auto", "math", "sdpa", "split", "xformers", "nope"],
+    "--device": ["cpu", "cuda", "cuda:9", "tpu", "auto"],
+    "--max-pixels": ["0", "-1", "abc", "100", "1"],
+    "--seed": ["-1", "abc", "3"],
+    "--export": ["comfy", "abc"],
+    "--clip-frames": ["0", "-1", "abc", "1"],
+}
+COMMAND_OPTIONS = {
+    "encode": ["--crf", "--batch", "--frames", "--start", "--stride", "--size", "--fit", "--max-memory", "--latent-dtype",
+               "--dtype", "--attention", "--device", "--max-pixels", "--seed", "--export"],
+    "decode": ["--crf", "--fps", "--chunk", "--overlap", "--tile", "--format", "--max-memory", "--dtype", "--attention",
+               "--device", "--max-pixels"],
+    "roundtrip": ["--crf", "--frames", "--start", "--stride", "--fit", "--chunk", "--overlap", "--tile", "--max-memory",
+                  "--clip-frames", "--max-pixels"],
+    "plan": ["--frames", "--max-memory", "--size", "--fit", "--chunk", "--overlap", "--tile", "--batch", "--dtype",
+             "--attention", "--device", "--max-pixels"],
+}
+DECODE_OUTPUTS = ["out.mp4", "out.webm", "out.gif", "one.png", "frames/", "img_%04d.png", "out", "out.safetensors",
+                  "out.mkv", "x_%d_%d.png", "missing/dir/out.mp4"]
+
+
+def make_case(i: int, rng: random.Random, corpus: Corpus, root: Path) -> Case:
+    folder = root / f"case{i:05d}"
+    folder.mkdir(parents=True)
+    model = str(corpus.model)
+    family = rng.choice(["latents", "latents", "checkpoint", "media", "media", "options", "outputs"])
+    if family == "latents":
+        what, data = mutate_latents(rng, corpus)
+        path = folder / "in.latents.safetensors"
+        path.write_bytes(data)
+        command = rng.choice(["decode", "decode", "info", "plan"])
+        if command == "decode":
+            out = rng.choice(["out.mp4", "out.gif", "frames/"])
+            return Case(family, what, folder, ["decode", str(path), "-m", model, "-o", str(folder / out), "-q"],
+                        [out.rstrip("/")], "frames" if out.endswith("/") else "video")
+        return Case(family, what, folder, [command, str(path)] + (["-m", model] if command == "plan" else []),
+                    [], "text")
+    if family == "checkpoint":
+        what, arg = mutate_checkpoint(rng, corpus, folder)
+        command = rng.choice(["info", "encode", "decode", "convert"])
+        if command == "info":
+            return Case(family, what, folder, ["info", arg], [], "text")
+        if command == "encode":
+            return Case(family, what, folder, ["encode", str(corpus.video), "-m", arg, "-o",
+                                               str(folder / "z.latents.safetensors"), "-q"],
+                        ["z.latents.safetensors"], "latents")
+        if command == "convert":
+            to = rng.choice(["sgm", "diffusers"])
+            out = "conv.safetensors" if to == "sgm" or rng.random() < 0.5 else "conv_folder"
+            return Case(family, what, folder, ["convert", arg, "-o", str(folder / out), "--to", to], [out], "checkpoint")
+        return Case(family, what, folder, ["decode", str(corpus.latents), "-m", arg, "-o", str(folder / "o.mp4"),
+                                           "--allow-model-mismatch", "-q"], ["o.mp4"], "video")
+    if family == "media":
+        what, arg = mutate_media(rng, corpus, folder)
+        command = rng.choice(["encode", "encode", "info", "roundtrip", "plan"])
+        if command == "encode":
+            return Case(family, what, folder, ["encode", arg, "-m", model, "-o", str(folder / "z.latents.safetensors"),
+                                               "-q"], ["z.latents.safetensors"], "latents")
+        if command == "roundtrip":
+            return Case(family, what, folder, ["roundtrip", arg, "-m", model, "-o", str(folder / "r.mp4"), "-q"],
+                        ["r.mp4"], "video")
+        return Case(family, what, folder, [command, arg] + (["-m", model] if command == "plan" else []), [], "text")
+    if family == "options":
+        command = rng.choice(list(COMMAND_OPTIONS))
+        chosen = rng.sample(COMMAND_OPTIONS[command], rng.randint(1, 3))
+        opts = []
+        for name in chosen:
+            opts += [name, rng.choice(BAD_VALUES[name])]
+        if rng.random() < 0.1:
+            opts.append(rng.choice(["--bogus", "--frames", "-x", "--sample", "--save-moments", "--native-size"]))
+        if command == "encode":
+            args = ["encode", str(corpus.video), "-m", model, "-o", str(folder / "z.latents.safetensors"), "-q"] + opts
+            return Case(family, " ".join(opts), folder, args, ["z.latents.safetensors", "z.latent"], "latents")
+        if command == "decode":
+            out = "o.webm" if "--format" in opts and opts[opts.index("--format") + 1] == "webm" else "o.mp4"
+            args = ["decode", str(corpus.latents), "-m", model, "-o", str(folder / out), "-q"] + opts
+            if "--format" in opts:
+                args[args.index("-o") + 1] = str(folder / "o")
+                out = "o"
+            return Case(family, " ".join(opts), folder, args, [out], "any")
+        if command == "roundtrip":
+            args = ["roundtrip", str(corpus.video), "-m", model, "-o", str(folder / "r.mp4"), "-q"] + opts
+            return Case(family, " ".join(opts), folder, args, ["r.mp4"], "video")
+        return Case(family, " ".join(opts), folder, ["plan", str(corpus.video), "-m", model] + opts, [], "text")
+    # outputs: names that are folders, patterns, other formats, protected paths, existing files
+    out = rng.choice(DECODE_OUTPUTS + ["existing_dir", "existing_dir/", ".", "..", "existing.mp4"])
+    (folder / "existing_dir").mkdir()
+    (folder / "existing_dir" / "notes.txt").write_text("keep me")
+    (folder / "existing.mp4").write_text("keep me too")
+    extra = ["--overwrite"] if rng.random() < 0.5 else []
+    if rng.random() < 0.5:
+        target = str(folder / out) if out not in (".", "..") else out
+        return Case(family, f"decode -o {out} {' '.join(extra)}", folder,
+                    ["decode", str(corpus.latents), "-m", model, "-o", target, "-q"] + extra,
+                    [out.rstrip("/").split("/")[0]] if out not in (".", "..") else [], "any")
+    out = rng.choice(["z.latents.safetensors", "z.mp4", "existing_dir", "newdir/", "existing.mp4", ".", ".."])
+    target = str(folder / out) if out not in (".", "..") else out
+    return Case(family, f"encode -o {out} {' '.join(extra)}", folder,
+                ["encode", str(corpus.video), "-m", model, "-o", target, "-q"] + extra,
+                [out.rstrip("/")] if out not in (".", "..") else [], "latents")
+
+
+class Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Timeout()
+
+
+def run_case(case: Case, time_limit: float = TIME_LIMIT) -> Outcome:
+    from typer.testing import CliRunner
+
+    from vaecli.cli import app
+
+    before = _snapshot(case.folder)
+    started = time.perf_counter()
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, time_limit)
+    try:
+        result = CliRunner().invoke(app, case.args)
+    except Timeout:
+        return Outcome(case, None, f"hang (over {time_limit:.0f} s)", time.perf_counter() - started)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    seconds = time.perf_counter() - started
+    err = result.stderr
+    problem = None
+    if isinstance(result.exception, Timeout):
+        problem = f"hang (over {time_limit:.0f} s)"
+    elif result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        tb = "".join(traceback.format_exception(result.exception))
+        problem = f"traceback: {type(result.exception).__name__}: {result.exception}\n{tb[-1500:]}"
+    elif "Traceback" in err:
+        problem = "traceback on stderr"
+    elif result.exit_code not in (0, 1, 2):
+        problem = f"exit code {result.exit_code}"
+    elif result.exit_code:
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        if not lines or not all(ln.startswith("error: ") for ln in lines):
+            problem = f"stderr is not one error: line: {err[:300]!r}"
+    else:
+        problem = _check_output(case, result.stdout)
+    if problem is None:
+        problem = _left_behind(case, before, result.exit_code == 0)
+    return Outcome(case, result.exit_code, problem, seconds, err)
+
+
+def _snapshot(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def _left_behind(case: Case, before: set[str], succeeded: bool) -> str | None:
+    after = _snapshot(case.folder)
+    new = sorted(after - before)
+    allowed = set(case.outputs) if succeeded else set()
+    patterns = [re.compile(re.escape(a).replace("%04d", r"\d+").replace("%d", r"\d+")) for a in allowed if "%" in a]
+    stray = [n for n in new if n.split("/")[0] not in allowed
+             and not any(p.fullmatch(n.split("/")[-1]) for p in patterns)]
+    changed = [n for n in before if not (case.folder / n).exists() and not os.path.islink(case.folder / n)]
+    if stray:
+        return f"left behind: {stray[:5]}"
+    if changed:
+        return f"removed inputs: {changed[:5]}"
+    if (case.folder / "existing_dir" / "notes.txt").parent.exists() and "existing_dir/notes.txt" in before \
+            and not (case.folder / "existing_dir" / "notes.txt").exists():
+        return "data loss: existing_dir/notes.txt removed"
+    return None
+
+
+def _check_output(case: Case, stdout: str) -> str | None:
+    if case.check == "text":
+        return None if stdout.strip() else "exit 0 with nothing on stdout"
+    made = [case.folder / n for n in case.outputs if (case.folder / n).exists()]
+    if case.check != "any" and not made:
+        return f"exit 0 but no output among {case.outputs}"
+    for path in made:
+        if path.name.endswith(".safetensors") and case.check == "latents":
+            from vaecli.pipeline.latents_io import open_latents
+
+            lf = open_latents(path)
+            z = lf.read(0, lf.frames).float()
+            if not bool(torch.isfinite(z).all()):
+                return f"exit 0 wrote non-finite latents to {path.name}"
+        elif path.suffix in (".mp4", ".webm", ".gif"):
+            from vaecli.pipeline.video_io import FrameSource
+
+            if path.stat().st_size == 0 or next(FrameSource(path).frames(), None) is None:
+                return f"exit 0 wrote an unreadable {path.name}"
+    return None
+
+
+def run_many(n: int, seed: int, root: Path, corpus: Corpus | None = None, time_limit: float = TIME_LIMIT,
+             keep: bool = False):
+    """Generate and run n cases; yields Outcomes. Case folders are removed unless `keep` (or the case failed)."""
+    corpus = corpus or Corpus(root / "corpus")
+    rng = random.Random(seed)
+    cwd = os.getcwd()
+    for i in range(n):
+        case_rng = random.Random(rng.getrandbits(64))
+        case = make_case(i, case_rng, corpus, root)
+        os.chdir(case.folder)  # "." and ".." name the case's own folder and the root, never the project
+        try:
+            outcome = run_case(case, time_limit)
+        finally:
+            os.chdir(cwd)
+        if outcome.problem is None and not keep:
+            shutil.rmtree(case.folder, ignore_errors=True)
+        yield outcome
+
+
+def summary(outcomes: list[Outcome]) -> dict:
+    by_problem: dict[str, int] = {}
+    for o in outcomes:
+        if o.problem:
+            key = o.problem.split(":")[0]
+            by_problem[key] = by_problem.get(key, 0) + 1
+    families: dict[str, dict[str, int]] = {}
+    for o in outcomes:
+        f = families.setdefault(o.case.family, {"cases": 0, "exit0": 0, "exit1": 0, "exit2": 0, "failed": 0})
+        f["cases"] += 1
+        f["failed"] += o.problem is not None
+        if o.exit_code in (0, 1, 2):
+            f[f"exit{o.exit_code}"] += 1
+    return {"cases": len(outcomes), "failed": sum(o.problem is not None for o in outcomes), "problems": by_problem,
+            "families": families, "seconds": round(sum(o.seconds for o in outcomes), 1),
+            "slowest": round(max((o.seconds for o in outcomes), default=0), 2),
+            "mean": round(sum(o.seconds for o in outcomes) / max(1, len(outcomes)), 3),
+            "nan_outputs": sum(1 for o in outcomes if o.problem and "non-finite" in o.problem)}
