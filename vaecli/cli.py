@@ -66,7 +66,7 @@ ModelOpt = Annotated[Optional[str], typer.Option(
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA), fp32, fp16 or bf16.")]
 AttentionOpt = Annotated[str, typer.Option(help="auto, math, sdpa, split, sub-quadratic or xformers.")]
-OutOpt = Annotated[Optional[Path], typer.Option("-o", "--out", help="Output path (one input only).")]
+OutOpt = Annotated[Optional[str], typer.Option("-o", "--out", help="Output file (one input only).")]
 OutDirOpt = Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for the outputs of many inputs.")]
 ManifestOpt = Annotated[Optional[Path], typer.Option(help="A file listing inputs, one path per line.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace existing outputs.")]
@@ -394,7 +394,7 @@ def encode(
     if fit not in ("pad", "crop", "resize"):
         raise UsageError(f"--fit must be pad, crop or resize, not {fit!r}")
     work = _worker(model, config, device, dtype, attention,
-                   lambda m, item, target: encode_file(m, item, Path(target), opts, quiet=quiet))
+                   lambda m, item, target: encode_file(m, item, target, opts, quiet=quiet))
     _batch(_inputs(inputs, manifest), out, out_dir, _latents_name, work, skip_existing=skip_existing,
            as_json=as_json, quiet=quiet, verb="encode")
 

@@ -128,8 +128,8 @@ def _check(out: Output, overwrite: bool) -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"folder {parent} is not writable")
     found = _kind_of(path)
-    if found is None:
-        return
+    if found is None or (out.kind == "folder" and found == "folder" and not os.listdir(path)):
+        return  # nothing there, or an empty folder to fill: nothing is replaced
     if not overwrite:
         raise OutputError(f"{path} exists; pass --overwrite to replace it")
     if found == "other":

@@ -294,14 +294,15 @@ def frame_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
     return torch.randn(shape, generator=gen)
 
 
-def encode_file(model: Model, source_spec: str, out: Path, opts: EncodeOptions, quiet: bool = True) -> dict:
+def encode_file(model: Model, source_spec: str, out: Path | str, opts: EncodeOptions, quiet: bool = True) -> dict:
     """Encode one video (or image sequence) into a latent file; returns the JSON result.
 
     The batch size (frames per encoder call) and attention backend come from the memory planner unless forced.
     """
     started = time.perf_counter()
     cfg = model.vae.config
-    outputs = latents_output(out, opts.export_comfy)
+    outputs = latents_output(out, opts.export_comfy)  # a str keeps the "/" that names a folder
+    out = outputs[0].path
     check_outputs(outputs, opts.overwrite)
     source = FrameSource(source_spec, opts.max_pixels)
     fps = source.fps / opts.selection.stride  # every stride-th frame: the rate that plays them at the source's speed
@@ -463,9 +464,10 @@ def output_kind(out: Path | str, fmt: str | None, frames: int | None = None) -> 
     return said, Output(path), False
 
 
-def latents_output(out: Path, export_comfy: bool) -> list[Output]:
+def latents_output(out: Path | str, export_comfy: bool) -> list[Output]:
     """The outputs of an encode: the latent file (a .safetensors name), and the ComfyUI `.latent` when exported."""
     text = str(out)
+    out = Path(text)
     if text.endswith(("/", os.sep)) or out.is_dir():
         raise UsageError(f"{out} is a folder; -o names the latent file (use --out-dir for a folder)")
     if not out.name.endswith(".safetensors"):

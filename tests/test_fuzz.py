@@ -1,0 +1,41 @@
+"""The fuzz suite in the normal run: seeded bad inputs through the CLI's entry point (see tests/fuzzcases.py).
+
+Every case must end with exit 0 and a valid output, or exit 1/2 and one `error:` line; no traceback, no hang,
+nothing left behind, never a non-finite output. `scripts/fuzz.py --n 5000` runs the same generators longer.
+"""
+
+import pytest
+
+import fuzzcases
+
+CASES = 520
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return fuzzcases.Corpus(tmp_path_factory.mktemp("fuzz-corpus"))
+
+
+def test_fuzz_cases_keep_every_promise(tmp_path, corpus):
+    outcomes = list(fuzzcases.run_many(CASES, seed=20261124, root=tmp_path, corpus=corpus, time_limit=30))
+    failures = [f"{o.case.family} {o.case.name!r} {o.case.args}: {o.problem}" for o in outcomes if o.problem]
+    assert not failures, "\n".join(failures[:10])
+    result = fuzzcases.summary(outcomes)
+    assert result["cases"] == CASES
+    for family, counts in result["families"].items():  # every family ran, and both successes and refusals happen
+        assert counts["cases"] >= 30, (family, counts)
+    assert sum(f["exit0"] for f in result["families"].values()) >= 50
+    assert sum(f["exit1"] + f["exit2"] for f in result["families"].values()) >= 200
+
+
+def test_the_checker_can_fail(tmp_path, corpus):
+    """A case that leaves a stray file, and one that prints a traceback-like line, are reported."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    case = fuzzcases.Case("test", "stray", folder, ["info", str(corpus.latents)], [], "text")
+    before = fuzzcases._snapshot(folder)
+    (folder / ".x.vaecli-1-abc.partial").write_text("")
+    assert "left behind" in fuzzcases._left_behind(case, before, True)
+    bad = fuzzcases.Case("test", "bad option", folder, ["decode", "--crf", "inf", "x"], [], "any")
+    outcome = fuzzcases.run_case(bad)
+    assert outcome.exit_code == 2 and outcome.problem is None and outcome.stderr.startswith("error: ")
