@@ -210,13 +210,10 @@ def comfy_path(latents_path: Path) -> Path:
 
 
 def parse_fps(text: str | None) -> Fraction | None:
-    """"30000/1001", "29.97" or "24" -> Fraction."""
+    """--fps: "30000/1001", "29.97" or "24" -> Fraction (positive, at most 10000)."""
     if text is None:
         return None
     try:
-        fps = Fraction(text).limit_denominator(1_000_000)
-    except (ValueError, ZeroDivisionError):
-        raise UsageError(f"--fps must be a number or a ratio like 30000/1001, not {text!r}") from None
-    if fps <= 0:
-        raise UsageError(f"--fps must be positive, not {text!r}")
-    return fps
+        return validate_fps(text, "--fps", "value")
+    except InputError as e:
+        raise UsageError(str(e)) from None

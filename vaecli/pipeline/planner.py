@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vaecli.errors import UsageError
+from vaecli.errors import BackendError, UsageError
 from vaecli.model.config import VAEConfig
 from vaecli.model.streaming import Pieces
 from vaecli.model.vae import VAE
@@ -300,6 +300,9 @@ def _backends(attention: str, device: torch.device, budget: int) -> list[Attenti
     if attention != "auto":
         if attention not in BACKEND_NAMES:
             raise UsageError(f"unknown attention backend {attention!r}; choose one of: auto, {', '.join(BACKEND_NAMES)}")
+        why = unavailable_reason(attention, device)
+        if why is not None:
+            raise BackendError(f"attention backend {attention!r} cannot run here: {why}")
         return [AttentionBackend(attention, scratch, "chosen by the user")]
     names = [name for name in AUTO_ORDER if unavailable_reason(name, device) is None]
     if "sdpa" in names and "math" in names:  # math is slower and never smaller
