@@ -414,3 +414,58 @@ def test_output_checks_unit(tmp_path):
         tmp.write_text("ok")
     assert (tmp_path / "f.txt").read_text() == "ok"
     assert oct((tmp_path / "f.txt").stat().st_mode & 0o777) == oct(0o666 & ~files._umask())
+
+
+# ------------------------------------------------------------------------------------------ CLI polish (issue 14)
+
+
+def test_batch_inputs_with_one_output_name_are_refused(tmp_path, corpus):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "clip.mp4").write_bytes(corpus.video_bytes)
+    (tmp_path / "o").mkdir()
+    result = run("encode", tmp_path / "a" / "clip.mp4", tmp_path / "b" / "clip.mp4", "--out-dir", tmp_path / "o",
+                 "-m", corpus.model, "--skip-existing")
+    one_error(result, 2, "would both write")
+    assert not list((tmp_path / "o").iterdir())
+
+
+def test_stride_stores_the_effective_rate(tmp_path, corpus):
+    out = tmp_path / "s.latents.safetensors"
+    assert run("encode", corpus.video, "-m", corpus.model, "-o", out, "--stride", "2", "-q").exit_code == 0
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["fps"] == "15000/1001"
+
+
+def test_option_conflicts_and_ranges(tmp_path, corpus):
+    one_error(run("encode", corpus.video, "-m", corpus.model, "--seed", "3"), 2, "--seed only applies with --sample")
+    one_error(run("encode", corpus.video, "-m", corpus.model, "--skip-existing", "--overwrite"), 2, "contradict")
+    one_error(decode(corpus, "-o", tmp_path / "o.mp4", "--crf", "60"), 2, "out of range for mp4 (0-51)")
+    assert decode(corpus, "-o", tmp_path / "o.webm", "--crf", "60").exit_code == 0
+    one_error(decode(corpus, "-o", tmp_path / "o2.mp4", "--crf", "99"), 2)
+
+
+def test_decode_of_a_video_or_folder_says_so(tmp_path, corpus):
+    one_error(run("decode", corpus.video, "-m", corpus.model), 1, "is a video or image, not a latent file")
+    one_error(run("decode", tmp_path, "-m", corpus.model), 1, "is a folder")
+
+
+def test_manifest_paths_are_relative_to_the_manifest(tmp_path, corpus, monkeypatch):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (tmp_path / "clip.mp4").write_bytes(corpus.video_bytes)
+    (lists / "todo.txt").write_text("# inputs\n../clip.mp4   # the only one\n\n")
+    monkeypatch.chdir("/")
+    result = run("encode", "--manifest", lists / "todo.txt", "-m", corpus.model, "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "clip.latents.safetensors").is_file()
+
+
+def test_debug_after_the_subcommand_and_bundled_model_by_name(tmp_path):
+    result = run("info", tmp_path / "missing.safetensors", "--debug")
+    assert result.exit_code == 1 and "Traceback" in result.stderr
+    result = run("info", "vaecli-small", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["path"].endswith("vaecli-small.safetensors")
+    out = tmp_path / "small.safetensors"
+    assert run("convert", "vaecli-small", "-o", out).exit_code == 0
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~files._umask())  # not mkstemp's 0600

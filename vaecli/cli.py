@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -30,6 +31,9 @@ class Group(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        args = list(sys.argv[1:] if args is None else args)
+        if "--debug" in args[1:] and "--" not in args[: args.index("--debug")]:  # `vaecli decode x --debug` too
+            args = ["--debug"] + [a for a in args if a != "--debug"]
         try:
             code = super().main(args, prog_name, complete_var, False, **extra)
         except NoArgsIsHelpError as e:  # `vaecli` alone: the help (Typer's rich help prints itself)
@@ -142,7 +146,9 @@ def info(
     attention: AttentionOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Describe a video (streams, frames, fps, size), a latent file (shape, metadata) or a checkpoint."""
+    """Describe a video (streams, frames, fps, size), a latent file (shape, metadata) or a checkpoint
+    (`vaecli info vaecli-small`: the bundled model, and where its file lives)."""
+    path = _model_path(path)
     kind = _file_kind(path)
     if kind == "latents":
         from vaecli.pipeline.latents_io import describe_latents
@@ -189,6 +195,17 @@ def info(
     _print_result(result, as_json, human)
 
 
+def _model_path(path: Path) -> Path:
+    """The bundled model's name (`vaecli-small`) -> its file; any other path as given."""
+    from vaecli.model.checkpoint import BUNDLED_MODEL
+
+    if str(path) in (BUNDLED_MODEL, BUNDLED_MODEL.removesuffix(".safetensors")) and not path.exists():
+        from vaecli.model.checkpoint import bundled_model_path
+
+        return bundled_model_path()
+    return path
+
+
 def _file_kind(path: Path) -> str:
     """"latents", "checkpoint" or "video" (videos, GIFs, images, image folders and globs)."""
     if not path.exists() and not any(ch in str(path) for ch in "*?["):
@@ -224,7 +241,7 @@ def convert(
 
     if to not in ("sgm", "diffusers"):
         raise UsageError(f"--to must be sgm or diffusers, not {to!r}")
-    written = convert_checkpoint(checkpoint, out, to=to, dtype=dtype, overwrite=overwrite, config=config)
+    written = convert_checkpoint(_model_path(checkpoint), out, to=to, dtype=dtype, overwrite=overwrite, config=config)
     _print_result({"input": str(checkpoint), "output": str(written), "layout": to, "dtype": dtype},
                   as_json, [str(written)])
 
@@ -250,7 +267,12 @@ def _inputs(items: list[str] | None, manifest: Path | None) -> list[str]:
             lines = manifest.read_text(encoding="utf-8").splitlines()
         except OSError as e:
             raise UsageError(f"cannot read manifest {manifest}: {e.strerror}") from None
-        found += [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        for line in lines:  # paths relative to the manifest's folder; `#` starts a comment (after whitespace)
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            text = re.split(r"\s+#", text, maxsplit=1)[0].strip()
+            found.append(text if os.path.isabs(text) else os.path.join(manifest.parent, text))
     if not found:
         raise UsageError("no inputs: give files on the command line or --manifest FILE")
     return found

@@ -484,8 +484,9 @@ def plan_decode(config: VAEConfig, frames: int, latent_hw: tuple[int, int], *, d
            f"windows of {c} frames overlapping by {k}, cross-faded ({WINDOWS_ERROR})"]
     if inner is None:
         pieces = Pieces(1, MIN_TILE, 1, MIN_TILE, can_park)
-        act = est.stream("decode", backends[-1], c, h, w, pieces)
-        return plan(backends[-1], "windows" if c < frames else "stream", c, k, act,
+        smallest = min(backends, key=lambda b: est.stream("decode", b, c, h, w, pieces))
+        act = est.stream("decode", smallest, c, h, w, pieces)
+        return plan(smallest, "windows" if c < frames else "stream", c, k, act,
                     why + ["nothing fits the budget by the cost model; the smallest plan is used"],
                     pieces=pieces, exact=c >= frames)
     return plan(inner.attention, "windows", c, k, inner.activation_bytes, why + list(inner.reasons[2:]),
