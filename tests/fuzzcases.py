@@ -18,7 +18,6 @@ name folders, patterns or protected paths).
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
@@ -539,11 +538,8 @@ def _left_behind(case: Case, before: set[str], succeeded: bool) -> str | None:
     changed = [n for n in before if not (case.folder / n).exists() and not os.path.islink(case.folder / n)]
     if stray:
         return f"left behind: {stray[:5]}"
-    if changed:
+    if changed:  # e.g. existing_dir/notes.txt: data loss
         return f"removed inputs: {changed[:5]}"
-    if (case.folder / "existing_dir" / "notes.txt").parent.exists() and "existing_dir/notes.txt" in before \
-            and not (case.folder / "existing_dir" / "notes.txt").exists():
-        return "data loss: existing_dir/notes.txt removed"
     return None
 
 

@@ -3,7 +3,6 @@ non-regular files, pixel limits, one-line usage errors, escaping, playlists, out
 
 import json
 import os
-import struct
 import subprocess
 import sys
 import time
@@ -464,6 +463,7 @@ def test_manifest_paths_are_relative_to_the_manifest(tmp_path, corpus, monkeypat
 def test_debug_after_the_subcommand_and_bundled_model_by_name(tmp_path):
     result = run("info", tmp_path / "missing.safetensors", "--debug")
     assert result.exit_code == 1 and "Traceback" in result.stderr
+    assert run("plan", tmp_path / "missing.mp4", "-m", "vaecli-small").stderr.count("error:") == 1
     result = run("info", "vaecli-small", "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["path"].endswith("vaecli-small.safetensors")
     out = tmp_path / "small.safetensors"

@@ -250,13 +250,12 @@ def convert(
 
 
 def _load_model(model: str | None, config: str | None, device: str, dtype: str, attention: str):
-    from vaecli.model.checkpoint import BUNDLED_MODEL
     from vaecli.ops.device import parse_device, resolve_dtype
     from vaecli.pipeline.runner import Model
 
     dev = parse_device(device)
     dt = resolve_dtype(dtype, dev)
-    source = None if model in (None, BUNDLED_MODEL.removesuffix(".safetensors")) else model
+    source = None if model is None else str(_model_path(Path(model)))
     return Model.load(source, device=dev, dtype=dt, attention=attention, config=config)
 
 
@@ -633,7 +632,7 @@ def plan(
 
     _check_windows(chunk, overlap, tile)
     if model is not None:
-        cfg = read_checkpoint(model, config).config
+        cfg = read_checkpoint(_model_path(Path(model)), config).config
     elif config is not None:
         cfg = load_config(config)
     else:

@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 from vaecli.errors import OutputError
 
 TAG = "vaecli"
-_TEMP = re.compile(r"^\.(?P<name>.+)\.vaecli-(?P<pid>\d+)-[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?\.(?:partial|raw|old)$")
+_TEMP = re.compile(rf"^\.(?P<name>.+)\.{TAG}-(?P<pid>\d+)-[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?\.(?:partial|raw|old)$")
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def _check(out: Output, overwrite: bool) -> None:
     if why:
         raise OutputError(f"{path} {why}; vaecli never writes or replaces it as an output")
     parent = path.parent
-    if _kind_of(parent) != "folder" and not (parent.is_dir()):
+    if not parent.is_dir():
         raise OutputError(f"folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"folder {parent} is not writable")
@@ -190,14 +190,10 @@ def clean_stale(path: Path) -> list[str]:
     return removed
 
 
-def temp_name(path: Path, suffix: str) -> tuple[str, str, str]:
-    """(folder, prefix, suffix) for a temporary beside `path` that `clean_stale` recognises."""
-    return str(path.parent), f".{path.name}.{TAG}-{os.getpid()}-", suffix
-
-
 def make_temp(path: Path, suffix: str = ".partial", folder: bool = False) -> Path:
-    """Create (O_EXCL) an empty temporary file, or folder, beside `path` and return its path."""
-    where, prefix, suffix = temp_name(path, suffix)
+    """Create (O_EXCL) an empty temporary file, or folder, beside `path`, named so that `clean_stale` recognises
+    it, and return its path."""
+    where, prefix = str(path.parent), f".{path.name}.{TAG}-{os.getpid()}-"
     try:
         if folder:
             return Path(tempfile.mkdtemp(suffix=suffix, prefix=prefix, dir=where))
@@ -308,11 +304,6 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, kind: str = 
     """`atomic_outputs` for one file or folder output: yields its temporary path."""
     with atomic_outputs([Output(Path(path), kind, owns)], overwrite) as temps:
         yield temps[0]
-
-
-def check_writable(path: Path, overwrite: bool, kind: str = "file") -> None:
-    """`check_outputs` for one file or folder output."""
-    check_outputs([Output(Path(path), kind)], overwrite)
 
 
 def _umask() -> int:

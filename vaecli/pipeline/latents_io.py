@@ -185,8 +185,7 @@ def open_latents(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
         raise InputError(f"{where}: frame_count {metadata['frame_count']} does not match the {t} frames stored")
     geometry = None
     if metadata.get("geometry"):
-        g = validate_geometry(metadata["geometry"], where, (h, w), max_pixels)
-        geometry = Geometry(g["source"], g["resized"], g["processed"], g["fit"], g["box"])
+        geometry = Geometry(**validate_geometry(metadata["geometry"], where, (h, w), max_pixels))
     return LatentFile(
         path, key, shape, entry["dtype"], scaled, dict(metadata),
         fps=validate_fps(metadata["fps"], where) if metadata.get("fps") else None,

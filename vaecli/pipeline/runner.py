@@ -410,7 +410,6 @@ def encode_batch(model: Model, batch: list[tuple[int, np.ndarray]], geometry, op
 
 
 PNG_PATTERN = "frame_%05d.png"
-VIDEO_SUFFIXES = {"mp4": "mp4", "webm": "webm", "gif": "gif", "png": "png"}
 
 
 def output_kind(out: Path | str, fmt: str | None, frames: int | None = None) -> tuple[str, Output, bool]:
@@ -450,7 +449,7 @@ def output_kind(out: Path | str, fmt: str | None, frames: int | None = None) -> 
             raise UsageError(f"{out}: cannot tell the format from the name; add a suffix (.mp4, .webm, .gif, .png), "
                              "end it in / for PNG frames, or pass --format")
         return fmt, Output(path), False
-    said = VIDEO_SUFFIXES.get(suffix)
+    said = suffix if suffix in FORMATS else None
     if said is None:
         raise UsageError(f"{out}: a decode writes {', '.join('.' + f for f in FORMATS)} or PNG frames, not "
                          f".{suffix}; rename the output")
