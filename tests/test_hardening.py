@@ -469,3 +469,38 @@ def test_debug_after_the_subcommand_and_bundled_model_by_name(tmp_path):
     out = tmp_path / "small.safetensors"
     assert run("convert", "vaecli-small", "-o", out).exit_code == 0
     assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~files._umask())  # not mkstemp's 0600
+
+
+def test_names_too_long_or_with_nul_are_one_line(tmp_path, corpus):
+    long = "x" * 300 + ".mp4"
+    one_error(run("encode", long, "-m", corpus.model), 1, "longer than a file name can be")
+    one_error(run("encode", str(tmp_path / "a") + "/" + "y" * 5000, "-m", corpus.model), 1, "longer than")
+    one_error(run("info", "z" * 400), 1, "longer than")
+    one_error(run("decode", corpus.latents, "-m", "m" * 300 + "/x"), 1, "longer than")
+    one_error(run("decode", corpus.latents, "-m", corpus.model, "-o", "o" * 300 + ".mp4"), 1, "longer than")
+    with pytest.raises(InputError, match="NUL byte"):
+        validate.path_text("a\0b")
+
+
+def test_help_shows_flags_without_types_and_completion_is_on():
+    text = run("decode", "--help").stdout
+    assert "<bool>" not in text and "--no-" not in text
+    assert "--overwrite " in text and "--native-size " in text and "--revision" in text
+    assert "--install-completion" in run("--help").stdout
+    # what --show-completion prints (it detects the shell from the parent process, which is pytest here)
+    script = subprocess.run([sys.executable, "-m", "vaecli"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "_VAECLI_COMPLETE": "source_bash"})
+    assert script.returncode == 0 and "_VAECLI_COMPLETE=complete_bash" in script.stdout
+    env = {**os.environ, "_VAECLI_COMPLETE": "complete_bash", "COMP_WORDS": "vaecli decode --allow-n",
+           "COMP_CWORD": "2"}
+    words = subprocess.run([sys.executable, "-m", "vaecli"], capture_output=True, text=True, env=env, timeout=120)
+    assert words.stdout.split() == ["--allow-nonfinite"]
+
+
+def test_info_alone_describes_the_bundled_model():
+    result = run("info")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("file:") and lines[0].endswith("vaecli/weights/vaecli-small.safetensors")
+    assert lines[1].startswith("bundled:     yes")
+    assert json.loads(run("info", "--json").stdout)["bundled"] is True

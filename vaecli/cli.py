@@ -20,7 +20,8 @@ from typer.core import TyperGroup
 
 from vaecli._version import __version__
 from vaecli.errors import InputError, UsageError, VaecliError, printable
-from vaecli.ops.validate import DEFAULT_MAX_PIXELS
+from vaecli.ops.validate import DEFAULT_MAX_PIXELS, path_text
+from vaecli.pipeline.progress import Progress
 
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # Typer vendors Click (pinned in pyproject)
 
@@ -58,7 +59,8 @@ app = typer.Typer(
     cls=Group,
     help="Encode videos into latents and decode latents into videos with the SVD temporal VAE.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
+    rich_markup_mode=None,  # Click's plain help: flags without a `<bool>` type column
     pretty_exceptions_enable=False,
 )
 
@@ -66,14 +68,17 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 ConfigOpt = Annotated[Optional[str], typer.Option(
     "--config", help="Named config (svd-vae, sd-vae, sdxl-vae) or TOML file for what shapes cannot tell.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="Checkpoint file or diffusers folder (default: the bundled model).")]
+    "--model", "-m", help="Checkpoint file, diffusers folder, Hugging Face repo ORG/REPO or vaecli-small "
+                          "(default: the bundled model, vaecli-small).")]
+RevisionOpt = Annotated[Optional[str], typer.Option(
+    help="Branch, tag or commit of a Hugging Face --model (default: main).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA), fp32, fp16 or bf16.")]
 AttentionOpt = Annotated[str, typer.Option(help="auto, math, sdpa, split, sub-quadratic or xformers.")]
 OutOpt = Annotated[Optional[str], typer.Option("-o", "--out", help="Output file (one input only).")]
 OutDirOpt = Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for the outputs of many inputs.")]
 ManifestOpt = Annotated[Optional[Path], typer.Option(help="A file listing inputs, one path per line.")]
-OverwriteOpt = Annotated[bool, typer.Option(help="Replace existing outputs.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 SkipOpt = Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose output exists (resume a batch).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary on stderr.")]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
@@ -86,7 +91,8 @@ OverlapOpt = Annotated[Optional[int], typer.Option(
 TileOpt = Annotated[Optional[int], typer.Option(
     help="Force exact streaming in square tiles of N latent pixels (default: planned).")]
 MaxPixelsOpt = Annotated[int, typer.Option(
-    min=1, help="Refuse frames of more pixels than this (decompression bombs); default 8192x8192.")]
+    min=1, show_default=False,
+    help="Refuse frames of more pixels than this (decompression bombs); default 8192x8192.")]
 
 
 def _debug(ctx: typer.Context | None) -> bool:
@@ -139,16 +145,21 @@ def _print_result(result: dict, as_json: bool, human: list[str]) -> None:
 @handle_errors
 def info(
     ctx: typer.Context,
-    path: Annotated[Path, typer.Argument(help="A video, image folder, GIF, latent file or checkpoint.")],
+    path: Annotated[Optional[str], typer.Argument(
+        help="A video, image folder, GIF, latent file, checkpoint or model name (default: the bundled model).")] = None,
+    revision: RevisionOpt = None,
     config: ConfigOpt = None,
     device: Annotated[str, typer.Option(help="Device to resolve the attention backend for: auto, cpu, cuda[:i].")] = "cpu",
     dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
     attention: AttentionOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Describe a video (streams, frames, fps, size), a latent file (shape, metadata) or a checkpoint
-    (`vaecli info vaecli-small`: the bundled model, and where its file lives)."""
-    path = _model_path(path)
+    """Describe a video (streams, frames, fps, size), a latent file (shape, metadata) or a model: a checkpoint,
+    ORG/REPO on Hugging Face, or the bundled model (`vaecli info` alone: where its file lives)."""
+    from vaecli.model.checkpoint import bundled_model_path
+
+    spec = path_text(path or "vaecli-small", "input")
+    path = Path(spec) if any(ch in spec for ch in "*?[") else _model_path(spec, revision)  # globs: image frames
     kind = _file_kind(path)
     if kind == "latents":
         from vaecli.pipeline.latents_io import describe_latents
@@ -176,10 +187,14 @@ def info(
     dev, dt = parse_device(device), parse_dtype(dtype)
     backend = resolve_attention(attention, dev, dt)
     result = describe_checkpoint(path, config)
-    result.update(device=str(dev), dtype=dtype_name(dt), attention=backend.name, attention_reason=backend.reason)
+    bundled = path.resolve() == bundled_model_path().resolve()
+    result.update(device=str(dev), dtype=dtype_name(dt), attention=backend.name, attention_reason=backend.reason,
+                  bundled=bundled)
     cfg = result["config"]
     human = [
         f"file:        {result['path']}",
+        *(["bundled:     yes: the default model (--model vaecli-small), installed with vaecli at the path above"]
+          if bundled else []),
         f"layout:      {result['layout_detail']}",
         f"config:      {cfg['name']}  (time_mode {cfg['time_mode']}, ch {cfg['ch']}, ch_mult {cfg['ch_mult']}, "
         f"{cfg['num_res_blocks']} res blocks, attention levels {cfg['attn_levels'] or 'mid only'})",
@@ -195,15 +210,12 @@ def info(
     _print_result(result, as_json, human)
 
 
-def _model_path(path: Path) -> Path:
-    """The bundled model's name (`vaecli-small`) -> its file; any other path as given."""
-    from vaecli.model.checkpoint import BUNDLED_MODEL
+def _model_path(spec: str | Path, revision: str | None = None) -> Path:
+    """A model argument -> a local checkpoint: a path as given, the bundled model's name (`vaecli-small`), or a
+    Hugging Face repository `ORG/REPO` (from the cache, or downloaded when online; see `vaecli.model.hub`)."""
+    from vaecli.model.hub import resolve_model
 
-    if str(path) in (BUNDLED_MODEL, BUNDLED_MODEL.removesuffix(".safetensors")) and not path.exists():
-        from vaecli.model.checkpoint import bundled_model_path
-
-        return bundled_model_path()
-    return path
+    return resolve_model(path_text(str(spec), "model"), revision)
 
 
 def _file_kind(path: Path) -> str:
@@ -228,12 +240,14 @@ def _file_kind(path: Path) -> str:
 @handle_errors
 def convert(
     ctx: typer.Context,
-    checkpoint: Annotated[Path, typer.Argument(help="Any supported checkpoint (full SVD file, ComfyUI, diffusers).")],
+    checkpoint: Annotated[str, typer.Argument(
+        help="Any supported checkpoint (full SVD file, ComfyUI, diffusers folder, ORG/REPO, vaecli-small).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output .safetensors file (or folder for diffusers).")],
     to: Annotated[str, typer.Option("--to", help="Target layout: sgm (ComfyUI/standalone) or diffusers.")] = "sgm",
+    revision: RevisionOpt = None,
     dtype: Annotated[Optional[str], typer.Option(help="Store tensors as fp32, fp16 or bf16 (default: as read).")] = None,
     config: ConfigOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert a VAE between layouts; extracts the VAE from a full SVD checkpoint."""
@@ -241,7 +255,8 @@ def convert(
 
     if to not in ("sgm", "diffusers"):
         raise UsageError(f"--to must be sgm or diffusers, not {to!r}")
-    written = convert_checkpoint(_model_path(checkpoint), out, to=to, dtype=dtype, overwrite=overwrite, config=config)
+    written = convert_checkpoint(_model_path(checkpoint, revision), out, to=to, dtype=dtype, overwrite=overwrite,
+                                 config=config)
     _print_result({"input": str(checkpoint), "output": str(written), "layout": to, "dtype": dtype},
                   as_json, [str(written)])
 
@@ -250,13 +265,23 @@ def convert(
 
 
 def _load_model(model: str | None, config: str | None, device: str, dtype: str, attention: str):
+    """model: a local checkpoint (from `_model_path`) or None for the bundled model."""
     from vaecli.ops.device import parse_device, resolve_dtype
     from vaecli.pipeline.runner import Model
 
     dev = parse_device(device)
     dt = resolve_dtype(dtype, dev)
-    source = None if model is None else str(_model_path(Path(model)))
-    return Model.load(source, device=dev, dtype=dt, attention=attention, config=config)
+    return Model.load(model, device=dev, dtype=dt, attention=attention, config=config)
+
+
+def _model_source(model: str | None, revision: str | None) -> str | None:
+    """--model/--revision -> a local checkpoint path, or None for the bundled model (resolved once, before any
+    input is read: a bad --model fails the command, not each input)."""
+    if model is None:
+        if revision is not None:
+            raise UsageError("--revision applies to a Hugging Face --model ORG/REPO")
+        return None
+    return str(_model_path(model, revision))
 
 
 def _inputs(items: list[str] | None, manifest: Path | None) -> list[str]:
@@ -274,11 +299,11 @@ def _inputs(items: list[str] | None, manifest: Path | None) -> list[str]:
             found.append(text if os.path.isabs(text) else os.path.join(manifest.parent, text))
     if not found:
         raise UsageError("no inputs: give files on the command line or --manifest FILE")
-    return found
+    return [path_text(item, "input") for item in found]
 
 
 def _batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, default_name, work, *,
-           skip_existing: bool, as_json: bool, quiet: bool, verb: str) -> None:
+           skip_existing: bool, as_json: bool, progress: Progress, verb: str) -> None:
     """Run `work(input, output)` for every input: failures are reported and the rest go on.
 
     Exit code 1 if any input failed, 2 if any failed for a usage reason (e.g. latents without fps and no --fps).
@@ -287,10 +312,11 @@ def _batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, defa
     """
     import time
 
-    from tqdm import tqdm
-
     if out is not None and len(inputs) > 1:
         raise UsageError(f"-o takes one input, {len(inputs)} were given; use --out-dir")
+    for where in (out, out_dir):
+        if where is not None:
+            path_text(where, "output")
     if out_dir is not None and not out_dir.is_dir():
         raise UsageError(f"--out-dir {out_dir} is not a folder; create it first")
     def target_of(item: str):
@@ -309,28 +335,31 @@ def _batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, defa
     started = time.perf_counter()
     done = failed = skipped = 0
     usage_failed = False
-    files = tqdm(inputs, desc=f"{verb} files", unit="file", file=sys.stderr, leave=False,
-                 disable=quiet or len(inputs) < 2 or not sys.stderr.isatty())
-    for item in files:
-        target = target_of(item)
-        if skip_existing and Path(target).exists():
-            skipped += 1
-            result = {"input": item, "output": str(target), "skipped": True}
-        else:
-            try:
-                result = work(item, target)
-                done += 1
-            except VaecliError as e:
-                failed += 1
-                usage_failed = usage_failed or e.exit_code == 2
-                result = {"input": item, "output": str(target), "error": str(e)}
-                text = str(e) if printable(item) in str(e) else f"{item}: {e}"
-                typer.echo(f"error: {printable(text)}", err=True)
-        if as_json:
-            typer.echo(json.dumps(result, sort_keys=True))
-        elif "error" not in result:
-            typer.echo(result["output"])
-    if not quiet and len(inputs) > 1:
+    progress.start_files(len(inputs), verb)
+    try:
+        for item in inputs:
+            target = target_of(item)
+            if skip_existing and Path(target).exists():
+                skipped += 1
+                result, outcome = {"input": item, "output": str(target), "skipped": True}, "skipped"
+            else:
+                try:
+                    result, outcome = work(item, target), "done"
+                    done += 1
+                except VaecliError as e:
+                    failed += 1
+                    usage_failed = usage_failed or e.exit_code == 2
+                    result, outcome = {"input": item, "output": str(target), "error": str(e)}, "failed"
+                    text = str(e) if printable(item) in str(e) else f"{item}: {e}"
+                    progress.error(f"error: {printable(text)}")
+            progress.file_finished(outcome)
+            if as_json:
+                progress.result(json.dumps(result, sort_keys=True))
+            elif "error" not in result:
+                progress.result(printable(result["output"]))
+    finally:
+        progress.close()
+    if progress.notes and len(inputs) > 1:  # the summary: on stderr unless --quiet, terminal or not
         typer.echo(f"{verb}: {done} done, {skipped} skipped, {failed} failed in {time.perf_counter() - started:.1f} s",
                    err=True)
     if failed:
@@ -364,18 +393,21 @@ def encode(
     out_dir: OutDirOpt = None,
     manifest: ManifestOpt = None,
     model: ModelOpt = None,
+    revision: RevisionOpt = None,
     config: ConfigOpt = None,
     start: Annotated[int, typer.Option(help="First source frame to take.")] = 0,
     frames: Annotated[Optional[int], typer.Option("--frames", help="How many frames to take (default: all).")] = None,
     stride: Annotated[int, typer.Option(help="Take every K-th frame.")] = 1,
     size: Annotated[Optional[str], typer.Option(help="Resize frames to WxH first.")] = None,
     fit: Annotated[str, typer.Option(help="Sizes not multiple of 8: pad (reflect), crop or resize.")] = "pad",
-    sample: Annotated[bool, typer.Option(help="Sample the posterior instead of taking its mode.")] = False,
+    sample: Annotated[bool, typer.Option("--sample",
+                                         help="Sample the posterior instead of taking its mode.")] = False,
     seed: Annotated[Optional[int], typer.Option(
         min=0, help="Seed for --sample (per frame, independent of batching; default 0).")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Frames per encoder call (default: planned).")] = None,
     max_memory: MaxMemoryOpt = None,
-    save_moments: Annotated[bool, typer.Option(help="Also store the posterior mean and logvar.")] = False,
+    save_moments: Annotated[bool, typer.Option("--save-moments",
+                                               help="Also store the posterior mean and logvar.")] = False,
     export: Annotated[Optional[str], typer.Option(help="Also write another format: comfy (.latent).")] = None,
     latent_dtype: Annotated[str, typer.Option(help="Stored dtype of the latents: fp32, fp16 or bf16.")] = "fp32",
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
@@ -414,10 +446,11 @@ def encode(
                          latent_dtype=parse_dtype(latent_dtype), overwrite=overwrite, max_pixels=max_pixels)
     if fit not in ("pad", "crop", "resize"):
         raise UsageError(f"--fit must be pad, crop or resize, not {fit!r}")
-    work = _worker(model, config, device, dtype, attention,
-                   lambda m, item, target: encode_file(m, item, target, opts, quiet=quiet))
+    progress = Progress.terminal(quiet)
+    work = _worker(_model_source(model, revision), config, device, dtype, attention, progress,
+                   lambda m, item, target: encode_file(m, item, target, opts, progress))
     _batch(_inputs(inputs, manifest), out, out_dir, _latents_name, work, skip_existing=skip_existing,
-           as_json=as_json, quiet=quiet, verb="encode")
+           as_json=as_json, progress=progress, verb="encode")
 
 
 def _check_batch_flags(skip_existing: bool, overwrite: bool) -> None:
@@ -440,13 +473,15 @@ def _dtype_name(dtype) -> str:
     return dtype_name(dtype)
 
 
-def _worker(model: str | None, config: str | None, device: str, dtype: str, attention: str, run):
+def _worker(model: str | None, config: str | None, device: str, dtype: str, attention: str, progress: Progress,
+            run):
     """A batch work function: loads the model on first use (not at all if every input is skipped), runs
     `run(model, input, target)` and adds what ran (device, dtype, attention backend, model) to the result."""
     loaded = []
 
     def work(item: str, target) -> dict:
         if not loaded:
+            progress.stage(f"loading model {Path(model).name if model else 'vaecli-small'}")
             loaded.append(_load_model(model, config, device, dtype, attention))
         m = loaded[0]
         result = run(m, item, target)
@@ -465,6 +500,7 @@ def decode(
     out_dir: OutDirOpt = None,
     manifest: ManifestOpt = None,
     model: ModelOpt = None,
+    revision: RevisionOpt = None,
     config: ConfigOpt = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="mp4 (H.264), webm (VP9), gif or png.")] = None,
     crf: Annotated[int, typer.Option(
@@ -475,9 +511,12 @@ def decode(
     overlap: OverlapOpt = None,
     tile: TileOpt = None,
     max_memory: MaxMemoryOpt = None,
-    native_size: Annotated[bool, typer.Option(help="Keep the model's size; do not undo padding/cropping/resizing.")] = False,
-    allow_model_mismatch: Annotated[bool, typer.Option(help="Decode with another model than the encoding one.")] = False,
+    native_size: Annotated[bool, typer.Option(
+        "--native-size", help="Keep the model's size; do not undo padding/cropping/resizing.")] = False,
+    allow_model_mismatch: Annotated[bool, typer.Option(
+        "--allow-model-mismatch", help="Decode with another model than the encoding one.")] = False,
     allow_nonfinite: Annotated[bool, typer.Option(
+        "--allow-nonfinite",
         help="Decode latents holding NaN/inf anyway (refused by default: they decode to black).")] = False,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     dtype: DtypeOpt = "auto",
@@ -510,10 +549,11 @@ def decode(
                          allow_model_mismatch=allow_model_mismatch, overwrite=overwrite,
                          allow_nonfinite=allow_nonfinite, max_pixels=max_pixels)
     # target stays a str when it ends in "/" (a PNG folder)
-    work = _worker(model, config, device, dtype, attention,
-                   lambda m, item, target: decode_file(m, Path(item), target, opts, quiet=quiet))
+    progress = Progress.terminal(quiet)
+    work = _worker(_model_source(model, revision), config, device, dtype, attention, progress,
+                   lambda m, item, target: decode_file(m, Path(item), target, opts, progress))
     _batch(_inputs(inputs, manifest), out, out_dir, _decoded_name(fmt), work, skip_existing=skip_existing,
-           as_json=as_json, quiet=quiet, verb="decode")
+           as_json=as_json, progress=progress, verb="decode")
 
 
 @app.command()
@@ -524,6 +564,7 @@ def roundtrip(
     out: Annotated[str, typer.Option("-o", "--out", help="Reconstructed video (or folder/ for PNGs).")],
     report: Annotated[Optional[Path], typer.Option(help="Write the metrics as JSON here.")] = None,
     model: ModelOpt = None,
+    revision: RevisionOpt = None,
     config: ConfigOpt = None,
     start: Annotated[int, typer.Option(help="First source frame to take.")] = 0,
     frames: Annotated[Optional[int], typer.Option("--frames", help="How many frames to take.")] = None,
@@ -561,16 +602,20 @@ def roundtrip(
     if report is not None and not report.name.endswith(".json"):
         raise UsageError(f"{report}: the report is JSON; end its name in .json")
     check_outputs([video] + ([Output(report)] if report is not None else []), overwrite)  # all before any work
-    m = _load_model(model, config, device, dtype, attention)
+    progress = Progress.terminal(quiet)
+    source = _model_source(model, revision)
+    progress.stage(f"loading model {Path(source).name if source else 'vaecli-small'}")
+    m = _load_model(source, config, device, dtype, attention)
     selection = Selection(start, frames, stride)
     with tempfile.TemporaryDirectory(prefix="vaecli-roundtrip-") as tmp:
         latents = Path(tmp) / "roundtrip.latents.safetensors"
         enc = encode_file(m, input, latents, EncodeOptions(selection=selection, fit=fit, max_memory=budget,
-                                                           attention=attention, max_pixels=max_pixels), quiet=quiet)
+                                                           attention=attention, max_pixels=max_pixels), progress)
         meter = RoundtripMeter(FrameSource(input, max_pixels).frames(selection), clip_frames)
         dec = decode_file(m, latents, out, DecodeOptions(chunk=chunk, overlap=overlap, tile=tile, crf=crf,
                                                          max_memory=budget, attention=attention, overwrite=overwrite,
-                                                         max_pixels=max_pixels), quiet=quiet, observer=meter)
+                                                         max_pixels=max_pixels), progress, observer=meter)
+    progress.close()
     result = {"input": input, "output": dec["output"], "model": m.name, "device": str(m.device),
               "dtype": _dtype_name(m.dtype), "encode_seconds": enc["seconds"], "decode_seconds": dec["seconds"],
               "plan": dec["plan"], **meter.summary()}
@@ -600,6 +645,7 @@ def plan(
                                                   help="Plan for this many frames.")] = None,
     max_memory: MaxMemoryOpt = None,
     model: ModelOpt = None,
+    revision: RevisionOpt = None,
     config: ConfigOpt = None,
     size: Annotated[Optional[str], typer.Option(help="Resize frames to WxH first (video input).")] = None,
     fit: Annotated[str, typer.Option(help="pad, crop or resize (video input).")] = "pad",
@@ -631,8 +677,9 @@ def plan(
     from vaecli.pipeline.video_io import FrameSource, Selection
 
     _check_windows(chunk, overlap, tile)
-    if model is not None:
-        cfg = read_checkpoint(_model_path(Path(model)), config).config
+    source = _model_source(model, revision)
+    if source is not None:
+        cfg = read_checkpoint(source, config).config
     elif config is not None:
         cfg = load_config(config)
     else:
@@ -679,9 +726,11 @@ def demo(
     frames: Annotated[int, typer.Option("--frames", help="Frames of the sample clip.")] = 16,
     size: Annotated[str, typer.Option(help="Size of the sample clip, WxH.")] = "192x128",
     model: ModelOpt = None,
+    revision: RevisionOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
-    overwrite: OverwriteOpt = True,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite/--keep", help="Replace the demo's files from an earlier run, or refuse to.")] = True,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -706,7 +755,9 @@ def demo(
         raise UsageError("--frames must be at least 2")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    m = _load_model(model, None, device, dtype, "auto")
+    progress = Progress.terminal(quiet)
+    progress.stage("loading model")
+    m = _load_model(_model_source(model, revision), None, device, dtype, "auto")
     load_seconds = time.perf_counter() - started
     fps = Fraction(24)
     sample, latents = out_dir / "sample.mp4", out_dir / "sample.latents.safetensors"
@@ -721,9 +772,10 @@ def demo(
             writer.close()
 
     write_video(sample, synthetic_clip(frames, height, width, seed=7, text="vaecli demo"))
-    enc = encode_file(m, str(sample), latents, EncodeOptions(overwrite=overwrite), quiet=quiet)
+    enc = encode_file(m, str(sample), latents, EncodeOptions(overwrite=overwrite), progress)
     meter = RoundtripMeter(FrameSource(sample).frames())
-    dec = decode_file(m, latents, decoded, DecodeOptions(overwrite=overwrite), quiet=quiet, observer=meter)
+    dec = decode_file(m, latents, decoded, DecodeOptions(overwrite=overwrite), progress, observer=meter)
+    progress.close()
     metrics = meter.summary()
     pairs = zip(FrameSource(sample).frames(), FrameSource(decoded).frames())
     write_video(side, (np.concatenate([a, b], axis=1) for (_, a), (_, b) in pairs))
@@ -747,7 +799,7 @@ def main() -> None:
     written and closed. Streams are flushed first; nothing else is pending (worker threads are joined by then).
     """
     try:
-        app()
+        app(prog_name="vaecli")  # the same name (and completion variable) under `python -m vaecli`
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

@@ -33,6 +33,18 @@ DEFAULT_MAX_PIXELS = 8192 * 8192  # per frame; --max-pixels raises it
 MAX_FPS = Fraction(10_000)
 
 
+def path_text(text: str | os.PathLike, what: str = "path") -> str:
+    """A path given on the command line or in a manifest: no NUL byte, no name longer than the file system takes
+    (`Path.exists()` raises on those instead of answering)."""
+    text = os.fspath(text)
+    if "\0" in text:
+        raise InputError(f"{what} {printable(text)} holds a NUL byte")
+    encoded = os.fsencode(text) if isinstance(text, str) else text
+    if len(encoded) > 4096 or any(len(part) > 255 for part in encoded.split(b"/")):
+        raise InputError(f"{what} {printable(text[:80])}... is longer than a file name can be")
+    return text
+
+
 def regular_file(path: str | os.PathLike, error: type[InputError] = InputError) -> Path:
     """`path` must be an existing regular file (a FIFO, device or socket would block or never end)."""
     path = Path(path)

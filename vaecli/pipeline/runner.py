@@ -13,7 +13,6 @@ import gc
 import hashlib
 import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from vaecli._version import __version__
 from vaecli.errors import InputError, OutOfMemory, OutputError, UsageError, printable
@@ -35,6 +33,7 @@ from vaecli.ops.files import Output, atomic_outputs, check_outputs, pattern_rege
 from vaecli.ops.validate import DEFAULT_MAX_PIXELS, first_nonfinite, pixels
 from vaecli.pipeline.chunking import WindowBlender, windows
 from vaecli.pipeline.frames import from_model, plan_geometry, ssim, to_model
+from vaecli.pipeline.progress import Progress
 from vaecli.pipeline.planner import Estimator, Plan, format_bytes, plan_decode, plan_encode
 from vaecli.pipeline.latents_io import FORMAT_VERSION, LatentFile, LatentFileWriter, comfy_path, open_latents
 from vaecli.pipeline.video_io import FORMATS, FrameSource, GifWriter, PngWriter, Selection, VideoWriter
@@ -95,9 +94,9 @@ class PrecisionGuard:
     redo is logged to stderr and listed in the job's JSON result (`precision_fallbacks`).
     """
 
-    def __init__(self, model: "Model", quiet: bool = True):
+    def __init__(self, model: "Model", progress: Progress | None = None):
         self.model = model
-        self.quiet = quiet
+        self.progress = progress or Progress()
         self.events: list[dict] = []
         self._copies: dict[torch.dtype, VAE] = {}
 
@@ -120,9 +119,7 @@ class PrecisionGuard:
 
     def note(self, what: str, tried: torch.dtype, dtype: torch.dtype) -> None:
         """Record (and unless quiet, say) that work in `tried` gave inf/NaN and is redone in `dtype`."""
-        if not self.quiet:
-            print(f"vaecli: {dtype_name(tried)} gave inf/NaN in {what}; redoing it in {dtype_name(dtype)}",
-                  file=sys.stderr)
+        self.progress.note(f"vaecli: {dtype_name(tried)} gave inf/NaN in {what}; redoing it in {dtype_name(dtype)}")
         self.events.append({"where": what, "from": dtype_name(tried), "to": dtype_name(dtype)})
 
     def __call__(self, compute: Callable[[VAE, torch.dtype], torch.Tensor], what: str) -> torch.Tensor:
@@ -272,11 +269,6 @@ class BackgroundWriter:
         self.writer.abort()
 
 
-def progress(total: int | None, desc: str, quiet: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="frame", file=sys.stderr, leave=False,
-                disable=quiet or not sys.stderr.isatty())
-
-
 def batches(frames: Iterator[tuple[int, np.ndarray]], size: int) -> Iterator[list[tuple[int, np.ndarray]]]:
     batch = []
     for item in frames:
@@ -294,12 +286,17 @@ def frame_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
     return torch.randn(shape, generator=gen)
 
 
-def encode_file(model: Model, source_spec: str, out: Path | str, opts: EncodeOptions, quiet: bool = True) -> dict:
+def encode_file(model: Model, source_spec: str, out: Path | str, opts: EncodeOptions,
+                progress: Progress | None = None) -> dict:
     """Encode one video (or image sequence) into a latent file; returns the JSON result.
 
     The batch size (frames per encoder call) and attention backend come from the memory planner unless forced.
+    progress: what to show on stderr (default: nothing).
     """
     started = time.perf_counter()
+    progress = progress or Progress()
+    name = Path(source_spec).name
+    progress.stage(f"encode {name}: opening")
     cfg = model.vae.config
     outputs = latents_output(out, opts.export_comfy)  # a str keeps the "/" that names a folder
     out = outputs[0].path
@@ -320,6 +317,7 @@ def encode_file(model: Model, source_spec: str, out: Path | str, opts: EncodeOpt
 
     def plan_for(budget: int | None) -> Plan:
         forced = budget is None
+        progress.stage(f"encode {name}: planning")
         plan = plan_encode(cfg, expected, (geometry.processed[1], geometry.processed[0]), device=model.device,
                            dtype=model.dtype, attention=opts.attention, batch=opts.batch if forced else None,
                            available_bytes=available_memory(model, opts.max_memory) if forced else budget,
@@ -333,8 +331,9 @@ def encode_file(model: Model, source_spec: str, out: Path | str, opts: EncodeOpt
         writer = LatentFileWriter(out, names, opts.latent_dtype)
         comfy = LatentFileWriter(comfy_path(out), ("latent_tensor",), torch.float32) if opts.export_comfy else None
         indices: list[int] = []
-        guard = PrecisionGuard(model, quiet)
-        bar = progress(opts.selection.count or source.count, f"encode {Path(source_spec).name}", quiet)
+        guard = PrecisionGuard(model, progress)
+        bar = progress.frames(opts.selection.count or source.count,
+                              f"encode {name} ({plan.chunk_frames} at a time)")
         try:
             for batch in batches(frames, plan.chunk_frames):
                 for _, image in batch:
@@ -384,7 +383,7 @@ def encode_file(model: Model, source_spec: str, out: Path | str, opts: EncodeOpt
                 "geometry": {"source": list(geometry.source), "processed": list(geometry.processed),
                              "fit": geometry.fit}, "precision_fallbacks": guard.events}
 
-    result = with_oom_recovery(plan_for, run, model.device, quiet)
+    result = with_oom_recovery(plan_for, run, model.device, progress)
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result
 
@@ -555,7 +554,7 @@ def check_ceiling(plan: Plan, max_memory: int | None) -> Plan:
 
 
 def with_oom_recovery(plan_for: Callable[[int | None], Plan], run: Callable[[Plan], dict], device: torch.device,
-                      quiet: bool) -> dict:
+                      progress: Progress | None = None) -> dict:
     """Run `run(plan_for(None))`; on out-of-memory free the cache, re-plan with half the failed plan's predicted
     activations and start the job again (outputs are atomic, so nothing is lost or duplicated).
 
@@ -582,18 +581,21 @@ def with_oom_recovery(plan_for: Callable[[int | None], Plan], run: Callable[[Pla
             raise OutOfMemory(f"out of memory on {device} after {len(failed)} attempts (last: {plan.strategy}, "
                               f"{plan.chunk_frames} frames); lower --max-memory, --chunk or the frame size")
         budget = plan.activation_bytes // 2
-        if not quiet:
-            print(f"vaecli: out of memory ({message}); re-planning within {format_bytes(budget)}", file=sys.stderr)
+        (progress or Progress()).note(f"vaecli: out of memory ({message}); re-planning within {format_bytes(budget)}")
 
 
-def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeOptions, quiet: bool = True,
-                observer: Callable[[np.ndarray], None] | None = None) -> dict:
+def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeOptions,
+                progress: Progress | None = None, observer: Callable[[np.ndarray], None] | None = None) -> dict:
     """Decode one latent file into a video or PNG sequence; returns the JSON result.
 
     The plan (windows, overlap, tiles, attention backend) comes from the memory planner unless forced;
-    observer: called with each block of final frames, uint8 (t, H, W, 3), before they are written.
+    observer: called with each block of final frames, uint8 (t, H, W, 3), before they are written;
+    progress: what to show on stderr (default: nothing).
     """
     started = time.perf_counter()
+    progress = progress or Progress()
+    name = Path(latents_path).name
+    progress.stage(f"decode {name}: reading latents")
     cfg = model.vae.config
     lf = open_latents(latents_path, opts.max_pixels)
     check_model(lf, model, opts.allow_model_mismatch)
@@ -622,6 +624,7 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
 
     def plan_for(budget: int | None) -> Plan:
         forced = budget is None
+        progress.stage(f"decode {name}: planning")
         plan = plan_decode(cfg, lf.frames, (lf.shape[2], lf.shape[3]), device=model.device, dtype=model.dtype,
                            available_bytes=available_memory(model, opts.max_memory) if forced else budget,
                            attention=opts.attention, chunk=opts.chunk if forced else None,
@@ -631,8 +634,9 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
 
     def run(plan: Plan) -> dict:
         model.vae.set_attention(plan.attention)
-        guard = PrecisionGuard(model, quiet)
-        bar = progress(lf.frames, f"decode {latents_path.name}", quiet)
+        guard = PrecisionGuard(model, progress)
+        how = {"one-clip": "one clip", "stream": "streamed", "windows": f"windows of {plan.chunk_frames}"}
+        bar = progress.frames(lf.frames, f"decode {name} ({how.get(plan.strategy, plan.strategy)})")
         with atomic_outputs([target], opts.overwrite) as (tmp,):
             if fmt == "png":
                 sink = PngWriter(tmp, target.pattern or PNG_PATTERN, single=tmp if single else None)
@@ -647,7 +651,7 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
                         observer(images)
                     for image in images:
                         writer.put(image)
-                    bar.update(len(images))
+                        bar.update(1)
                 writer.close()
             except BaseException:
                 writer.abort()
@@ -658,7 +662,7 @@ def decode_file(model: Model, latents_path: Path, out: Path | str, opts: DecodeO
                 "shape": [lf.frames, 3, size[1], size[0]], "fps": f"{fps.numerator}/{fps.denominator}",
                 "precision_fallbacks": guard.events}
 
-    result = with_oom_recovery(plan_for, run, model.device, quiet)
+    result = with_oom_recovery(plan_for, run, model.device, progress)
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result
 
