@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from vaecli._version import __version__
-from vaecli.errors import InputError, UsageError, VaecliError, printable
+from vaecli.errors import InputError, OutputError, UsageError, VaecliError, printable
 from vaecli.ops.validate import DEFAULT_MAX_PIXELS, path_text
 from vaecli.pipeline.progress import Progress
 
@@ -302,15 +302,20 @@ def _inputs(items: list[str] | None, manifest: Path | None) -> list[str]:
     return [path_text(item, "input") for item in found]
 
 
-def _batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, default_name, work, *,
+def _batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, default_name, worker: "_Worker", *,
            skip_existing: bool, as_json: bool, progress: Progress, verb: str) -> None:
-    """Run `work(input, output)` for every input: failures are reported and the rest go on.
+    """Run `worker(input, output)` for every input: failures are reported and the rest go on.
 
     Exit code 1 if any input failed, 2 if any failed for a usage reason (e.g. latents without fps and no --fps).
+    With --out-dir, every finished input is added to the batch record (`vaecli.pipeline.record`). Under torchrun
+    (`worker.workers`), inputs are claimed dynamically by the workers and rank 0 prints the summary.
 
     `out` is passed to `work` as given (a str keeps the trailing "/" that asks decode for a PNG folder).
     """
     import time
+
+    from vaecli.pipeline.distributed import by_size
+    from vaecli.pipeline.record import RECORD_NAME, BatchRecord
 
     if out is not None and len(inputs) > 1:
         raise UsageError(f"-o takes one input, {len(inputs)} were given; use --out-dir")
@@ -319,6 +324,7 @@ def _batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, defa
             path_text(where, "output")
     if out_dir is not None and not out_dir.is_dir():
         raise UsageError(f"--out-dir {out_dir} is not a folder; create it first")
+
     def target_of(item: str):
         target = out if out is not None else (out_dir or Path(item).parent) / default_name(Path(item))
         if isinstance(target, Path) and default_name(Path(item)).endswith("/"):
@@ -332,38 +338,108 @@ def _batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, defa
             raise UsageError(f"{printable(targets[key])} and {printable(item)} would both write "
                              f"{printable(target_of(item))}; give them different --out-dir folders or names")
         targets[key] = item
+    workers = worker.workers
+    record = BatchRecord(out_dir / RECORD_NAME) if out_dir is not None else None
     started = time.perf_counter()
-    done = failed = skipped = 0
-    usage_failed = False
+    stats = {"rank": workers.rank if workers else 0, "done": 0, "skipped": 0, "failed": 0, "frames": 0,
+             "usage_failed": False}
+    order = by_size(inputs) if workers else inputs
     progress.start_files(len(inputs), verb)
     try:
-        for item in inputs:
+        for index in (workers.claims(len(order)) if workers else range(len(order))):
+            item = order[index]
             target = target_of(item)
-            if skip_existing and Path(target).exists():
-                skipped += 1
-                result, outcome = {"input": item, "output": str(target), "skipped": True}, "skipped"
-            else:
-                try:
-                    result, outcome = work(item, target), "done"
-                    done += 1
-                except VaecliError as e:
-                    failed += 1
-                    usage_failed = usage_failed or e.exit_code == 2
-                    result, outcome = {"input": item, "output": str(target), "error": str(e)}, "failed"
-                    text = str(e) if printable(item) in str(e) else f"{item}: {e}"
-                    progress.error(f"error: {printable(text)}")
+            try:
+                why = _skip(worker, record, target, skip_existing)
+                if why is not None:
+                    result, outcome = {"input": item, "output": str(target), "skipped": True, "reason": why}, "skipped"
+                else:
+                    result, outcome = worker(item, target), "done"
+                    stats["frames"] += int(result.get("frames", 0))
+            except VaecliError as e:
+                stats["usage_failed"] = stats["usage_failed"] or e.exit_code == 2
+                result, outcome = {"input": item, "output": str(target), "error": str(e)}, "failed"
+                text = str(e) if printable(item) in str(e) else f"{item}: {e}"
+                progress.error(f"error: {printable(text)}")
+            stats[outcome] += 1
+            if workers is not None:
+                result["rank"] = workers.rank
+            if record is not None and outcome != "skipped":
+                record.append(_record_entry(worker, result, outcome))
             progress.file_finished(outcome)
             if as_json:
                 progress.result(json.dumps(result, sort_keys=True))
-            elif "error" not in result:
+            elif outcome != "failed":
                 progress.result(printable(result["output"]))
     finally:
         progress.close()
-    if progress.notes and len(inputs) > 1:  # the summary: on stderr unless --quiet, terminal or not
-        typer.echo(f"{verb}: {done} done, {skipped} skipped, {failed} failed in {time.perf_counter() - started:.1f} s",
-                   err=True)
-    if failed:
-        raise typer.Exit(2 if usage_failed else 1)
+    stats["seconds"] = round(time.perf_counter() - started, 3)
+    ranks = workers.gather(stats) if workers else [stats]
+    if ranks is None:  # under torchrun, not rank 0: rank 0 reports for everyone
+        return
+    total = {k: sum(r[k] for r in ranks) for k in ("done", "skipped", "failed", "frames")}
+    seconds = time.perf_counter() - started
+    if workers is not None:
+        summary = {**total, "seconds": round(seconds, 3), "frames_per_second": round(total["frames"] / seconds, 3),
+                   "workers": len(ranks), "ranks": ranks}
+        if as_json:
+            progress.result(json.dumps({"summary": summary}, sort_keys=True))
+        if progress.notes:
+            typer.echo(f"{verb}: {total['done']} done, {total['skipped']} skipped, {total['failed']} failed in "
+                       f"{seconds:.1f} s on {len(ranks)} workers ({summary['frames_per_second']:.1f} frames/s); "
+                       "per rank: " + ", ".join(f"{r['rank']}: {r['done']} done/{r['frames']} frames" for r in ranks),
+                       err=True)
+    elif progress.notes and len(inputs) > 1:  # the summary: on stderr unless --quiet, terminal or not
+        typer.echo(f"{verb}: {total['done']} done, {total['skipped']} skipped, {total['failed']} failed in "
+                   f"{seconds:.1f} s", err=True)
+    if total["failed"]:
+        raise typer.Exit(2 if any(r["usage_failed"] for r in ranks) else 1)
+
+
+def _batch_progress(quiet: bool) -> Progress:
+    """Bars on a terminal, except under torchrun: its workers share one terminal (notes and errors stay)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return Progress(bars=False, notes=not quiet)
+    return Progress.terminal(quiet)
+
+
+def _skip(worker: "_Worker", record, target, skip_existing: bool) -> str | None:
+    """Why `target` needs no work (None: do it). Raises when an existing output was made with another model or
+    dtype and --skip-existing would otherwise keep it."""
+    from vaecli.pipeline.record import stale_reason
+
+    if not Path(target).exists():
+        return None
+    entry = record.last(target) if record is not None else None
+    workers = worker.workers
+    if (workers is not None and workers.attempt > 0 and entry is not None and entry.get("status") == "done"
+            and entry.get("run_id") == workers.run_id):
+        return "done by an earlier attempt of this run"
+    if not skip_existing:
+        return None
+    model = worker.model()
+    metadata = None
+    if (entry is None or entry.get("status") != "done") and str(target).endswith(".safetensors"):
+        from vaecli.ops.validate import safetensors_header
+
+        try:
+            metadata = safetensors_header(Path(target))[1]
+        except InputError:
+            metadata = None
+    stale = stale_reason(entry, model.hash, _dtype_name(model.dtype), metadata)
+    if stale is not None:
+        raise OutputError(f"{printable(target)} exists, but {stale}; pass --overwrite to redo it")
+    return "exists"
+
+
+def _record_entry(worker: "_Worker", result: dict, outcome: str) -> dict:
+    entry = {"input": result["input"], "output": result["output"], "status": outcome,
+             "run_id": worker.workers.run_id if worker.workers else None,
+             "rank": worker.workers.rank if worker.workers else 0}
+    if outcome == "failed":
+        return {**entry, "error": result.get("error")}
+    return {**entry, "model": result.get("model"), "model_hash": result.get("model_hash"), "dtype": result.get("dtype"),
+            "plan": result.get("plan"), "frames": result.get("frames"), "seconds": result.get("seconds")}
 
 
 def _latents_name(path: Path) -> str:
@@ -446,8 +522,8 @@ def encode(
                          latent_dtype=parse_dtype(latent_dtype), overwrite=overwrite, max_pixels=max_pixels)
     if fit not in ("pad", "crop", "resize"):
         raise UsageError(f"--fit must be pad, crop or resize, not {fit!r}")
-    progress = Progress.terminal(quiet)
-    work = _worker(_model_source(model, revision), config, device, dtype, attention, progress,
+    progress = _batch_progress(quiet)
+    work = _Worker(_model_source(model, revision), config, device, dtype, attention, progress,
                    lambda m, item, target: encode_file(m, item, target, opts, progress))
     _batch(_inputs(inputs, manifest), out, out_dir, _latents_name, work, skip_existing=skip_existing,
            as_json=as_json, progress=progress, verb="encode")
@@ -473,22 +549,34 @@ def _dtype_name(dtype) -> str:
     return dtype_name(dtype)
 
 
-def _worker(model: str | None, config: str | None, device: str, dtype: str, attention: str, progress: Progress,
-            run):
-    """A batch work function: loads the model on first use (not at all if every input is skipped), runs
-    `run(model, input, target)` and adds what ran (device, dtype, attention backend, model) to the result."""
-    loaded = []
+class _Worker:
+    """The work of a batch: loads the model on first need (not at all if every input is skipped), runs
+    `run(model, input, target)` and adds what ran (device, dtype, attention backend, model) to the result.
 
-    def work(item: str, target) -> dict:
-        if not loaded:
-            progress.stage(f"loading model {Path(model).name if model else 'vaecli-small'}")
-            loaded.append(_load_model(model, config, device, dtype, attention))
-        m = loaded[0]
-        result = run(m, item, target)
-        result.update(device=str(m.device), dtype=_dtype_name(m.dtype), attention=m.vae.attention.name, model=m.name)
+    Under torchrun (`workers`), each worker computes on its own GPU (`--device auto` -> cuda:LOCAL_RANK)."""
+
+    def __init__(self, source: str | None, config: str | None, device: str, dtype: str, attention: str,
+                 progress: Progress, run):
+        from vaecli.pipeline.distributed import Workers
+
+        self.workers = Workers.detect()
+        self.source, self.config, self.dtype, self.attention = source, config, dtype, attention
+        self.device = self.workers.device(device) if self.workers else device
+        self.progress, self.run = progress, run
+        self._model = None
+
+    def model(self):
+        if self._model is None:
+            self.progress.stage(f"loading model {Path(self.source).name if self.source else 'vaecli-small'}")
+            self._model = _load_model(self.source, self.config, self.device, self.dtype, self.attention)
+        return self._model
+
+    def __call__(self, item: str, target) -> dict:
+        m = self.model()
+        result = self.run(m, item, target)
+        result.update(device=str(m.device), dtype=_dtype_name(m.dtype), attention=m.vae.attention.name, model=m.name,
+                      model_hash=m.hash)
         return result
-
-    return work
 
 
 @app.command()
@@ -549,8 +637,8 @@ def decode(
                          allow_model_mismatch=allow_model_mismatch, overwrite=overwrite,
                          allow_nonfinite=allow_nonfinite, max_pixels=max_pixels)
     # target stays a str when it ends in "/" (a PNG folder)
-    progress = Progress.terminal(quiet)
-    work = _worker(_model_source(model, revision), config, device, dtype, attention, progress,
+    progress = _batch_progress(quiet)
+    work = _Worker(_model_source(model, revision), config, device, dtype, attention, progress,
                    lambda m, item, target: decode_file(m, Path(item), target, opts, progress))
     _batch(_inputs(inputs, manifest), out, out_dir, _decoded_name(fmt), work, skip_existing=skip_existing,
            as_json=as_json, progress=progress, verb="decode")

@@ -87,8 +87,12 @@ class Progress:
         tqdm.write(text, file=sys.stderr)
 
     def result(self, text: str) -> None:
-        """A result line on stdout (the bars are lifted while it is written)."""
-        tqdm.write(text, file=sys.stdout)
+        """A result line on stdout (the bars are lifted while it is written). Without bars the line goes out in
+        one write: workers under torchrun share one stdout, and lines up to 4 KiB written whole never interleave."""
+        if self.bars:
+            tqdm.write(text, file=sys.stdout)
+        else:
+            sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
     def _depth(self) -> int:
