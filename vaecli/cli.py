@@ -264,11 +264,15 @@ def convert(
 # ------------------------------------------------------------------------------------------ encode / decode
 
 
-def _load_model(model: str | None, config: str | None, device: str, dtype: str, attention: str):
-    """model: a local checkpoint (from `_model_path`) or None for the bundled model."""
+def _load_model(model: str | None, config: str | None, device: str, dtype: str, attention: str,
+                progress: Progress | None = None):
+    """model: a local checkpoint (from `_model_path`) or None for the bundled model; progress: says so while
+    it loads."""
     from vaecli.ops.device import parse_device, resolve_dtype
     from vaecli.pipeline.runner import Model
 
+    if progress is not None:
+        progress.stage(f"loading model {Path(model).name if model else 'vaecli-small'}")
     dev = parse_device(device)
     dt = resolve_dtype(dtype, dev)
     return Model.load(model, device=dev, dtype=dt, attention=attention, config=config)
@@ -398,7 +402,9 @@ def _batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, defa
 
 def _batch_progress(quiet: bool) -> Progress:
     """Bars on a terminal, except under torchrun: its workers share one terminal (notes and errors stay)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    from vaecli.pipeline.distributed import under_torchrun
+
+    if under_torchrun():
         return Progress(bars=False, notes=not quiet)
     return Progress.terminal(quiet)
 
@@ -567,8 +573,8 @@ class _Worker:
 
     def model(self):
         if self._model is None:
-            self.progress.stage(f"loading model {Path(self.source).name if self.source else 'vaecli-small'}")
-            self._model = _load_model(self.source, self.config, self.device, self.dtype, self.attention)
+            self._model = _load_model(self.source, self.config, self.device, self.dtype, self.attention,
+                                      self.progress)
         return self._model
 
     def __call__(self, item: str, target) -> dict:
@@ -691,9 +697,7 @@ def roundtrip(
         raise UsageError(f"{report}: the report is JSON; end its name in .json")
     check_outputs([video] + ([Output(report)] if report is not None else []), overwrite)  # all before any work
     progress = Progress.terminal(quiet)
-    source = _model_source(model, revision)
-    progress.stage(f"loading model {Path(source).name if source else 'vaecli-small'}")
-    m = _load_model(source, config, device, dtype, attention)
+    m = _load_model(_model_source(model, revision), config, device, dtype, attention, progress)
     selection = Selection(start, frames, stride)
     with tempfile.TemporaryDirectory(prefix="vaecli-roundtrip-") as tmp:
         latents = Path(tmp) / "roundtrip.latents.safetensors"
@@ -844,8 +848,7 @@ def demo(
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     progress = Progress.terminal(quiet)
-    progress.stage("loading model")
-    m = _load_model(_model_source(model, revision), None, device, dtype, "auto")
+    m = _load_model(_model_source(model, revision), None, device, dtype, "auto", progress)
     load_seconds = time.perf_counter() - started
     fps = Fraction(24)
     sample, latents = out_dir / "sample.mp4", out_dir / "sample.latents.safetensors"

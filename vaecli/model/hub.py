@@ -19,7 +19,6 @@ from pathlib import Path
 
 from vaecli.errors import CheckpointError, InputError, printable
 
-BUNDLED_NAMES = ("vaecli-small", "vaecli-small.safetensors")
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # a name ending like a local file is never taken for a repository
 LOCAL_SUFFIXES = (".safetensors", ".latent", ".ckpt", ".pt", ".pth", ".bin", ".json", ".toml", ".mp4", ".webm", ".gif",
@@ -40,9 +39,9 @@ def resolve_model(spec: str, revision: str | None = None, *, cache_dir: str | Pa
         if revision is not None:
             raise InputError(f"--revision applies to Hugging Face repositories, and {printable(spec)} is a local path")
         return path
-    if spec in BUNDLED_NAMES:
-        from vaecli.model.checkpoint import bundled_model_path
+    from vaecli.model.checkpoint import BUNDLED_MODEL, bundled_model_path
 
+    if spec in (BUNDLED_MODEL, BUNDLED_MODEL.removesuffix(".safetensors")):
         return bundled_model_path()
     if is_repo_id(spec):
         return hub_model(spec, revision, cache_dir=cache_dir, offline=offline)

@@ -45,9 +45,9 @@ class Workers:
 
     @classmethod
     def detect(cls) -> "Workers | None":
-        """Join torchrun's process group when this process is one of its workers; None otherwise."""
+        """Connect to torchrun's store when this process is one of its workers; None otherwise."""
         env = os.environ
-        if "RANK" not in env or "WORLD_SIZE" not in env:
+        if not under_torchrun():
             return None
         try:
             rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
@@ -95,6 +95,11 @@ class Workers:
         keys = [self._key(f"stats/{r}") for r in range(self.world)]
         self.store.wait(keys, STORE_TIMEOUT)
         return [json.loads(self.store.get(k)) for k in keys]
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one of torchrun's workers (it sets RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def by_size(inputs: list[str]) -> list[str]:

@@ -49,9 +49,6 @@ class Progress:
                           position=self._depth(), dynamic_ncols=True, mininterval=0.1, smoothing=0.1)
         return self._line
 
-    def done_with_file(self) -> None:
-        self._close_line()
-
     # ----------------------------------------------------------------------------------- batches of files
 
     def start_files(self, total: int, verb: str) -> None:
