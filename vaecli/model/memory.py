@@ -722,11 +722,12 @@ class _Stream:
             stages = m.vae.encoder.stages()
             if config.quant_conv:
                 stages.append(Stage("conv", m.vae.quant_conv, None))
-        if self.kind == "decode":  # decode_stream's z[start:end]: the trace counts a view of the caller's tensor as
-            L.alloc(numel(shape) * self.e)  # its whole storage (an upper bound where it is not alive any more)
-        x = m._latents_copy(L, shape) or Buf(L, 0)  # the caller's argument: alive for the whole run
+        if self.kind == "decode":  # the latents' size once more, for the whole run: the trace measures up to that
+            L.alloc(numel(shape) * self.e)  # much more in places (it counts a view of the caller's z as its storage)
+        x = m._latents_copy(L, shape) or Buf(L, 0)
         store = self.store(self.frames)
         store.put(0, x, shape)
+        x.unref()  # `del x`: the store holds the input now
         run: list[Stage] = []
         for stage in stages + [None]:
             if stage is not None and stage.per_frame:

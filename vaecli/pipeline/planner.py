@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vaecli.errors import BackendError, UsageError
+from vaecli.model import memory
 from vaecli.model.config import VAEConfig
 from vaecli.model.streaming import Pieces
 from vaecli.model.vae import VAE
@@ -170,15 +171,25 @@ SDPA = AttentionBackend("sdpa")
 
 
 class Estimator:
-    """Traced activation peaks of one model config at one dtype, memoised per (stage, backend, size)."""
+    """Activation peaks of one model config at one dtype, memoised per (stage, backend, size).
+
+    Computed from shapes (`vaecli.model.memory`, microseconds) where that model covers the config and backend,
+    else traced on the meta device (`traced=True` traces always: the tests' oracle)."""
 
     def __init__(self, config: VAEConfig, dtype: torch.dtype, cost: CostModel | None = None,
-                 device_type: str = "cpu"):
+                 device_type: str = "cpu", traced: bool = False):
         cost = cost or COST_MODELS.get(device_type, COST_MODELS["cpu"])
         self.config, self.dtype, self.cost = config, dtype, cost
+        self.traced = traced
         self._models: dict[str, VAE] = {}
         self._lines: dict[tuple, dict[tuple[int, int], tuple[int, int]]] = {}
         self._exact: dict[tuple, int] = {}
+
+    def _computed(self, backend: AttentionBackend) -> memory.Model | None:
+        """The shape-only memory model for this backend, or None where the planner must trace."""
+        if self.traced or not memory.supported(self.config, backend.name):
+            return None
+        return memory.Model(self._model(backend), self.dtype)
 
     @staticmethod
     def _key(backend: AttentionBackend) -> tuple:
@@ -213,6 +224,12 @@ class Estimator:
         """
         if backend.name in CHUNKED_BACKENDS:
             return self.activations(stage, SDPA, frames, h, w) + backend.budget
+        computed = self._computed(backend)
+        if computed is not None:
+            key = ("computed", stage, *self._key(backend), frames, h, w)
+            if key not in self._exact:
+                self._exact[key] = computed.decode(frames, h, w) if stage == "decode" else computed.encode(frames, h, w)
+            return self.cost.predict(self._exact[key])
         lines = self._lines.setdefault((stage, *self._key(backend)), {})
         if (h, w) not in lines:
             if stage == "decode" and backend.name != "math" and lines:
@@ -233,6 +250,10 @@ class Estimator:
         lies below it. Never above `activations(...)`, the unbatched line, which bounds it too."""
         if backend.name in CHUNKED_BACKENDS:
             return self.exact(SDPA, frames, h, w, frame_batch) + backend.budget
+        computed = self._computed(backend)
+        if computed is not None:
+            return min(self.cost.predict(computed.decode(frames, h, w, frame_batch)),
+                       self.activations("decode", backend, frames, h, w))
         key = ("exact", *self._key(backend), h, w, frame_batch)
         if key not in self._exact:
             vae = self._model(backend)
@@ -259,6 +280,9 @@ class Estimator:
         if backend.name in CHUNKED_BACKENDS:
             return self.stream(stage, SDPA, frames, h, w, pieces, phase) + backend.budget
         key = ("stream", stage, *self._key(backend), frames, h, w, pieces)
+        computed = self._computed(backend)
+        if key not in self._exact and computed is not None:
+            self._exact[key] = computed.stream(stage, frames, h, w, pieces)
         if key not in self._exact:
             vae = self._model(backend)
             if stage == "decode":
