@@ -1,17 +1,17 @@
 """The memory planner: a cost model for encode and decode, and the plan (attention backend, windows, tiles).
 
-Cost model. The activation peak of a decode or encode is traced on the meta device (`ops.memtrace`), which
-follows the model's own code, so it holds for any configuration, attention backend and size; a device-specific
-`CostModel` turns it into predicted bytes: `scale · traced + overhead` (allocator rounding, kernel
-workspaces), calibrated by `scripts/calibrate_memory.py`. The traced peak is exactly linear in the number of
-frames (every activation has a frame axis), so two traces per spatial size give it for any window length.
+Cost model. The activation peak of a decode or encode is computed from shapes (`vaecli.model.memory`: the
+model's own allocations replayed on a ledger, microseconds per candidate) or, where that model does not cover
+the config or backend, traced on the meta device (`ops.memtrace`, the computed model's oracle); a device-specific
+`CostModel` turns it into predicted bytes: `scale · peak + overhead` (allocator rounding, kernel workspaces),
+calibrated by `scripts/calibrate_memory.py`.
 
 Plan. Decode strategies, tried in order unless forced, each with the attention backends fastest first:
 1. "one-clip": all frames at once (exact);
 2. "stream": the exact streaming executor (`vaecli.model.streaming`): the clip's activation kept once between
    layers, every layer run in pieces — frame chunks, then tiles, then the clip parked in host memory, the first
-   cut that fits (exact: the same frames as one clip within rounding). Its memory is traced on the meta device
-   with one representative piece per loop (`sample_tiles`), a fraction of a second per candidate;
+   cut that fits (exact: the same frames as one clip within rounding). Its memory is what a trace of the executor
+   with one representative piece per loop (`sample_tiles`) measures, computed;
 3. "windows": cross-faded temporal windows (approximate). Only when the user forces them (`--chunk N
    --overlap K`), or as the fallback when even the host cannot hold the clip's activation; the fallback's window
    and overlap are fixed (`FALLBACK_WINDOW`, `FALLBACK_OVERLAP`), never sized from free memory, so its pixels do
