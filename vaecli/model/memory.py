@@ -285,7 +285,7 @@ class Model:
         stages = self.vae.encoder.stages()
         if config.quant_conv:
             stages.append(Stage("conv", self.vae.quant_conv, None))
-        moments, shape = self.chain(L, stages, x, shape, keep_input=True)
+        _, shape = self.chain(L, stages, x, shape, keep_input=True)
         L.alloc(numel(shape) * self.e // 2)  # the clamped log-variance (the mean is a view)
         return L.peaks[""]
 
@@ -298,8 +298,8 @@ class Model:
 class _Store:
     """`FrameStore`'s memory: each frame's storage, and whether reads of it may be views (`_block_of`)."""
 
-    def __init__(self, L: Ledger, count: int, park: bool):
-        self.L, self.count, self.park = L, count, park
+    def __init__(self, L: Ledger, count: int, park: bool, e: int):
+        self.L, self.count, self.park, self.e = L, count, park, e  # e: bytes per element
         self.frames: list[Buf | None] = [None] * count
         self.viewable: list[bool] = [False] * count
         self.shape: tuple[int, int, int] | None = None
@@ -325,11 +325,9 @@ class _Store:
             self.frames[i] = Buf(self.L, shape[0] * shape[1] * shape[2] * self.e)
             self.viewable[i] = True
 
-    e = 0  # set by the stream (bytes per element)
-
     def subset(self, start: int, end: int) -> "_Store":
-        sub = _Store(self.L, end - start, self.park)
-        sub.e, sub.shape = self.e, self.shape
+        sub = _Store(self.L, end - start, self.park, self.e)
+        sub.shape = self.shape
         sub.frames = [f.ref() if f is not None else None for f in self.frames[start:end]]
         return sub
 
@@ -370,11 +368,10 @@ class _Stream:
         latent_hw = (h, w) if stage == "decode" else (h // f, w // f)
         self.geometry = Streamer(pieces, torch.device("meta"), latent_hw, sample_tiles=True)
         self.L = Ledger()
+        self.stats_kept = 0  # bytes of statistics the current `Moments` holds (freed by `affine`)
 
     def store(self, count: int) -> _Store:
-        s = _Store(self.L, count, self.pieces.park)
-        s.e = self.e
-        return s
+        return _Store(self.L, count, self.pieces.park, self.e)
 
     # -- small tensors ---------------------------------------------------------------------------------------
 
@@ -410,8 +407,6 @@ class _Stream:
         L.free(rows * channels * 8 * 6)
         L.free(kept)
         return L.alloc(rows * channels * 4 * 2)
-
-    stats_kept = 0
 
     def affine_silu(self, shape: Shape) -> int:
         """`affine_silu`: returns the bytes of its output (allocated)."""
@@ -749,7 +744,7 @@ class _Stream:
                 raise ValueError(f"no memory model for temporal stage kind {stage.kind!r}")
         if self.kind == "encode":  # gather(): the moments as one tensor
             c, height, width = store.shape
-            out, _ = store.read(0, store.count, height, width)
+            store.read(0, store.count, height, width)
             return dict(L.peaks)
         # stream_frames: each chunk read (a view of its block, or a copy), then dropped; the previous chunk is
         # still referenced while the next is read
