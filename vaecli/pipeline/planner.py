@@ -273,10 +273,11 @@ class Estimator:
     def stream(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int, pieces: Pieces,
                phase: str = "") -> int:
         """Predicted device bytes of a streamed decode of `frames` latent frames (h, w) — or, for encode, of
-        `frames` frames of (h, w) pixels — with `pieces`: a sampled meta trace of the executor (one piece per loop,
-        see `Streamer`), through the cost model. Parked clips are not on the device, so not counted.
+        `frames` frames of (h, w) pixels — with `pieces`: what a sampled meta trace of the executor measures (one
+        piece per loop, see `Streamer`), computed (`vaecli.model.memory`) or traced, through the cost model.
+        Parked clips are not on the device, so not counted.
         phase: "2d" or "temporal" gives the peak while those stages run (decode): the first depends only on the 2D
-        cut, the second only on the temporal cut, so one trace prices both."""
+        cut, the second only on the temporal cut, so one pricing covers both."""
         if backend.name in CHUNKED_BACKENDS:
             return self.stream(stage, SDPA, frames, h, w, pieces, phase) + backend.budget
         key = ("stream", stage, *self._key(backend), frames, h, w, pieces)
