@@ -12,7 +12,7 @@ permute copies. Residual additions are in place on the block's fresh output.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,20 @@ class Stage:
     @property
     def per_frame(self) -> bool:
         return self.kind in SPATIAL_KINDS
+
+
+def stage_groups(stages: list[Stage]) -> Iterator[tuple[list[Stage], Stage | None]]:
+    """The stages as (consecutive per-frame stages, the temporal stage after them): every walk over a model's
+    stages runs a group's per-frame stages together (possibly none), then its temporal stage; the last group's
+    temporal stage is None."""
+    run: list[Stage] = []
+    for stage in stages:
+        if stage.per_frame:
+            run.append(stage)
+            continue
+        yield run, stage
+        run = []
+    yield run, None
 
 
 def frame_batches(fns: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, batch: int | None

@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from vaecli.model.blocks import AttnBlock, Clips, ResnetBlock, Stage, Upsample, frame_batches
+from vaecli.model.blocks import AttnBlock, Clips, ResnetBlock, Stage, Upsample, frame_batches, stage_groups
 from vaecli.model.config import VAEConfig
 from vaecli.model.encoder import MidBlock
 from vaecli.model.temporal import AE3DConv, VideoBlock, VideoResBlock
@@ -129,13 +129,10 @@ class Decoder(nn.Module):
         if clips is not None and z.shape[0] % clips.num_frames:
             raise ValueError(f"{z.shape[0]} frames do not split into clips of {clips.num_frames}")
         batch = clips.frame_batch if clips is not None else None
-        h, run = z, []
-        for stage in self.stages(clips):
-            if stage.per_frame:
-                run.append(stage.fn)
-                continue
-            h = frame_batches(run, h, batch)
-            run = []
-            h = stage.fn(h)
-        return frame_batches(run, h, batch)
+        h = z
+        for run, stage in stage_groups(self.stages(clips)):
+            h = frame_batches([s.fn for s in run], h, batch)
+            if stage is not None:
+                h = stage.fn(h)
+        return h
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vaecli.model.blocks import Clips, Stage
+from vaecli.model.blocks import Clips, Stage, stage_groups
 from vaecli.model.streaming import Pieces, Streamer, grown, spans
 
 Shape = tuple[int, int, int, int]  # (frames, channels, height, width)
@@ -93,6 +93,14 @@ def conv_shape(conv: nn.Conv2d, shape: Shape) -> Shape:
     n, _, h, w = shape
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
     return n, conv.out_channels, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+
+
+def region_size(tile: tuple[int, int, int, int], halo: int, height: int, width: int) -> tuple[int, int]:
+    """(rows, cols) a stride-1 stage reads for output tile (y0, y1, x0, x1) with `halo`, clipped to the plane."""
+    y0, y1, x0, x1 = tile
+    ry0, ry1 = grown(y0, y1, halo, height)
+    rx0, rx1 = grown(x0, x1, halo, width)
+    return ry1 - ry0, rx1 - rx0
 
 
 def weight_bytes(conv: nn.Module, e: int) -> int:
@@ -255,18 +263,15 @@ class Model:
             z.unref()
             z = y
         clips = Clips(frames, skip_video=not config.is_video, frame_batch=frame_batch)
-        x, run, cl = z, [], True
-        for stage in self.vae.decoder.stages(clips) + [None]:
-            if stage is not None and stage.per_frame:
-                run.append(stage)
-                continue
+        x, cl = z, True
+        for run, stage in stage_groups(self.vae.decoder.stages(clips)):
             y, shape, same = self.frame_batches(L, run, x, shape, frame_batch)
             if not same:
                 if x is not z:
                     x.unref()
                 # frame_batches' output is channels-last when batched; a conv's is not on the meta device
                 cl = frame_batch is not None and shape[0] > frame_batch
-            x, run = y, []
+            x = y
             if stage is None:
                 break
             y, shape = self.temporal_whole(L, stage, shape, cl)
@@ -485,9 +490,7 @@ class _Stream:
         _, _, y0, y1, x0, x1 = self.geometry.tiles(out[1], out[2], self.pieces.tile)[0]
 
         def region(halo: int) -> tuple[int, int]:
-            ry0, ry1 = grown(y0, y1, halo, height)
-            rx0, rx1 = grown(x0, x1, halo, width)
-            return ry1 - ry0, rx1 - rx0
+            return region_size((y0, y1, x0, x1), halo, height, width)
 
         if kind == "norm_silu":
             scale = self.frame_moments(src, layer)
@@ -527,9 +530,7 @@ class _Stream:
         y0, y1, x0, x1 = tile
 
         def region(halo: int) -> tuple[int, int]:
-            ry0, ry1 = grown(y0, y1, halo, height)
-            rx0, rx1 = grown(x0, x1, halo, width)
-            return ry1 - ry0, rx1 - rx0
+            return region_size((y0, y1, x0, x1), halo, height, width)
 
         s1 = self.frame_moments(src, layer.norm1)
         kept = None
@@ -723,16 +724,12 @@ class _Stream:
         store = self.store(self.frames)
         store.put(0, x, shape)
         x.unref()  # `del x`: the store holds the input now
-        run: list[Stage] = []
-        for stage in stages + [None]:
-            if stage is not None and stage.per_frame:
-                run.append(stage)
-                continue
+        for run, stage in stage_groups(stages):
             if run:
                 L.set_phase("2d")
                 new = self.spatial(run, store)
                 store.release()
-                store, run = new, []
+                store = new
             if stage is None:
                 break
             L.set_phase("temporal")

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vaecli.model.blocks import Clips, Stage, pointwise
+from vaecli.model.blocks import Clips, Stage, pointwise, stage_groups
 from vaecli.model.temporal import blend_alpha, frame_embedding, image_frames_alpha
 from vaecli.ops.conv import temporal_conv
 
@@ -684,15 +684,10 @@ class Streamer:
         store = FrameStore(x.shape[0], self.device, self.pieces.park)
         store.put(0, x)
         del x
-        run: list[Stage] = []
-        for stage in stages + [None]:
-            if stage is not None and stage.per_frame:
-                run.append(stage)
-                continue
+        for run, stage in stage_groups(stages):
             if run:
                 self.phase("2d")
                 store = self.spatial(run, store)
-                run = []
             if stage is None:
                 break
             self.phase("temporal")

@@ -212,14 +212,13 @@ class Estimator:
         return traced_peak_bytes(lambda: vae.encode(x))
 
     def activations(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int) -> int:
-        """Predicted activation bytes: traced peak (linear in frames, from traces of 2 and 3) through the cost model.
+        """Predicted activation bytes of one call on `frames` frames, through the cost model.
 
-        From two frames on the peak is exactly linear in frames; a single frame skips the temporal convolution's
-        neighbour taps and lies below the line, so the line (extrapolated to one frame) is a safe bound for it.
-
-        h, w: latent size for decode, pixel size for encode. For decode with a backend whose memory is linear in
-        the token count (all but math), every activation is C·h·w·4^level per frame, so a size not traced yet
-        is scaled by area from one that was: tile searches then cost no further traces. split and
+        Computed from shapes where `vaecli.model.memory` covers the config and backend (exact for any frame count).
+        Else traced: from two frames on the traced peak is exactly linear in frames, so traces of 2 and 3 give the
+        line; a single frame lies below it. h, w: latent size for decode, pixel size for encode. For a traced
+        decode with a backend whose memory is linear in the token count (all but math), every activation is
+        C·h·w·4^level per frame, so a size not traced yet is scaled by area from one that was. split and
         sub-quadratic are priced as sdpa plus their scratch budget.
         """
         if backend.name in CHUNKED_BACKENDS:
@@ -243,11 +242,13 @@ class Estimator:
         return self.cost.predict(base + per_frame * (frames - 1))
 
     def exact(self, backend: AttentionBackend, frames: int, h: int, w: int, frame_batch: int) -> int:
-        """Predicted decode activations of `frames` latent frames with the 2D layers `frame_batch` frames at a time.
+        """Predicted decode activations of `frames` latent frames with the 2D layers `frame_batch` frames at a time,
+        never above `activations(...)` (all frames at once), which bounds it.
 
-        The temporal layers hold the whole clip and the 2D layers one batch, so from two batches on the peak is
-        linear in frames along whole batches: traces of 2 and 3 batches give the line, and a partial last batch
-        lies below it. Never above `activations(...)`, the unbatched line, which bounds it too."""
+        Computed from shapes where covered. Else traced at 2 and 3 batches and extrapolated along whole batches;
+        that line is not exact (the peak is not linear in batches: for the bundled model at 34x80 latents, 16
+        frames trace 8% above the line from 8 and 12), so it can under-price configs the computed model does not
+        cover (temporal attention, math attention)."""
         if backend.name in CHUNKED_BACKENDS:
             return self.exact(SDPA, frames, h, w, frame_batch) + backend.budget
         computed = self._computed(backend)
