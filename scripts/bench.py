@@ -22,14 +22,15 @@ import time
 
 import torch
 
-from vaecli.model.checkpoint import diffusers_config, read_checkpoint, to_layout
-from vaecli.model.config import VAEConfig, load_config
-from vaecli.model.streaming import Pieces
-from vaecli.model.vae import VAE, randomize_weights_
+from vaecli.model.checkpoint import read_checkpoint
+from vaecli.model.svd.layout import diffusers_config, to_layout
+from vaecli.model.svd.config import VAEConfig, load_config
+from vaecli.model.svd.streaming import Pieces
+from vaecli.model.svd.vae import VAE, randomize_weights_
 from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.device import parse_dtype
 from vaecli.ops.memtrace import traced_peak_bytes
-from vaecli.pipeline.planner import format_bytes
+from vaecli.model.plan import format_bytes
 
 CONFIGS = {"small": dict(ch=32, ch_mult=(1, 2), name="small"),  # 2 levels (f = 2): CI-sized
            "bundled": dict(ch=64, ch_mult=(1, 1, 2, 2), name="vaecli-small-arch")}  # the bundled model's shape

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from vaecli.model.checkpoint import build_vae, bundled_model_path, read_checkpoint
+from vaecli.model.checkpoint import bundled_model_path, read_checkpoint
+from vaecli.model.svd.layout import build_vae
 from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.device import parse_dtype
 

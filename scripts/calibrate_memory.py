@@ -21,11 +21,12 @@ import sys
 
 import torch
 
-from vaecli.model.config import load_config
-from vaecli.model.vae import VAE, randomize_weights_
+from vaecli.model.svd.config import load_config
+from vaecli.model.svd.vae import VAE, randomize_weights_
 from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.device import parse_dtype
-from vaecli.pipeline.planner import COST_MODELS, CostModel, Estimator
+from vaecli.model.plan import COST_MODELS, CostModel
+from vaecli.model.svd.planning import Estimator
 
 SIZES = {"256x256": (256, 256), "576x1024": (576, 1024), "720p": (720, 1280), "1080p": (1088, 1920)}
 

@@ -22,7 +22,7 @@ import torch
 from train import CAMERAS, camera_clip, photo_pool  # scripts/ is on sys.path when run as a script
 from vaecli.model.checkpoint import load_vae
 from vaecli.pipeline.frames import ssim
-from vaecli.pipeline.runner import flicker
+from vaecli.pipeline.metrics import flicker
 from vaecli.pipeline.synthetic import synthetic_clip
 
 

@@ -14,9 +14,9 @@ import argparse
 import torch
 from safetensors.torch import save_file
 
-from vaecli.model.checkpoint import save_checkpoint, to_layout
-from vaecli.model.config import VAEConfig, load_config
-from vaecli.model.vae import VAE, randomize_weights_
+from vaecli.model.svd.layout import save_checkpoint, to_layout
+from vaecli.model.svd.config import VAEConfig, load_config
+from vaecli.model.svd.vae import VAE, randomize_weights_
 from vaecli.ops.files import atomic_output
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from make_sample_clip import write_clip  # scripts/ is on sys.path when run as a script
 from safetensors.torch import save_file
 
-from vaecli.model.config import VAEConfig
-from vaecli.model.vae import VAE, randomize_weights_
+from vaecli.model.svd.config import VAEConfig
+from vaecli.model.svd.vae import VAE, randomize_weights_
 
 
 def peak_rss(cmd: list[str]) -> tuple[int, float, int]:

@@ -17,8 +17,8 @@ import torch
 
 from make_sample_clip import pattern  # scripts/ is on sys.path when run as a script
 from vaecli.model.checkpoint import load_vae
-from vaecli.model.config import VAEConfig
-from vaecli.model.vae import VAE, randomize_weights_
+from vaecli.model.svd.config import VAEConfig
+from vaecli.model.svd.vae import VAE, randomize_weights_
 from vaecli.pipeline.chunking import WindowBlender, windows
 
 

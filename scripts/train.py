@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from vaecli.model.checkpoint import save_checkpoint
-from vaecli.model.config import VAEConfig
-from vaecli.model.vae import VAE
+from vaecli.model.svd.layout import save_checkpoint
+from vaecli.model.svd.config import VAEConfig
+from vaecli.model.svd.vae import VAE
 from vaecli.pipeline.synthetic import synthetic_clip
 
 # ------------------------------------------------------------------------------------------------------ data

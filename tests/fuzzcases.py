@@ -265,7 +265,7 @@ def mutate_checkpoint(rng: random.Random, corpus: Corpus, folder: Path) -> tuple
         path.write_bytes(b"")
         return kind, str(path)
     if kind == "diffusers-config":
-        from vaecli.model.checkpoint import to_layout
+        from vaecli.model.svd.layout import to_layout
 
         d = folder / "vae_diffusers"
         d.mkdir()

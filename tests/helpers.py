@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from vaecli.model.config import VAEConfig
-from vaecli.model.vae import VAE, randomize_weights_ as randomize_
+from vaecli.model.svd.config import VAEConfig
+from vaecli.model.svd.vae import VAE, randomize_weights_ as randomize_
 from vaecli.ops.attention import AttentionBackend
 
 
@@ -48,7 +48,7 @@ def diffusers_model(config: VAEConfig, sgm_state: dict):
     built from vaecli's own layout conversion and diffusers config."""
     import diffusers
 
-    from vaecli.model.checkpoint import diffusers_config, to_layout
+    from vaecli.model.svd.layout import diffusers_config, to_layout
 
     state, cfg = to_layout(sgm_state, config, "diffusers")
     settings = diffusers_config(cfg)

@@ -11,7 +11,7 @@ import vaecli
 from helpers import make_video, train_script
 from vaecli.cli import app
 from vaecli.model.checkpoint import bundled_model_path, read_checkpoint
-from vaecli.pipeline.runner import flicker
+from vaecli.pipeline.metrics import flicker
 from vaecli.pipeline.synthetic import synthetic_clip
 
 PSNR_FLOOR = 22.0  # dB on a held-out procedural clip; measured 25.4 (docs/model-card.md)

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from helpers import latents, random_vae, tiny_config
 from vaecli.errors import CheckpointError, OutputError, UsageError
-from vaecli.model.checkpoint import (convert_checkpoint, describe_checkpoint, detect_layout, infer_config,
-                                     load_vae, read_checkpoint)
-from vaecli.model.config import load_config
+from vaecli.model.checkpoint import convert_checkpoint, describe_checkpoint, load_vae, read_checkpoint
+from vaecli.model.svd.layout import detect_layout, infer_config
+from vaecli.model.svd.config import load_config
 
 
 def write(state, path, metadata=None):
@@ -160,7 +160,7 @@ def test_named_configs_set_what_shapes_cannot(tmp_path):
 
 
 def test_diffusers_config_json_scaling_factor_picks_sdxl(tmp_path):
-    from vaecli.model.checkpoint import to_layout
+    from vaecli.model.svd.layout import to_layout
 
     sd = load_config("sd-vae")
     ckpt = read_checkpoint(write(random_vae(sd.replace(ch=32, ch_mult=(1, 2)), seed=33).state_dict(),

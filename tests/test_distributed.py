@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from helpers import make_video, random_vae, tiny_config
 from vaecli.cli import app
-from vaecli.model.checkpoint import save_checkpoint
+from vaecli.model.svd.layout import save_checkpoint
 from vaecli.pipeline.distributed import by_size
 from vaecli.pipeline.record import RECORD_NAME, BatchRecord, stale_reason
 

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from helpers import random_vae, randomize_, tiny_config
 from vaecli.errors import UsageError
-from vaecli.model.blocks import Clips
-from vaecli.model.temporal import VideoResBlock
-from vaecli.model.vae import VAE
+from vaecli.model.svd.blocks import Clips
+from vaecli.model.svd.temporal import VideoResBlock
+from vaecli.model.svd.vae import VAE
 from vaecli.ops.conv import temporal_conv
 from vaecli.ops.norm import clip_norm_silu, norm_silu, spatial_norm, temporal_norm
 
@@ -85,7 +85,7 @@ def test_blocks_give_the_same_numbers_in_either_memory_format():
         a = decoder(z.contiguous(), Clips(3))
         b = decoder(z.contiguous(memory_format=CL), Clips(3))
         x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
-        e1, e2 = vae.encoder(x.contiguous()), vae.encoder(x.contiguous(memory_format=CL))
+        e1, e2 = vae.encoder(x.contiguous(), vae.attention), vae.encoder(x.contiguous(memory_format=CL), vae.attention)
     assert (a - b).abs().max() <= 1e-5 and (e1 - e2).abs().max() <= 1e-5
     assert vae.decode(z).is_contiguous(memory_format=CL)  # the model runs channels-last end to end
 
@@ -150,7 +150,7 @@ def test_frame_batches_give_the_same_frames_with_a_lower_peak(mode):
 def test_triton_probe_falls_back_with_a_reason(monkeypatch):
     """The kernels are used only after a probe on the device agreed with torch; a failure means torch's norm."""
     from vaecli.ops import triton_norm
-    from vaecli.pipeline.planner import norm_kernels
+    from vaecli.model.svd.planning import norm_kernels
 
     triton_norm.status.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -63,8 +63,8 @@ def test_svd_25_frames_576x1024_decode_under_4gib(tmp_path):
     from typer.testing import CliRunner
 
     from vaecli.cli import app
-    from vaecli.model.config import load_config
-    from vaecli.model.vae import VAE, randomize_weights_
+    from vaecli.model.svd.config import load_config
+    from vaecli.model.svd.vae import VAE, randomize_weights_
 
     save_file(randomize_weights_(VAE(load_config("svd-vae"))).half().state_dict(), str(tmp_path / "svd.safetensors"))
     save_file({"latents": torch.randn(25, 4, 72, 128) * 0.18215}, str(tmp_path / "z.safetensors"))
@@ -80,9 +80,9 @@ def test_svd_25_frames_576x1024_decode_under_4gib(tmp_path):
 
 def test_streaming_on_cuda_with_a_parked_clip_equals_one_clip():
     """Pinned host parking, copies both ways, in-place temporal updates on the device."""
-    from vaecli.model.config import VAEConfig
-    from vaecli.model.streaming import Pieces
-    from vaecli.model.vae import VAE, randomize_weights_
+    from vaecli.model.svd.config import VAEConfig
+    from vaecli.model.svd.streaming import Pieces
+    from vaecli.model.svd.vae import VAE, randomize_weights_
 
     config = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, time_mode="conv-only")
     vae = randomize_weights_(VAE(config, AttentionBackend("sdpa")), 3).to("cuda").eval()
@@ -97,9 +97,9 @@ def test_streaming_on_cuda_with_a_parked_clip_equals_one_clip():
                                                    ("decode", 4, (720, 1280), torch.float16),
                                                    ("encode", 8, (576, 1024), torch.bfloat16)])
 def test_cost_model_within_15_percent_of_cuda_peak(stage, frames, hw, dtype):
-    from vaecli.model.config import load_config
-    from vaecli.model.vae import VAE, randomize_weights_
-    from vaecli.pipeline.planner import Estimator
+    from vaecli.model.svd.config import load_config
+    from vaecli.model.svd.vae import VAE, randomize_weights_
+    from vaecli.model.svd.planning import Estimator
 
     config = load_config("svd-vae")
     vae = randomize_weights_(VAE(config, AttentionBackend("sdpa"))).to("cuda", dtype).eval()
@@ -146,8 +146,8 @@ def test_triton_group_norm_silu_on_cuda(dtype, shape):
 def test_fast_path_svd_config_half_vs_fp32_reference_40db(dtype):
     """The SVD architecture (random weights) at 144x256, bf16/fp16 with Triton norms and frame batches, against
     the fp32 model with TF32 off: ≥ 40 dB, no inf/NaN."""
-    from vaecli.model.config import load_config
-    from vaecli.model.vae import VAE, randomize_weights_
+    from vaecli.model.svd.config import load_config
+    from vaecli.model.svd.vae import VAE, randomize_weights_
 
     state = randomize_weights_(VAE(load_config("svd-vae"))).state_dict()
     ref = VAE(load_config("svd-vae"), AttentionBackend("math"))

@@ -77,7 +77,7 @@ def test_pattern_overwrite_replaces_only_its_frames(tmp_path, corpus):
 
 
 def test_convert_overwrite_keeps_foreign_files(tmp_path, corpus):
-    from vaecli.model.checkpoint import save_checkpoint
+    from vaecli.model.svd.layout import save_checkpoint
 
     out = tmp_path / "conv"
     out.mkdir()
@@ -307,7 +307,7 @@ def test_nonfinite_weights_are_refused(tmp_path, corpus):
 
 
 def test_nonfinite_encoder_result_is_an_error(tmp_path, corpus, monkeypatch):
-    from vaecli.model.vae import VAE
+    from vaecli.model.svd.vae import VAE
 
     real = VAE.moments
 
@@ -390,7 +390,7 @@ def test_control_characters_are_escaped(tmp_path, corpus):
 
 
 def test_diffusers_config_is_validated(tmp_path, corpus):
-    from vaecli.model.checkpoint import to_layout
+    from vaecli.model.svd.layout import to_layout
 
     state, _ = to_layout(corpus.state, fuzzcases.CONFIG, "diffusers")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "diffusion_pytorch_model.safetensors"))

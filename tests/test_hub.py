@@ -15,7 +15,8 @@ import torch
 
 from helpers import make_video, random_vae, tiny_config
 from vaecli.errors import CheckpointError, InputError
-from vaecli.model.checkpoint import bundled_model_path, read_checkpoint, save_checkpoint, to_layout
+from vaecli.model.checkpoint import bundled_model_path, read_checkpoint
+from vaecli.model.svd.layout import save_checkpoint, to_layout
 from vaecli.model.hub import choose_files, is_repo_id, resolve_model
 
 MAIN = "a" * 40

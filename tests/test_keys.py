@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vaecli.model import keymap
-from vaecli.model.config import load_config, named_configs
-from vaecli.model.vae import VAE
+from vaecli.model.svd import keymap
+from vaecli.model.svd.config import load_config, named_configs
+from vaecli.model.svd.vae import VAE
 
 REFERENCE = Path(__file__).parent / "data" / "svd_keys.tsv"
 

@@ -1,4 +1,8 @@
-"""Imports go one way: cli -> pipeline -> model -> ops; errors/_version are imported by all and import nothing."""
+"""Imports go one way: cli -> pipeline -> model -> ops; errors/_version are imported by all and import nothing.
+
+Model families (the packages under vaecli/model/, e.g. vaecli.model.svd) import model/ and ops/ only, never
+another family; nothing outside a family imports it by name (the pipeline, the CLI and model/'s own modules reach
+families through the registry in vaecli.model.family)."""
 
 import ast
 from pathlib import Path
@@ -28,6 +32,13 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+FAMILIES = {f"vaecli.model.{p.name}" for p in (PACKAGE / "model").iterdir() if (p / "__init__.py").is_file()}
+
+
+def family_of(module: str) -> str | None:
+    return next((f for f in FAMILIES if module == f or module.startswith(f + ".")), None)
+
+
 def violations(module: str, source: str) -> list[str]:
     found = []
     tree = ast.parse(source)
@@ -46,11 +57,21 @@ def violations(module: str, source: str) -> list[str]:
             if not (name == "vaecli" or name.startswith("vaecli.")):
                 continue
             own, other = layer(module), layer(name)
-            if own is None:
+            target_family = family_of(name)
+            if target_family is not None and family_of(module) != target_family and module != "vaecli":  # the facade
+                # re-exports the public API's model classes
+                found.append(f"{module} imports the family module {name} by name (use the registry)")
+            elif family_of(module) is not None and other is not None and other > 1:
+                found.append(f"{module} is a model family but imports {name}")
+            elif own is None:
                 found.append(f"{module} is a base module but imports {name}")
             elif other is not None and other > own:
                 found.append(f"{module} (layer {own}) imports {name} (layer {other})")
     return found
+
+
+def test_families_are_found():
+    assert "vaecli.model.svd" in FAMILIES
 
 
 def test_imports_only_go_down():
@@ -61,11 +82,15 @@ def test_imports_only_go_down():
 
 
 @pytest.mark.parametrize("module,source,expected", [
-    ("vaecli.ops.attention", "from vaecli.model.vae import VAE", "imports vaecli.model.vae"),
-    ("vaecli.model.vae", "import vaecli.pipeline.runner", "imports vaecli.pipeline.runner"),
+    ("vaecli.ops.attention", "from vaecli.model.plan import Plan", "imports vaecli.model.plan"),
+    ("vaecli.model.plan", "import vaecli.pipeline.runner", "imports vaecli.pipeline.runner"),
+    ("vaecli.model.svd.vae", "import vaecli.pipeline.runner", "is a model family but imports"),
     ("vaecli.pipeline.x", "from vaecli import cli", "imports vaecli"),
     ("vaecli.errors", "from vaecli.ops import device", "base module"),
     ("vaecli.model.x", "try:\n    pass\nexcept:\n    pass", "bare except"),
+    ("vaecli.pipeline.runner", "from vaecli.model.svd.vae import VAE", "family module vaecli.model.svd.vae"),
+    ("vaecli.cli", "import vaecli.model.svd", "family module vaecli.model.svd"),
+    ("vaecli.model.checkpoint", "from vaecli.model.svd import layout", "family module"),
 ])
 def test_checker_catches_violations(module, source, expected):
     problems = violations(module, source)
@@ -74,4 +99,6 @@ def test_checker_catches_violations(module, source, expected):
 
 def test_downward_imports_are_allowed():
     assert violations("vaecli.cli", "from vaecli.model.checkpoint import load_vae\nimport vaecli.ops.device") == []
-    assert violations("vaecli.model.vae", "from vaecli.errors import UsageError\nfrom vaecli.ops import norm") == []
+    assert violations("vaecli.model.svd.vae", "from vaecli.errors import UsageError\nfrom vaecli.ops import norm") == []
+    assert violations("vaecli.model.svd.family", "from vaecli.model.family import Codec\n"
+                                                "from vaecli.model.svd.vae import VAE") == []

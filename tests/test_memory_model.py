@@ -1,4 +1,4 @@
-"""The shape-only memory model (`vaecli.model.memory`) against its oracle, the meta-device trace."""
+"""The shape-only memory model (`vaecli.model.svd.memory`) against its oracle, the meta-device trace."""
 
 import subprocess
 import sys
@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from helpers import make_video, tiny_config
-from vaecli.model import memory
-from vaecli.model.streaming import Pieces
-from vaecli.model.vae import VAE
+from vaecli.model.svd import memory
+from vaecli.model.svd.streaming import Pieces
+from vaecli.model.svd.vae import VAE
 from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.memtrace import traced_peak_bytes, traced_peaks
-from vaecli.pipeline.planner import CostModel, Estimator
+from vaecli.model.plan import CostModel
+from vaecli.model.svd.planning import Estimator
 
 CONFIGS = {
     "conv-only": tiny_config(),
@@ -79,7 +80,7 @@ def test_streamed_peaks_match_the_trace_per_phase(name):
 
 def test_svd_size_streamed_rows_within_half_a_percent():
     """The docs' SVD rows (25 frames 576x1024, bf16): computed and traced agree within 0.5%."""
-    from vaecli.model.config import load_config
+    from vaecli.model.svd.config import load_config
 
     config, dtype = load_config("svd-vae"), torch.bfloat16
     vae = meta_vae(config, dtype)
@@ -108,8 +109,12 @@ def test_vaecli_plan_does_not_trace(tmp_path):
     torch._dynamo; about a second) never happen."""
     video = tmp_path / "clip.mp4"
     make_video(video, n=12, width=64, height=48)
-    code = ("import sys\nfrom vaecli.cli import app\n"
-            "try:\n    app([\"plan\", sys.argv[1], \"--max-memory\", \"40MiB\", \"--json\"])\nexcept SystemExit:\n    pass\n"
+    code = ("import contextlib, io, json, sys\nfrom vaecli.cli import app\n"
+            "def plan(*extra):\n    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out):\n        try:\n            app([\"plan\", sys.argv[1], \"--json\", *extra])\n"
+            "        except SystemExit:\n            pass\n    return out.getvalue()\n"
+            "whole = json.loads(plan())\n"  # just below one clip and its batched 2D layers: streamed
+            "print(plan(\"--max-memory\", str(whole['predicted_peak_bytes'] - (20 << 20))))\n"
             "print('sympy' in sys.modules, 'torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(video)], capture_output=True, text=True, check=True)
     assert '"strategy": "stream"' in out.stdout  # the streamed cut search ran

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import diffusers_model, frames, latents, random_vae, tiny_config
-from vaecli.model import keymap
+from vaecli.model.svd import keymap
 from vaecli.model.checkpoint import load_vae
 
 TOL = 1e-4

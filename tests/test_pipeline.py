@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from helpers import make_video, random_vae, read_video, tiny_config
 from vaecli.cli import app
 from vaecli.model.checkpoint import load_vae
-from vaecli.pipeline.runner import background
+from vaecli.pipeline.threads import background
 
 runner = CliRunner()
 CONFIG = tiny_config(ch_mult=(1, 1, 1, 1), num_res_blocks=1, name="tiny8")  # f = 8 like SVD, small
@@ -86,7 +86,7 @@ def test_latents_equal_scaled_vae_encode_and_metadata(tmp_path, model):
     assert (mean - expected).abs().max() <= 1e-5
     assert meta["fps"] == "30000/1001" and meta["frame_count"] == "5" and meta["source"] == "clip.mp4"
     assert meta["model.name"] == "tiny8" and len(meta["model.hash"]) == 16 and meta["posterior"] == "mode"
-    assert json.loads(meta["geometry"])["processed"] == [48, 32] and meta["vaecli.format"] == "1"
+    assert json.loads(meta["geometry"])["processed"] == [48, 32] and meta["vaecli.format"] == "2"
 
 
 def test_pad_is_reflect_and_frame_selection(tmp_path, model):

@@ -11,15 +11,16 @@ from typer.testing import CliRunner
 from helpers import make_video, random_vae, read_video, tiny_config
 from vaecli.cli import app
 from vaecli.errors import UsageError
-from vaecli.model.config import load_config
-from vaecli.model.vae import VAE
+from vaecli.model.svd.config import load_config
+from vaecli.model.svd.vae import VAE
 from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.memtrace import traced_peak_bytes
 from vaecli.pipeline import runner as runner_mod
-from vaecli.model.streaming import Pieces
+from vaecli.model.svd.streaming import Pieces
 from vaecli.pipeline.chunking import WindowBlender, crossfade_weights, windows
-from vaecli.pipeline.planner import (FALLBACK_OVERLAP, FALLBACK_WINDOW, CostModel, Estimator, parse_bytes,
-                                     plan_decode, plan_encode)
+from vaecli.model.plan import CostModel
+from vaecli.model.svd.planning import FALLBACK_OVERLAP, FALLBACK_WINDOW, Estimator, plan_decode, plan_encode
+from vaecli.pipeline.planner import parse_bytes
 
 CPU = torch.device("cpu")
 TINY8 = tiny_config(ch_mult=(1, 1, 1, 1), num_res_blocks=1, name="tiny8")
@@ -355,15 +356,64 @@ def test_plan_command(tmp_path, tiny8_file):
                                str(tiny8_file)]).exit_code == 2
 
 
-def test_available_memory_respects_max_memory(tiny8_file):
-    from vaecli.model.checkpoint import load_vae
-    from vaecli.ops.device import free_memory, process_rss
+def test_budget_respects_max_memory(tiny8_file):
+    from vaecli.model.checkpoint import load_codec
+    from vaecli.ops.device import free_memory
+    from vaecli.pipeline.planner import CPU_SHARE, budget_for, overhead_bytes
 
-    model = runner_mod.Model.wrap(load_vae(tiny8_file), "tiny8")
-    # on CPU the ceiling is on the resident set: what the process already holds is taken off
-    left = runner_mod.available_memory(model, process_rss() + (10 << 20))
-    assert (9 << 20) <= left <= (10 << 20)
-    assert runner_mod.available_memory(model, 1) == 0
+    model = load_codec(tiny8_file, device=torch.device("cpu"), dtype=torch.float32)
+    # on CPU the ceiling is on the resident set: the weights and the runtime allowance are taken off, never the
+    # momentary resident set (so plan and decode agree)
+    assert overhead_bytes(model) == model.weights_bytes() + (320 << 20)
+    left = budget_for(model, overhead_bytes(model) + (10 << 20)).activation_bytes
+    assert left == 10 << 20
+    assert budget_for(model, 1).activation_bytes == 0
     # without a ceiling, a safe share of the available memory, never all of it
-    share = runner_mod.available_memory(model, None)
-    assert 0 < share <= runner_mod.CPU_SHARE * free_memory(torch.device("cpu")) * 1.05
+    share = budget_for(model, None).activation_bytes
+    assert 0 < share <= CPU_SHARE * free_memory(torch.device("cpu")) * 1.05
+
+def test_plan_is_the_plan_that_runs_at_every_ceiling(tmp_path, tiny8_file):
+    """`vaecli plan` and `vaecli decode`/`encode` prepare and plan the same way: for a range of --max-memory
+    ceilings, the plan printed is the plan run; a refusal names a ceiling that is then accepted."""
+    import re
+
+    make_video(tmp_path / "v.mp4", n=12, width=64, height=64)
+    runner = CliRunner()
+    assert runner.invoke(app, ["encode", str(tmp_path / "v.mp4"), "-m", str(tiny8_file)]).exit_code == 0
+    lat = tmp_path / "v.latents.safetensors"
+
+    def planned(*extra):
+        result = runner.invoke(app, ["plan", str(lat), "-m", str(tiny8_file), "--json", *extra])
+        return result, (json.loads(result.stdout) if result.exit_code == 0 else None)
+
+    _, whole = planned()
+    refused, _ = planned("--max-memory", "1")
+    assert refused.exit_code == 1
+    need = re.search(r"needs about ([0-9.]+) MiB", refused.stderr)
+    assert need, refused.stderr
+    smallest = f"{need.group(1)}MiB"
+    accepted, at_need = planned("--max-memory", smallest)
+    assert accepted.exit_code == 0, accepted.stderr
+    assert at_need["fits"] and at_need["predicted_peak_bytes"] <= parse_bytes(smallest)
+    # just below the figure: still refused, with the same figure
+    below, _ = planned("--max-memory", str(parse_bytes(smallest) - (2 << 20)))
+    assert below.exit_code == 1 and f"needs about {need.group(1)} MiB" in below.stderr
+    low, high = parse_bytes(smallest), whole["predicted_peak_bytes"] + (8 << 20)
+    strategies = set()
+    for k, ceiling in enumerate(range(low, high, max(1, (high - low) // 5))):
+        _, shown = planned("--max-memory", str(ceiling))
+        out = tmp_path / f"d{k}.mp4"
+        result = runner.invoke(app, ["decode", str(lat), "-m", str(tiny8_file), "-o", str(out), "--json",
+                                     "--max-memory", str(ceiling)])
+        assert result.exit_code == 0, (ceiling, result.stderr)
+        ran = json.loads(result.stdout)["plan"]
+        assert ran == {k: shown[k] for k in ran}, ceiling  # every field: strategy, pieces, budget, bytes, reasons
+        strategies.add((ran["strategy"], ran["frame_batch"], json.dumps(ran["pieces"])))
+    assert len(strategies) >= 2  # the range crosses from streamed to one clip
+    # encode: the plan printed for a video is the plan encode runs
+    enc_shown = json.loads(runner.invoke(app, ["plan", str(tmp_path / "v.mp4"), "-m", str(tiny8_file), "--json",
+                                               "--max-memory", smallest]).stdout)["encode"]
+    enc = runner.invoke(app, ["encode", str(tmp_path / "v.mp4"), "-m", str(tiny8_file), "--json", "-o",
+                              str(tmp_path / "e.latents.safetensors"), "--max-memory", smallest])
+    assert enc.exit_code == 0, enc.stderr
+    assert json.loads(enc.stdout)["plan"] == enc_shown

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from helpers import make_video, random_vae, tiny_config
 from vaecli.cli import app
-from vaecli.model.vae import VAE
+from vaecli.model.svd.vae import VAE
 
 TINY8 = tiny_config(ch_mult=(1, 1, 1, 1), num_res_blocks=1, name="tiny8")
 runner = CliRunner()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import fcntl
 import io
+
+import torch
 import os
 import pty
 import re
@@ -18,7 +20,7 @@ import pytest
 
 import fuzzcases
 from vaecli.pipeline.progress import Progress
-from vaecli.pipeline.runner import DecodeOptions, EncodeOptions, Model, decode_file, encode_file
+from vaecli.pipeline.runner import DecodeOptions, EncodeOptions, decode_file, encode_file
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +56,9 @@ class Bar:
 
 
 def test_decode_updates_per_frame_and_names_its_stages(corpus, tmp_path):
-    from vaecli.model.checkpoint import load_vae
+    from vaecli.model.checkpoint import load_codec
 
-    model = Model.wrap(load_vae(corpus.model), "tiny")
+    model = load_codec(corpus.model, device=torch.device("cpu"), dtype=torch.float32)
     rec = Recorder()
     decode_file(model, corpus.latents, tmp_path / "o.mp4", DecodeOptions(), rec)
     assert rec.stages[:2] == [f"decode {corpus.latents.name}: reading latents", f"decode {corpus.latents.name}: planning"]
@@ -66,9 +68,9 @@ def test_decode_updates_per_frame_and_names_its_stages(corpus, tmp_path):
 
 
 def test_encode_names_its_stages_and_counts_every_frame(corpus, tmp_path):
-    from vaecli.model.checkpoint import load_vae
+    from vaecli.model.checkpoint import load_codec
 
-    model = Model.wrap(load_vae(corpus.model), "tiny")
+    model = load_codec(corpus.model, device=torch.device("cpu"), dtype=torch.float32)
     rec = Recorder()
     result = encode_file(model, str(corpus.video), tmp_path / "o.latents.safetensors", EncodeOptions(batch=2), rec)
     assert rec.stages[:2] == [f"encode {corpus.video.name}: opening", f"encode {corpus.video.name}: planning"]

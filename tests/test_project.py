@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from vaecli.model.config import named_configs
+from vaecli.model.svd.config import named_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 

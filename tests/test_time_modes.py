@@ -8,11 +8,11 @@ import torch.nn.functional as F
 
 from helpers import frames, latents, random_vae, randomize_, tiny_config
 from vaecli.errors import UsageError
-from vaecli.model.blocks import Clips, ResnetBlock
-from vaecli.model.decoder import Decoder
-from vaecli.model.encoder import DiagonalGaussian
-from vaecli.model.temporal import AE3DConv, VideoBlock, VideoResBlock, frame_embedding
-from vaecli.model.vae import VAE
+from vaecli.model.svd.blocks import Clips, ResnetBlock
+from vaecli.model.svd.decoder import Decoder
+from vaecli.model.svd.encoder import DiagonalGaussian
+from vaecli.model.svd.temporal import AE3DConv, VideoBlock, VideoResBlock, frame_embedding
+from vaecli.model.svd.vae import VAE
 from vaecli.ops.attention import AttentionBackend
 
 MATH = AttentionBackend("math")
@@ -40,7 +40,7 @@ def test_time_modes_build_the_documented_blocks():
         "only-last-conv": (ResnetBlock, "AttnBlock", AE3DConv),
     }
     for mode, (res, attn, out) in expected.items():
-        dec = Decoder(tiny_config(mode), MATH)
+        dec = Decoder(tiny_config(mode))
         assert type(dec.mid.block_1) is res, mode
         assert type(dec.mid.attn_1).__name__ == attn, mode
         assert type(dec.conv_out) is out, mode
@@ -194,8 +194,8 @@ def test_video_block_matches_the_handwritten_sgm_semantics(mode):
     assert isinstance(block, VideoBlock)
     x = torch.randn(6, 64, 2, 3, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (block(x, Clips(3)) - video_block_by_hand(block, x, 3)).abs().max() <= 1e-5
-        assert torch.equal(block(x, Clips(3, skip_video=True)), block.proj_out(block.attend(x)) + x)
+        assert (block(x, Clips(3, attention=MATH)) - video_block_by_hand(block, x, 3)).abs().max() <= 1e-5
+        assert torch.equal(block(x, Clips(3, skip_video=True, attention=MATH)), block.proj_out(block.attend(x, MATH)) + x)
 
 
 def test_frame_embedding_is_cos_first_like_diffusers_flip_sin_to_cos():

@@ -18,15 +18,15 @@ def __getattr__(name: str):
 
         return load_vae
     if name == "VAE":
-        from vaecli.model.vae import VAE
+        from vaecli.model.svd.vae import VAE
 
         return VAE
     if name == "Pieces":
-        from vaecli.model.streaming import Pieces
+        from vaecli.model.svd.streaming import Pieces
 
         return Pieces
     if name == "VAEConfig":
-        from vaecli.model.config import VAEConfig
+        from vaecli.model.svd.config import VAEConfig
 
         return VAEConfig
     raise AttributeError(f"module 'vaecli' has no attribute {name!r}")

@@ -190,20 +190,13 @@ def info(
     bundled = path.resolve() == bundled_model_path().resolve()
     result.update(device=str(dev), dtype=dtype_name(dt), attention=backend.name, attention_reason=backend.reason,
                   bundled=bundled)
-    cfg = result["config"]
     human = [
         f"file:        {result['path']}",
         *(["bundled:     yes: the default model (--model vaecli-small), installed with vaecli at the path above"]
           if bundled else []),
+        f"family:      {result['family']} ({result['family_title']})",
         f"layout:      {result['layout_detail']}",
-        f"config:      {cfg['name']}  (time_mode {cfg['time_mode']}, ch {cfg['ch']}, ch_mult {cfg['ch_mult']}, "
-        f"{cfg['num_res_blocks']} res blocks, attention levels {cfg['attn_levels'] or 'mid only'})",
-        f"latents:     {result['latent_channels']} channels, 1/{2 ** (len(cfg['ch_mult']) - 1)} size, "
-        f"scaling factor {result['scaling_factor']}",
-        f"temporal:    kernel {cfg['video_kernel_size']}, merge {cfg['merge_strategy']}" if cfg["time_mode"] != "image"
-        else "temporal:    none (frames coded independently)",
-        f"quant convs: quant_conv {'yes' if cfg['quant_conv'] else 'no'}, "
-        f"post_quant_conv {'yes' if cfg['post_quant_conv'] else 'no'}",
+        *result["summary"],
         f"parameters:  {result['parameters']:,} in {result['tensors']} tensors ({', '.join(result['dtypes'])})",
         f"attention:   {backend.describe()} [{dev}, {dtype_name(dt)}]",
     ]
@@ -253,8 +246,6 @@ def convert(
     """Convert a VAE between layouts; extracts the VAE from a full SVD checkpoint."""
     from vaecli.model.checkpoint import convert_checkpoint
 
-    if to not in ("sgm", "diffusers"):
-        raise UsageError(f"--to must be sgm or diffusers, not {to!r}")
     written = convert_checkpoint(_model_path(checkpoint, revision), out, to=to, dtype=dtype, overwrite=overwrite,
                                  config=config)
     _print_result({"input": str(checkpoint), "output": str(written), "layout": to, "dtype": dtype},
@@ -268,14 +259,27 @@ def _load_model(model: str | None, config: str | None, device: str, dtype: str, 
                 progress: Progress | None = None):
     """model: a local checkpoint (from `_model_path`) or None for the bundled model; progress: says so while
     it loads."""
+    from vaecli.model.checkpoint import load_codec
     from vaecli.ops.device import parse_device, resolve_dtype
-    from vaecli.pipeline.runner import Model
 
     if progress is not None:
         progress.stage(f"loading model {Path(model).name if model else 'vaecli-small'}")
     dev = parse_device(device)
     dt = resolve_dtype(dtype, dev)
-    return Model.load(model, device=dev, dtype=dt, attention=attention, config=config)
+    return load_codec(model, device=dev, dtype=dt, attention=attention, config=config)
+
+
+def _plan_model(source: str | None, config: str | None, device: str, dtype: str, attention: str):
+    """The model `plan` prices: loaded as encode and decode load it (so the plan is theirs), or with --config and
+    no --model, built from the named config on the meta device (no weights; plans only)."""
+    if source is not None or config is None:
+        return _load_model(source, config, device, dtype, attention)
+    from vaecli.model.family import load_config
+    from vaecli.ops.device import parse_device, resolve_dtype
+
+    family, cfg = load_config(config)
+    dev = parse_device(device)
+    return family.build(None, device=dev, dtype=resolve_dtype(dtype, dev), attention=attention, config=cfg)
 
 
 def _model_source(model: str | None, revision: str | None) -> str | None:
@@ -530,7 +534,7 @@ def encode(
         raise UsageError(f"--fit must be pad, crop or resize, not {fit!r}")
     progress = _batch_progress(quiet)
     work = _Worker(_model_source(model, revision), config, device, dtype, attention, progress,
-                   lambda m, item, target: encode_file(m, item, target, opts, progress))
+                   lambda m, item, target, guard: encode_file(m, item, target, opts, progress, guard=guard))
     _batch(_inputs(inputs, manifest), out, out_dir, _latents_name, work, skip_existing=skip_existing,
            as_json=as_json, progress=progress, verb="encode")
 
@@ -557,7 +561,7 @@ def _dtype_name(dtype) -> str:
 
 class _Worker:
     """The work of a batch: loads the model on first need (not at all if every input is skipped), runs
-    `run(model, input, target)` and adds what ran (device, dtype, attention backend, model) to the result.
+    `run(model, input, target, guard)` (one precision guard for the batch) and adds what ran (device, dtype, attention backend, model) to the result.
 
     Under torchrun (`workers`), each worker computes on its own GPU (`--device auto` -> cuda:LOCAL_RANK)."""
 
@@ -573,15 +577,18 @@ class _Worker:
 
     def model(self):
         if self._model is None:
+            from vaecli.pipeline.precision import PrecisionGuard
+
             self._model = _load_model(self.source, self.config, self.device, self.dtype, self.attention,
                                       self.progress)
+            self.guard = PrecisionGuard(self._model, self.progress)  # one per batch: its wider copies are kept
         return self._model
 
     def __call__(self, item: str, target) -> dict:
         m = self.model()
-        result = self.run(m, item, target)
-        result.update(device=str(m.device), dtype=_dtype_name(m.dtype), attention=m.vae.attention.name, model=m.name,
-                      model_hash=m.hash)
+        result = self.run(m, item, target, self.guard)
+        result.update(device=str(m.device), dtype=_dtype_name(m.dtype), model=m.name, model_hash=m.hash,
+                      family=m.family)
         return result
 
 
@@ -645,7 +652,8 @@ def decode(
     # target stays a str when it ends in "/" (a PNG folder)
     progress = _batch_progress(quiet)
     work = _Worker(_model_source(model, revision), config, device, dtype, attention, progress,
-                   lambda m, item, target: decode_file(m, Path(item), target, opts, progress))
+                   lambda m, item, target, guard: decode_file(m, Path(item), target, opts, progress,
+                                                                guard=guard))
     _batch(_inputs(inputs, manifest), out, out_dir, _decoded_name(fmt), work, skip_existing=skip_existing,
            as_json=as_json, progress=progress, verb="decode")
 
@@ -686,8 +694,9 @@ def roundtrip(
 
     from vaecli.ops.files import Output, atomic_output, check_outputs, remove, write_error
     from vaecli.pipeline.planner import parse_bytes
-    from vaecli.pipeline.runner import (DecodeOptions, EncodeOptions, RoundtripMeter, decode_file, encode_file,
-                                        output_kind)
+    from vaecli.pipeline.metrics import RoundtripMeter
+    from vaecli.pipeline.outputs import output_kind
+    from vaecli.pipeline.runner import DecodeOptions, EncodeOptions, decode_file, encode_file
     from vaecli.pipeline.video_io import FrameSource, Selection
 
     _check_windows(chunk, overlap, tile)
@@ -735,6 +744,8 @@ def plan(
     input: Annotated[str, typer.Argument(help="A video (plans encode and decode) or a latent file (decode).")],
     frames: Annotated[Optional[int], typer.Option("--frames", min=1, max=10_000_000,
                                                   help="Plan for this many frames.")] = None,
+    start: Annotated[int, typer.Option(min=0, help="First source frame to take (video input).")] = 0,
+    stride: Annotated[int, typer.Option(min=1, help="Take every K-th frame (video input).")] = 1,
     max_memory: MaxMemoryOpt = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
@@ -758,55 +769,37 @@ def plan(
       vaecli plan clip.mp4 --config svd-vae --max-memory 8GiB
       vaecli plan clip.latents.safetensors -m svd_xt.safetensors --frames 25 --json
     """
-    from vaecli.model.checkpoint import bundled_model_path, read_checkpoint
-    from vaecli.model.config import load_config
-    from vaecli.ops.device import free_memory, parse_device, resolve_dtype
-    from vaecli.pipeline.frames import parse_size, plan_geometry
-    from vaecli.pipeline.latents_io import open_latents
-    from vaecli.pipeline.planner import parse_bytes, plan_decode, plan_encode
-    from vaecli.pipeline.runner import default_budget, host_memory
-    from vaecli.ops.validate import pixels
-    from vaecli.pipeline.video_io import FrameSource, Selection
+    from vaecli.pipeline.frames import parse_size
+    from vaecli.pipeline.planner import parse_bytes
+    from vaecli.pipeline.runner import (DecodeOptions, EncodeOptions, decode_plan, prepare_decode,
+                                        prepare_encode)
+    from vaecli.pipeline.video_io import Selection
 
     _check_windows(chunk, overlap, tile)
-    source = _model_source(model, revision)
-    if source is not None:
-        cfg = read_checkpoint(source, config).config
-    elif config is not None:
-        cfg = load_config(config)
-    else:
-        cfg = read_checkpoint(bundled_model_path()).config
-    dev = parse_device(device)
-    dt = resolve_dtype(dtype, dev)
+    codec = _plan_model(_model_source(model, revision), config, device, dtype, attention)
     limit = parse_bytes(max_memory)
-    available = default_budget(dev) if limit is None else min(free_memory(dev), limit)
-    host = host_memory(dev)
-    result: dict = {"input": input, "model": cfg.name}
-    if _file_kind(Path(input)) == "latents":
-        lf = open_latents(input, max_pixels)
-        count, latent_hw = frames or lf.frames, (lf.shape[2], lf.shape[3])
-    else:
-        source = FrameSource(input, max_pixels)
-        it = source.frames(Selection(0, frames, 1))
-        _, first = next(it)
-        it.close()
-        geometry = plan_geometry((first.shape[1], first.shape[0]), cfg.downscale, fit, parse_size(size))
-        for wh in (geometry.resized, geometry.processed):
-            pixels(*wh, printable(input), max_pixels)
-        count = frames or source.count or 1
-        width, height = geometry.processed
-        latent_hw = (height // cfg.downscale, width // cfg.downscale)
-        enc = plan_encode(cfg, count, (height, width), device=dev, dtype=dt, available_bytes=available,
-                          attention=attention, batch=batch, weights_resident=False, host_bytes=host)
+    result: dict = {"input": input, "model": codec.name, "family": codec.family}
+    human = []
+    if _file_kind(Path(input)) == "latents":  # exactly what decode prepares and plans
+        opts = DecodeOptions(chunk=chunk, overlap=overlap, tile=tile, max_memory=limit, attention=attention,
+                             allow_model_mismatch=True, max_pixels=max_pixels)
+        job = prepare_decode(codec, input, opts)
+        count, latent_hw = frames or job.latents.frames, job.latent_hw
+    else:  # exactly what encode prepares and plans, then the decode of its latents
+        opts = EncodeOptions(selection=Selection(start, frames, stride), size=parse_size(size), fit=fit,
+                             batch=batch, max_memory=limit, attention=attention, max_pixels=max_pixels)
+        job = prepare_encode(codec, input, opts)
+        enc = job.plan()
         result["encode"] = enc.to_dict()
-    dec = plan_decode(cfg, count, latent_hw, device=dev, dtype=dt, available_bytes=available, attention=attention,
-                      chunk=chunk, overlap=overlap, tile=tile, weights_resident=False, host_bytes=host)
-    result.update(frames=count, latent_size=list(latent_hw), **dec.to_dict())
-    human = [f"input:  {input}  ({count} frames, latents {latent_hw[0]}x{latent_hw[1]}, model {cfg.name})",
-             f"device: {dev}, {dec.dtype}"]
-    if "encode" in result:
         human += enc.describe()
-    human += dec.describe()
+        f = codec.spatial_factor
+        count = codec.frame_rule.latent_frames(job.frames)
+        latent_hw = (job.geometry.processed[1] // f, job.geometry.processed[0] // f)
+    dec = decode_plan(codec, count, latent_hw, max_memory=limit, attention=attention, chunk=chunk,
+                      overlap=overlap, tile=tile)
+    result.update(frames=count, latent_size=list(latent_hw), **dec.to_dict())
+    human = [f"input:  {input}  ({count} latent frames {latent_hw[0]}x{latent_hw[1]}, model {codec.name}, "
+             f"{codec.family} family)", f"device: {codec.device}, {dec.dtype}"] + human + dec.describe()
     _print_result(result, as_json, human)
 
 
@@ -838,7 +831,8 @@ def demo(
 
     from vaecli.ops.files import atomic_output
     from vaecli.pipeline.frames import parse_size
-    from vaecli.pipeline.runner import DecodeOptions, EncodeOptions, RoundtripMeter, decode_file, encode_file
+    from vaecli.pipeline.metrics import RoundtripMeter
+    from vaecli.pipeline.runner import DecodeOptions, EncodeOptions, decode_file, encode_file
     from vaecli.pipeline.synthetic import synthetic_clip
     from vaecli.pipeline.video_io import FrameSource, VideoWriter
 

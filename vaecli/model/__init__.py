@@ -1,1 +1,2 @@
-"""The SVD temporal VAE and the SD image VAE as plain modules named after the sgm checkpoint keys."""
+"""Models: the family seam (`family`), plans (`plan`), checkpoint files (`checkpoint`, `hub`) and one package per
+model family (`svd`)."""

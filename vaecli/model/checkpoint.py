@@ -1,83 +1,33 @@
-"""Checkpoint loading and saving: safetensors only, every layout, config inferred from tensor shapes.
+"""Checkpoint files, whatever the family: safetensors only, the family found from the tensor names.
 
-Layouts read (the prefix is found from the file, the naming from its keys):
-- `sgm` checkpoint: a full SVD / SD checkpoint, VAE under `first_stage_model.` among UNet and conditioner tensors;
-- `sgm` standalone: a ComfyUI / standalone VAE file, the same keys with no prefix (or a `vae.` prefix);
-- `diffusers`: `AutoencoderKLTemporalDecoder` (SVD) or `AutoencoderKL` (SD/SDXL), a file or a folder holding
-  `diffusion_pytorch_model.safetensors` (directly or in `vae/`), with its `config.json`;
-- the plain image VAE of SD 1.x/2.x/SDXL in ldm naming (= sgm naming with quant_conv + post_quant_conv).
-
-Pickle-based files (.ckpt, .pt, .pth, .bin) are refused and never opened with pickle.
+`read_checkpoint` finds the weights (a file, or a diffusers folder with `diffusion_pytorch_model.safetensors`
+directly or in `vae/`), validates the header, asks the families which one the keys belong to
+(`vaecli.model.family.detect`) and lets that family read its tensors and config. Pickle-based files (.ckpt,
+.pt, .pth, .bin) are refused and never opened with pickle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import re
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vaecli._version import __version__
 from vaecli.errors import CheckpointError, InputError, UsageError, printable
-from vaecli.model import keymap
-from vaecli.model.config import VAEConfig, load_config, named_configs
-from vaecli.model.vae import VAE
+from vaecli.model.family import Checkpoint, Codec, detect, family_named
 from vaecli.ops.attention import AttentionBackend, resolve_attention
 from vaecli.ops.device import parse_device, parse_dtype
 from vaecli.ops.files import atomic_output
-from vaecli.ops.validate import FLOAT_DTYPES, number, parse_json, regular_file, safetensors_header
+from vaecli.ops.validate import number, parse_json, regular_file, safetensors_header
 
 BUNDLED_MODEL = "vaecli-small.safetensors"
-PREFIXES = ("first_stage_model.", "vae.", "")
 DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-# Config names tried, in order, when a checkpoint's shapes match several named configs (SD and SDXL share shapes).
-CONFIG_PREFERENCE = ("svd-vae", "sd-vae", "sdxl-vae")
-LAYOUTS_TRIED = (
-    "sgm/ComfyUI (encoder.*, decoder.*), full checkpoint (first_stage_model.*), vae.* prefix, "
-    "diffusers (encoder.down_blocks.*, decoder.up_blocks.*)"
-)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where and how a VAE is stored in a file.
-
-    naming: "sgm" (sgm/ldm/ComfyUI names) or "diffusers"; prefix: stripped before mapping;
-    temporal: the decoder has temporal layers.
-    """
-
-    naming: str
-    prefix: str
-    temporal: bool
-
-    def describe(self) -> str:
-        kind = "temporal VAE (SVD)" if self.temporal else "image VAE"
-        where = {"first_stage_model.": "full checkpoint, prefix first_stage_model.", "vae.": "prefix vae.",
-                 "": "standalone"}[self.prefix]
-        return f"{self.naming} {kind}, {where}"
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A VAE read from a file: tensors in sgm naming (no prefix), its layout, config and file facts."""
-
-    path: Path
-    layout: Layout
-    state: dict[str, torch.Tensor]
-    config: VAEConfig
-    file_dtypes: tuple[str, ...]
-    metadata: dict[str, str]
-
-    @property
-    def parameters(self) -> int:
-        return sum(t.numel() for t in self.state.values())
 
 
 # ----------------------------------------------------------------------------------------------- reading files
@@ -150,160 +100,14 @@ def _looks_pickled(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-def detect_layout(keys) -> Layout:
-    """Find the VAE among a file's keys; raise a CheckpointError naming the layouts tried and a few keys found."""
-    keys = set(keys)
-    for prefix in PREFIXES:
-        if prefix + "decoder.conv_in.weight" not in keys:
-            continue
-        if prefix + "encoder.conv_in.weight" not in keys:
-            raise CheckpointError("the file holds a VAE decoder but no encoder (as SV3D checkpoints do); "
-                                  "vaecli needs both")
-        vae_keys = [k for k in keys if k.startswith(prefix + "decoder.")]
-        if any(k.startswith(prefix + "decoder.mid_block.") for k in vae_keys):
-            temporal = any(".spatial_res_block." in k or ".time_conv_out." in k for k in vae_keys)
-            return Layout("diffusers", prefix, temporal)
-        temporal = any(re.search(r"\.(mix_factor|time_stack\.|time_mix_conv\.|time_mix_block\.)", k) for k in vae_keys)
-        return Layout("sgm", prefix, temporal)
-    sample = ", ".join(sorted(keys)[:5]) or "none"
-    raise CheckpointError(f"no VAE found; layouts tried: {LAYOUTS_TRIED}; {len(keys)} keys, e.g. {sample}")
+def read_checkpoint(source: str | os.PathLike, config=None) -> Checkpoint:
+    """Read the VAE of a checkpoint (its tensors only, in its family's naming) and work out its config.
 
-
-def read_checkpoint(source: str | os.PathLike, config: VAEConfig | str | None = None) -> Checkpoint:
-    """Read the VAE tensors of a checkpoint (only those) in sgm naming, and work out its config."""
+    config: a named config, TOML path or config value for what shapes cannot tell (of the file's family)."""
     path, config_json = find_weights_file(source)
     header, metadata = read_header(path)
-    layout = detect_layout(header)
-    vae_prefixes = tuple(layout.prefix + p for p in ("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
-    names = [k for k in header if k.startswith(vae_prefixes)]
-    bad = [n for n in names if header[n]["dtype"] not in FLOAT_DTYPES]
-    if bad:
-        raise CheckpointError(f"{printable(path)}: tensor {printable(bad[0])} is {header[bad[0]]['dtype']}; "
-                              "VAE weights are floating point")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = {name[len(layout.prefix):]: f.get_tensor(name) for name in names}
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{printable(path)}: cannot read tensors ({printable(e)})") from None
-    for name, tensor in raw.items():  # one pass, negligible next to reading the file
-        if not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{printable(path)}: tensor {printable(layout.prefix + name)} holds NaN or inf; "
-                                  "the checkpoint is corrupt")
-    state = keymap.from_diffusers(raw, layout.temporal) if layout.naming == "diffusers" else raw
-    state = {k: v[:, :, None, None] if keymap.is_attention_weight(k) and v.ndim == 2 else v for k, v in state.items()}
-    stem = path.parent.name if path.name in DIFFUSERS_FILES else path.stem
-    scaling = config_json.get("scaling_factor")
-    inferred = infer_config(state, _base_config(config, metadata), name=stem,
-                            scaling_factor=scaling)
-    dtypes = tuple(sorted({str(header[n]["dtype"]) for n in names}))
-    return Checkpoint(path, layout, state, inferred, dtypes, dict(metadata))
-
-
-def _base_config(config: VAEConfig | str | None, metadata: dict) -> VAEConfig | None:
-    """The config the user named, else the one vaecli stored in the file's metadata, else None."""
-    if isinstance(config, str):
-        return load_config(config)
-    if config is not None:
-        return config
-    if "vaecli.config" in metadata:
-        try:
-            return VAEConfig.from_dict(json.loads(metadata["vaecli.config"]))
-        except (ValueError, TypeError, UsageError):
-            pass  # foreign or older metadata: fall back to the shapes
-    return None
-
-
-# ----------------------------------------------------------------------------------------- config from shapes
-
-
-def infer_config(state: dict[str, torch.Tensor], base: VAEConfig | None = None, name: str = "custom",
-                 scaling_factor: float | None = None) -> VAEConfig:
-    """Work out a VAEConfig from tensor shapes (sgm naming, no prefix).
-
-    Shapes give channels, levels, blocks, z channels, time mode, video kernel size, attention levels and quant
-    convs. The rest (scaling factor, merge strategy, name) comes from `base` (which must have the same
-    architecture), else from the first named config with that architecture (and `scaling_factor`, e.g. from a
-    diffusers config.json, when given), else defaults.
-    """
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in state:
-            raise CheckpointError(f"the VAE has no tensor {key!r}; the file is incomplete or not a supported VAE")
-        return tuple(state[key].shape)
-
-    ch, in_channels = shape("encoder.conv_in.weight")[:2]
-    levels = keymap.count_levels(state, "encoder.down.")
-    widths = [shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)]
-    if any(w % ch for w in widths):
-        raise CheckpointError(f"level widths {widths} are not multiples of the base width {ch}")
-    num_res_blocks = keymap.count_levels(state, "encoder.down.0.block.")
-    decoder_blocks = keymap.count_levels(state, "decoder.up.0.block.")
-    if decoder_blocks != num_res_blocks + 1:
-        raise CheckpointError(f"the decoder has {decoder_blocks} blocks per level and the encoder {num_res_blocks}; "
-                              "vaecli supports decoders with one block more than the encoder, as in SD and SVD")
-    z_channels = shape("decoder.conv_in.weight")[1]
-    embed_dim = z_channels
-    if "quant_conv.weight" in state:
-        embed_dim = shape("quant_conv.weight")[0] // 2
-    elif "post_quant_conv.weight" in state:
-        embed_dim = shape("post_quant_conv.weight")[1]
-    has = lambda pattern: any(re.search(pattern, k) for k in state)  # noqa: E731
-    temporal_res = has(r"^decoder\..*\.time_stack\.")
-    temporal_out = "decoder.conv_out.time_mix_conv.weight" in state
-    temporal_attn = has(r"^decoder\..*\.time_mix_block\.")
-    modes = {(False, False, False): "image", (True, True, False): "conv-only", (True, True, True): "all",
-             (False, False, True): "attn-only", (False, True, False): "only-last-conv"}
-    time_mode = modes.get((temporal_res, temporal_out, temporal_attn))
-    if time_mode is None:
-        raise CheckpointError("the decoder mixes temporal layers in a way no SVD time mode does "
-                              f"(temporal ResnetBlocks {temporal_res}, temporal conv_out {temporal_out}, "
-                              f"temporal attention {temporal_attn})")
-    kernel = (3, 1, 1)
-    for key in state:
-        if key.endswith("time_stack.in_layers.2.weight") or key == "decoder.conv_out.time_mix_conv.weight":
-            kernel = tuple(state[key].shape[2:])
-            break
-    found = VAEConfig(
-        name=name,
-        in_channels=in_channels,
-        out_channels=shape("decoder.conv_out.weight")[0],
-        ch=ch,
-        ch_mult=tuple(w // ch for w in widths),
-        num_res_blocks=num_res_blocks,
-        z_channels=z_channels,
-        embed_dim=embed_dim,
-        attn_levels=tuple(i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in state),
-        time_mode=time_mode,
-        video_kernel_size=kernel,
-        quant_conv="quant_conv.weight" in state,
-        post_quant_conv="post_quant_conv.weight" in state,
-    )
-    if base is not None:
-        if base.architecture() != found.architecture():
-            diffs = [f"{k} {v!r} (checkpoint: {found.architecture()[k]!r})"
-                     for k, v in base.architecture().items() if found.architecture()[k] != v]
-            raise CheckpointError(f"config {base.name!r} does not fit this checkpoint: " + "; ".join(diffs))
-        return base
-    named = _matching_named(found, scaling_factor)
-    if named is not None:
-        return named
-    return found if scaling_factor is None else found.replace(scaling_factor=scaling_factor)
-
-
-def _matching_named(found: VAEConfig, scaling_factor: float | None = None) -> VAEConfig | None:
-    """The first named config with the architecture of `found` (and `scaling_factor`, when given).
-
-    Quant convs do not count: the same SVD VAE has none in sgm files and an identity quant_conv in diffusers'.
-    """
-    configs = named_configs()
-    order = [n for n in CONFIG_PREFERENCE if n in configs] + sorted(set(configs) - set(CONFIG_PREFERENCE))
-    for name in order:
-        c = configs[name].replace(quant_conv=found.quant_conv, post_quant_conv=found.post_quant_conv)
-        if c.architecture() == found.architecture() and scaling_factor in (None, c.scaling_factor):
-            return c
-    return None
-
-
-# ------------------------------------------------------------------------------------------------- building
+    family, layout = detect(header)
+    return family.read(path, layout, header, metadata, config_json, config)
 
 
 def bundled_model_path() -> Path:
@@ -314,155 +118,84 @@ def bundled_model_path() -> Path:
     return path
 
 
-def build_vae(config: VAEConfig, state: dict[str, torch.Tensor], *, device: torch.device,
-              dtype: torch.dtype, attention: AttentionBackend) -> VAE:
-    """Build the model on the meta device and load `state` strictly (no random init that gets overwritten).
+def weights_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 (16 hex digits) of the weights cast to fp16, keys sorted: equal for an fp32 checkpoint and its fp16
+    copy, whatever dtype the model then computes in."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(state.items()):
+        h.update(key.encode())
+        h.update(tensor.detach().to("cpu", torch.float16).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
-    Shapes are checked first so that a wrong tensor is named with both shapes.
-    """
-    with torch.device("meta"):
-        vae = VAE(config, attention)
-    expected = vae.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        raise CheckpointError(f"the tensors do not match a {config.time_mode} VAE: " + "; ".join(parts))
-    for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"tensor {key} has shape {list(state[key].shape)}, "
-                                  f"the model needs {list(tensor.shape)}")
-    loaded = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    vae.load_state_dict(loaded, strict=True, assign=True)
-    return vae.eval().requires_grad_(False)
+
+def load_codec(source: str | os.PathLike | None, *, device: torch.device, dtype: torch.dtype,
+               attention: str = "auto", config=None) -> Codec:
+    """Load a checkpoint (None: the bundled model) as the pipeline's `Codec`; its hash is of the weights as
+    stored, so latent files made with any dtype of the same checkpoint match."""
+    ckpt = read_checkpoint(bundled_model_path() if source is None else source, config)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # a job runs one frame size: autotuned convolutions pay off
+    return ckpt.family.build(ckpt, device=device, dtype=dtype, attention=attention, hash=weights_hash(ckpt.state))
 
 
 def load_vae(source: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
              dtype: str | torch.dtype = torch.float32, attention: str | AttentionBackend = "auto",
-             config: VAEConfig | str | None = None) -> VAE:
+             config=None) -> torch.nn.Module:
     """Load a VAE from a safetensors checkpoint (any supported layout), or the bundled model when `source` is None.
 
     device: "cpu", "cuda", "cuda:N" or "auto"; dtype: torch dtype or "fp32"/"fp16"/"bf16" (tensors of any
-    float dtype in the file are converted); attention: a backend name, "auto", or an AttentionBackend;
-    config: a named config, a TOML path or a VAEConfig, for what shapes cannot tell (e.g. "sdxl-vae").
-    The returned model is in eval mode; `vae.config` and `vae.attention` say what was built.
+    float dtype in the file are converted); attention: a backend name, "auto", or an AttentionBackend (the
+    model's default; encode/decode take another per call); config: a named config, a TOML path or a config
+    value, for what shapes cannot tell (e.g. "sdxl-vae"). Returns the family's plain module in eval mode
+    (`vae.config` and `vae.attention` say what was built).
     """
     device = parse_device(device)
     dtype = parse_dtype(dtype)
     backend = attention if isinstance(attention, AttentionBackend) else resolve_attention(attention, device, dtype)
     ckpt = read_checkpoint(bundled_model_path() if source is None else source, config)
-    return build_vae(ckpt.config, ckpt.state, device=device, dtype=dtype, attention=backend)
+    return ckpt.family.module(ckpt, device=device, dtype=dtype, attention=backend)
 
 
 # ------------------------------------------------------------------------------------------------- writing
 
 
-def _is_identity_quant(state: dict[str, torch.Tensor]) -> bool:
-    w, b = state.get("quant_conv.weight"), state.get("quant_conv.bias")
-    if w is None or b is None or w.shape[0] != w.shape[1]:
-        return False
-    eye = torch.eye(w.shape[0], dtype=w.dtype)[:, :, None, None]
-    return bool(torch.equal(w, eye) and torch.equal(b, torch.zeros_like(b)))
-
-
-def diffusers_config(config: VAEConfig) -> dict:
-    """config.json for diffusers' AutoencoderKLTemporalDecoder / AutoencoderKL."""
-    common = {
-        "in_channels": config.in_channels,
-        "out_channels": config.out_channels,
-        "down_block_types": ["DownEncoderBlock2D"] * len(config.ch_mult),
-        "block_out_channels": [config.ch * m for m in config.ch_mult],
-        "layers_per_block": config.num_res_blocks,
-        "latent_channels": config.latent_channels,
-        "scaling_factor": config.scaling_factor,
-        "force_upcast": True,
-    }
-    if config.is_video:
-        return {"_class_name": "AutoencoderKLTemporalDecoder", **common}
-    return {"_class_name": "AutoencoderKL", **common, "up_block_types": ["UpDecoderBlock2D"] * len(config.ch_mult),
-            "act_fn": "silu", "norm_num_groups": 32, "use_quant_conv": config.quant_conv,
-            "use_post_quant_conv": config.post_quant_conv}
-
-
-def to_layout(state: dict[str, torch.Tensor], config: VAEConfig, to: str) -> tuple[dict[str, torch.Tensor], VAEConfig]:
-    """Tensors in sgm naming -> the same VAE in layout `to` ("sgm" or "diffusers") and the config they describe."""
-    state = dict(state)
-    if to == "sgm":
-        if config.is_video and _is_identity_quant(state) and not config.post_quant_conv:
-            del state["quant_conv.weight"], state["quant_conv.bias"]  # diffusers' identity: sgm has none
-            config = config.replace(quant_conv=False)
-        return state, config
-    if to != "diffusers":
-        raise UsageError(f"unknown layout {to!r}; use sgm or diffusers")
-    if config.time_mode not in ("image", "conv-only"):
-        raise CheckpointError(f"diffusers has no model for time_mode {config.time_mode!r}; convert with --to sgm")
-    if config.attn_levels:
-        raise CheckpointError("diffusers' VAE blocks have no attention outside the mid block; convert with --to sgm")
-    if config.is_video:
-        if config.num_res_blocks != 2 or config.post_quant_conv:
-            raise CheckpointError("diffusers' AutoencoderKLTemporalDecoder needs 2 ResnetBlocks per encoder level "
-                                  "and no post_quant_conv; convert with --to sgm")
-        if not config.quant_conv:  # diffusers always has one: add the identity
-            c = 2 * config.z_channels
-            state["quant_conv.weight"] = torch.eye(c, dtype=state["encoder.conv_out.weight"].dtype)[:, :, None, None]
-            state["quant_conv.bias"] = torch.zeros(c, dtype=state["encoder.conv_out.bias"].dtype)
-            config = config.replace(quant_conv=True)
-    return keymap.to_diffusers(state, config.is_video), config
-
-
-def save_checkpoint(state: dict[str, torch.Tensor], config: VAEConfig, out: str | os.PathLike, *, layout: str,
-                    overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
-    """Write tensors (already in `layout`) atomically.
-
-    sgm: one safetensors file. diffusers: a `.safetensors` file, or a folder with `config.json` and
-    `diffusion_pytorch_model.safetensors`. The vaecli config travels in the safetensors metadata.
-    """
+def write_checkpoint(state: dict[str, torch.Tensor], metadata: dict[str, str], out: str | os.PathLike, *,
+                     layout: str, overwrite: bool = False, dtype: torch.dtype | None = None,
+                     config_json: dict | None = None) -> Path:
+    """Write tensors (already in `layout`) atomically: one safetensors file, or, for a diffusers layout and a
+    name without .safetensors, a folder with `config.json` and `diffusion_pytorch_model.safetensors`."""
     out = Path(out)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     state = {k: v.contiguous() for k, v in state.items()}
-    metadata = {"format": "pt", "vaecli.version": __version__, "vaecli.layout": layout,
-                "vaecli.config": config.to_json()}
-    folder = layout == "diffusers" and out.suffix != ".safetensors"
+    metadata = {"format": "pt", "vaecli.version": __version__, **metadata}
+    folder = config_json is not None and out.suffix != ".safetensors"
     if not folder and out.suffix != ".safetensors":
         raise UsageError(f"{out}: the output of --to {layout} must end in .safetensors")
     owned = {DIFFUSERS_FILES[0], "config.json"}
     with atomic_output(out, overwrite, kind="folder" if folder else "file", owns=owned.__contains__) as tmp:
         if folder:
             save_file(state, str(tmp / DIFFUSERS_FILES[0]), metadata=metadata)
-            (tmp / "config.json").write_text(json.dumps(diffusers_config(config), indent=2) + "\n", encoding="utf-8")
+            (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n", encoding="utf-8")
         else:
             save_file(state, str(tmp), metadata=metadata)
     return out
 
 
 def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, to: str, dtype: str | None = None,
-                       overwrite: bool = False, config: VAEConfig | str | None = None) -> Path:
-    """Read any supported layout, write it as `to` ("sgm" or "diffusers"); extracts the VAE of a full checkpoint."""
+                       overwrite: bool = False, config=None) -> Path:
+    """Read any supported layout, write it as `to` (a layout of the file's family); extracts the VAE of a full
+    checkpoint."""
     ckpt = read_checkpoint(source, config)
-    state, new_config = to_layout(ckpt.state, ckpt.config, to)
-    return save_checkpoint(state, new_config, out, layout=to, overwrite=overwrite,
-                           dtype=parse_dtype(dtype) if dtype else None)
+    return ckpt.family.convert(ckpt, out, to=to, dtype=parse_dtype(dtype) if dtype else None, overwrite=overwrite)
 
 
-def describe_checkpoint(source: str | os.PathLike, config: VAEConfig | str | None = None) -> dict:
-    """What `vaecli info` prints for a checkpoint."""
+def describe_checkpoint(source: str | os.PathLike, config=None) -> dict:
+    """What `vaecli info` prints for a checkpoint (`summary`: the family's lines about the architecture)."""
     ckpt = read_checkpoint(source, config)
-    return {
-        "kind": "checkpoint",
-        "path": str(ckpt.path),
-        "layout": ckpt.layout.naming,
-        "layout_detail": ckpt.layout.describe(),
-        "prefix": ckpt.layout.prefix,
-        "config": ckpt.config.to_dict(),
-        "parameters": ckpt.parameters,
-        "tensors": len(ckpt.state),
-        "dtypes": list(ckpt.file_dtypes),
-        "latent_channels": ckpt.config.latent_channels,
-        "scaling_factor": ckpt.config.scaling_factor,
-        "time_mode": ckpt.config.time_mode,
-    }
+    fields, lines = ckpt.family.describe(ckpt)
+    result = {"kind": "checkpoint", "path": str(ckpt.path), "family": ckpt.family.name,
+              "family_title": ckpt.family.title, "layout_detail": ckpt.layout.describe(),
+              "config": ckpt.config.to_dict(), "parameters": ckpt.parameters, "tensors": len(ckpt.state),
+              "dtypes": list(ckpt.file_dtypes), "summary": lines, **fields}
+    return result

@@ -5,7 +5,7 @@ Running a model whose weights and inputs live on the `meta` device computes ever
 still alive (Python frees a tensor as soon as its last reference goes, as eager execution does on a real
 device): its maximum is the peak that eager execution holds for activations, independent of the device.
 Allocator rounding, kernel workspaces (cuDNN, fused attention) and fragmentation are not seen; the planner's
-calibrated cost model adds them (see `vaecli.pipeline.planner.CostModel`).
+calibrated cost model adds them (see `vaecli.model.svd.planning.CostModel`).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ A windows plan splits the latent frames into windows of `chunk` frames that over
 window is decoded as one clip, and where two windows overlap their decoded frames are cross-faded linearly, so
 no output frame sees a hard cut. `overlap=0` gives sgm's `decoding_t` chunking exactly (independent clips, the
 last one shorter). This changes the picture (the temporal layers of a window do not see the others), so plans use
-it only when the user forces it or even the exact streaming executor cannot fit (`vaecli.pipeline.planner`).
-Exact tiles replaced the feathered approximate tiles (see `vaecli.model.streaming`).
+it only when the user forces it or even the exact streaming executor cannot fit (the family's planner).
+Exact tiles replaced the feathered approximate tiles (the SVD family's exact streaming executor).
 """
 
 from __future__ import annotations

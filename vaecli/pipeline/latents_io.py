@@ -1,9 +1,12 @@
 """Latent files: a streaming safetensors writer, a reader, the metadata schema and ComfyUI's `.latent`.
 
 A vaecli latent file is a safetensors file with
-- `latents` (T, C, h, w): the posterior mode (or a sample), already multiplied by the model's scaling factor;
-- optionally `mean` and `logvar` (T, C, h, w): the unscaled posterior moments (`--save-moments`);
-- string metadata (see METADATA_KEYS and the README).
+- `latents` (T, C, h, w): the posterior mode (or a sample), normalised as the model says (`normalization`:
+  × the scaling factor for SD/SVD, (μ − mean)/std per channel for others), unless `latents.space` says raw;
+- optionally `mean` and `logvar` (T, C, h, w): the raw posterior moments (`--save-moments`);
+- string metadata (see METADATA_KEYS and the README). Format 2 adds the model family, its frame rule and the
+  normalisation (kind and values, their hash, the space of `latents`); format 1 files (scaling factor only)
+  still decode.
 """
 
 from __future__ import annotations
@@ -19,22 +22,42 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from vaecli._version import __version__
 from vaecli.errors import InputError, OutputError, UsageError, printable
+from vaecli.model.family import Codec, FrameRule, Normalization
 from vaecli.ops.files import make_temp, remove, write_error
-from vaecli.ops.validate import DEFAULT_MAX_PIXELS, FLOAT_DTYPES, first_nonfinite, integer, number, safetensors_header
+from vaecli.ops.validate import (DEFAULT_MAX_PIXELS, FLOAT_DTYPES, first_nonfinite, integer, number, parse_json,
+                                 safetensors_header)
 from vaecli.ops.validate import fps as validate_fps
 from vaecli.ops.validate import geometry as validate_geometry
 from vaecli.pipeline.frames import Geometry
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 MEDIA_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif", ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif",
                   ".tiff", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 METADATA_KEYS = (
     "vaecli.format", "vaecli.version", "model.name", "model.hash", "scaling_factor", "latent_channels",
     "time_mode", "fps", "source", "frame_start", "frame_stride", "frame_count", "geometry", "dtype",
-    "latents_dtype", "posterior", "seed",
+    "latents_dtype", "posterior", "seed", "model.family", "frame_rule", "normalization", "normalization.hash",
+    "latents.space",
 )
+SPACES = ("normalized", "raw")
+
+
+def latent_metadata(codec: Codec, **facts: str) -> dict[str, str]:
+    """The metadata of a latent file written by `codec` (format 2): the model, its family, frame rule and latent
+    normalisation (the stored `latents` are normalised), the family's own facts, then `facts` (source, fps,
+    frames, geometry, dtypes, posterior, seed; all strings)."""
+    norm = codec.normalization
+    meta = {"vaecli.format": FORMAT_VERSION, "vaecli.version": __version__, "model.name": codec.name,
+            "model.hash": codec.hash, "model.family": codec.family, "latent_channels": str(codec.latent_channels),
+            "frame_rule": json.dumps(codec.frame_rule.to_dict(), sort_keys=True),
+            "normalization": json.dumps(norm.to_dict(), sort_keys=True), "normalization.hash": norm.hash(),
+            "latents.space": "normalized", **codec.metadata()}
+    if norm.kind == "scale":
+        meta["scaling_factor"] = repr(norm.factor)  # what format-1 readers use
+    return {**meta, **facts}
 
 
 class LatentFileWriter:
@@ -112,9 +135,10 @@ class LatentFileWriter:
 class LatentFile:
     """A latent file opened for reading, its header and metadata validated (`open_latents`).
 
-    key: the tensor holding latents; scaled: True when multiplied by the scaling factor (vaecli, diffusers
-    convention), False for ComfyUI's raw `latent_tensor`; metadata: the file's string metadata; fps,
-    scaling_factor, geometry: parsed from it (None when absent).
+    key: the tensor holding latents; scaled: True when normalised (vaecli, diffusers convention), False for raw
+    latents (ComfyUI's `latent_tensor`, `latents.space` raw); metadata: the file's string metadata; fps,
+    scaling_factor, geometry, normalization (how the stored latents were normalised), family, frame_rule:
+    parsed from it (None when absent).
     """
 
     path: Path
@@ -126,6 +150,17 @@ class LatentFile:
     fps: Fraction | None = None
     scaling_factor: float | None = None
     geometry: Geometry | None = None
+    normalization: Normalization | None = None
+    family: str | None = None
+    frame_rule: FrameRule | None = None
+
+    def to_raw(self, z: torch.Tensor, codec: Codec) -> torch.Tensor:
+        """Stored latents (t, C, h, w) -> the model's raw latents (fp32): undo the file's normalisation (a foreign
+        or format-1 file without one: the model's)."""
+        z = z.float()
+        if not self.scaled:
+            return z
+        return (self.normalization or codec.normalization).denormalize(z)
 
     @property
     def frames(self) -> int:
@@ -143,13 +178,15 @@ class LatentFile:
         except (SafetensorError, OSError, RuntimeError) as e:
             raise InputError(f"{printable(self.path)}: cannot read latents ({printable(e)})") from None
 
-    def check_finite(self, block: int = 64) -> None:
-        """Refuse latents holding NaN or inf (they decode to black or garbage), naming the first bad frame."""
-        for start in range(0, self.frames, block):
-            bad = first_nonfinite(self.read(start, min(start + block, self.frames)))
-            if bad is not None:
-                raise InputError(f"{printable(self.path)}: latents hold NaN or inf (first in frame {start + bad}); "
-                                 "pass --allow-nonfinite to decode them anyway")
+    def read_checked(self, start: int, stop: int, allow_nonfinite: bool = False) -> torch.Tensor:
+        """`read`, refusing latents that hold NaN or inf (they decode to black or garbage), naming the first bad
+        frame: each block is checked as it is read for decoding, so the file is read once."""
+        z = self.read(start, stop)
+        bad = None if allow_nonfinite else first_nonfinite(z)
+        if bad is not None:
+            raise InputError(f"{printable(self.path)}: latents hold NaN or inf (first in frame {start + bad}); "
+                             "pass --allow-nonfinite to decode them anyway")
+        return z
 
 
 def open_latents(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> LatentFile:
@@ -186,12 +223,40 @@ def open_latents(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
     geometry = None
     if metadata.get("geometry"):
         geometry = Geometry(**validate_geometry(metadata["geometry"], where, (h, w), max_pixels))
+    scaling = (number(metadata["scaling_factor"], where, "scaling_factor", 1e-6, 1e6)
+               if metadata.get("scaling_factor") else None)
+    space = metadata.get("latents.space") or ("normalized" if scaled else "raw")
+    if space not in SPACES:
+        raise InputError(f"{where}: latents.space must be normalized or raw, not {printable(space)[:40]!r}")
+    norm = _normalization(metadata, where, shape[1]) or (Normalization("scale", scaling) if scaling else None)
     return LatentFile(
-        path, key, shape, entry["dtype"], scaled, dict(metadata),
-        fps=validate_fps(metadata["fps"], where) if metadata.get("fps") else None,
-        scaling_factor=(number(metadata["scaling_factor"], where, "scaling_factor", 1e-6, 1e6)
-                        if metadata.get("scaling_factor") else None),
-        geometry=geometry)
+        path, key, shape, entry["dtype"], scaled and space == "normalized", dict(metadata),
+        fps=validate_fps(metadata["fps"], where) if metadata.get("fps") else None, scaling_factor=scaling,
+        geometry=geometry, normalization=norm, family=metadata.get("model.family") or None,
+        frame_rule=_frame_rule(metadata, where))
+
+
+def _normalization(metadata: dict[str, str], where: str, channels: int) -> Normalization | None:
+    """The `normalization` metadata (format 2), validated: a known kind, finite values, one per channel."""
+    if not metadata.get("normalization"):
+        return None
+    try:
+        norm = Normalization.from_dict(parse_json(metadata["normalization"].encode(), where, InputError))
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{where}: bad normalization metadata ({printable(str(e))[:80]})") from None
+    if norm.kind == "per-channel" and len(norm.mean) != channels:
+        raise InputError(f"{where}: normalization has {len(norm.mean)} channels, the latents {channels}")
+    return norm
+
+
+def _frame_rule(metadata: dict[str, str], where: str) -> FrameRule | None:
+    if not metadata.get("frame_rule"):
+        return None
+    d = parse_json(metadata["frame_rule"].encode(), where, InputError)
+    if not isinstance(d, dict) or not isinstance(d.get("factor"), int) or not 1 <= d["factor"] <= 64 \
+            or not isinstance(d.get("causal", False), bool):
+        raise InputError(f"{where}: bad frame_rule metadata")
+    return FrameRule(d["factor"], d.get("causal", False))
 
 
 def describe_latents(path: str | os.PathLike) -> dict:

@@ -1,78 +1,35 @@
-"""The memory planner: a cost model for encode and decode, and the plan (attention backend, windows, tiles).
+"""One preparation for `plan`, `decode` and `encode`: the budget, the plan, and the refusal of a ceiling.
 
-Cost model. The activation peak of a decode or encode is computed from shapes (`vaecli.model.memory`: the
-model's own allocations replayed on a ledger, microseconds per candidate) or, where that model does not cover
-the config or backend, traced on the meta device (`ops.memtrace`, the computed model's oracle); a device-specific
-`CostModel` turns it into predicted bytes: `scale · peak + overhead` (allocator rounding, kernel workspaces),
-calibrated by `scripts/calibrate_memory.py`.
-
-Plan. Decode strategies, tried in order unless forced, each with the attention backends fastest first:
-1. "one-clip": all frames at once (exact);
-2. "stream": the exact streaming executor (`vaecli.model.streaming`): the clip's activation kept once between
-   layers, every layer run in pieces — frame chunks, then tiles, then the clip parked in host memory, the first
-   cut that fits (exact: the same frames as one clip within rounding). Its memory is what a trace of the executor
-   with one representative piece per loop (`sample_tiles`) measures, computed;
-3. "windows": cross-faded temporal windows (approximate). Only when the user forces them (`--chunk N
-   --overlap K`), or as the fallback when even the host cannot hold the clip's activation; the fallback's window
-   and overlap are fixed (`FALLBACK_WINDOW`, `FALLBACK_OVERLAP`), never sized from free memory, so its pixels do
-   not depend on the machine either. Each window is itself decoded exactly (one clip or streamed).
-Encode plans a batch size, and exact tiles (parked where needed) for frames too large to encode whole.
+`vaecli plan` and the jobs call the same functions with the same loaded model (`Codec`), so the plan printed is
+the plan that runs. Budgets are computed from stable quantities only — the free memory, the `--max-memory`
+ceiling, the model's weights and a fixed allowance for the runtime — never from the process's momentary resident
+set, so two runs with the same inputs get the same plan and a figure in a refusal is accepted when given back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from dataclasses import dataclass, field
 
 import torch
 
-from vaecli.errors import BackendError, UsageError
-from vaecli.model import memory
-from vaecli.model.config import VAEConfig
-from vaecli.model.streaming import Pieces
-from vaecli.model.vae import VAE
-from vaecli.ops.attention import BACKEND_NAMES, AttentionBackend, unavailable_reason
-from vaecli.ops.device import dtype_name
-from vaecli.ops.memtrace import traced_peak_bytes, traced_peaks
+from vaecli.errors import OutOfMemory, UsageError
+from vaecli.model.family import Codec
+from vaecli.model.plan import Budget, Plan, format_bytes
+from vaecli.ops.device import free_memory
 
-AUTO_ORDER = ("sdpa", "math", "split", "sub-quadratic")  # fastest first; math only wins where sdpa is missing
-MIN_TILE = 4  # smallest tile side in latent pixels the planner tries
-FRAME_BATCH = 4  # decode: the 2D layers run this many frames at a time (same result, a few % slower, far less memory)
-MAX_ENCODE_BATCH = {"cuda": 16, "cpu": 2}  # frames per encoder call, at most (see plan_encode)
-FALLBACK_WINDOW = 16  # approximate fallback: windows of this many frames...
-FALLBACK_OVERLAP = 4  # ...cross-faded over this many (fixed: the output must not depend on free memory)
-# Measured against one-clip decoding (random-weight SVD-like model with strong temporal mixing, 24 frames; see
-# docs/memory.md): what the approximate windows cost.
-WINDOWS_ERROR = "cross-faded windows differ from the one-clip decode: ~33 dB PSNR (worst frame ~30 dB) on a " \
-    "strongly temporal random model; trained models differ less"
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """predicted activation bytes = scale · traced + overhead (per device type, from calibration)."""
-
-    scale: float = 1.0
-    overhead: int = 0
-
-    def predict(self, traced: int) -> int:
-        return int(self.scale * traced + self.overhead)
-
-
-COST_MODELS = {
-    # Until a GPU calibration is recorded in docs/memory-calibration.md these are conservative guesses:
-    # the CUDA caching allocator rounds blocks up and cuDNN takes workspaces.
-    "cuda": CostModel(scale=1.1, overhead=256 << 20),
-    # CPU: fitted to peak RSS of real decodes (docs/memory.md): glibc keeps freed blocks, oneDNN and the video
-    # encoder hold their own buffers, none of which the trace sees
-    "cpu": CostModel(scale=1.3, overhead=448 << 20),
-}
+CPU_SHARE = 0.4  # on CPU, plan within this share of the available memory: an OOM there is a SIGKILL
+# what Python, torch, PyAV and vaecli hold on CPU besides the weights and the plan's activations (measured: 235-260
+# MiB resident after the imports; the cost model's own overhead covers allocator slack and the writers' buffers)
+RUNTIME_BYTES = 320 << 20
+MAX_BYTES = 1 << 60  # --max-memory above this (an exabyte) is not a ceiling anyone means
 
 
 def parse_bytes(text: str | None) -> int | None:
-    """"512MiB", "8GiB", "1.5GB", "1000000" -> bytes (GiB/MiB/KiB binary, GB/MB/KB decimal)."""
+    """"512MiB", "8GiB", "1.5GB", "1000000" -> bytes (GiB/MiB/KiB binary, GB/MB/KB decimal), at most 2**60."""
     if text is None:
         return None
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)\s*", text, flags=re.I)
+    match = re.fullmatch(r"\s*([0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})\s*([KMGT]?i?B?)\s*", text, flags=re.I)
     if not match:
         raise UsageError(f"--max-memory must look like 512MiB or 8GiB, not {text!r}")
     number, unit = float(match.group(1)), match.group(2).upper()
@@ -80,499 +37,86 @@ def parse_bytes(text: str | None) -> int | None:
               "G": 1 << 30, "GIB": 1 << 30, "GB": 10**9, "T": 1 << 40, "TIB": 1 << 40, "TB": 10**12}
     if unit not in powers:
         raise UsageError(f"--max-memory unit must be KiB, MiB, GiB or TiB (or KB, MB, GB), not {unit!r}")
-    return int(number * powers[unit])
+    value = number * powers[unit]
+    if value > MAX_BYTES:
+        raise UsageError(f"--max-memory {text.strip()} is more than any machine has; give at most 1 EiB")
+    return int(value)
 
 
-def format_bytes(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
+def default_budget(device: torch.device) -> int:
+    """Memory a plan may use on `device` without --max-memory: what is free on CUDA, `CPU_SHARE` of it on CPU."""
+    free = free_memory(device)
+    return int(free * CPU_SHARE) if device.type == "cpu" else free
 
 
-@dataclass(frozen=True)
-class Plan:
-    """How one encode or decode runs; printed by `vaecli plan` and included in `--json` results.
-
-    strategy: decode: "one-clip" (exact), "stream" (exact, `pieces`), "windows" (approximate: cross-faded windows
-    of `chunk_frames` overlapping by `overlap`, each decoded one-clip or streamed with `pieces`); encode:
-    "batches" (`chunk_frames` frames per call) or "stream" (exact tiles, `pieces`).
-    exact: whether the result equals the one-clip decode (whole-frame encode) within rounding.
-    budget_bytes: device memory available for activations; activation_bytes: their predicted peak (≤ budget when
-    the plan fits); predicted_peak_bytes: activations plus weights. host_bytes: host memory the parked clip takes.
-    frame_batch: decode only: the decoder's 2D layers run this many frames at a time (`Clips.frame_batch`).
-    """
-
-    stage: str
-    device: str
-    dtype: str
-    attention: AttentionBackend
-    strategy: str
-    chunk_frames: int
-    overlap: int
-    activation_bytes: int
-    budget_bytes: int
-    weights_bytes: int
-    reasons: tuple[str, ...] = field(default=())
-    frame_batch: int | None = None
-    pieces: Pieces | None = None
-    exact: bool = True
-    host_bytes: int = 0
-
-    @property
-    def predicted_peak_bytes(self) -> int:
-        return self.activation_bytes + self.weights_bytes
-
-    @property
-    def fits(self) -> bool:
-        return self.activation_bytes <= self.budget_bytes
-
-    def to_dict(self) -> dict:
-        pieces = None
-        if self.pieces is not None:
-            p = self.pieces
-            pieces = {"frames": p.frames, "tile_latent": p.tile, "time_frames": p.time_frames,
-                      "time_tile_latent": p.time_tile, "parked": p.park, "keep_conv1": p.keep}
-        return {"stage": self.stage, "device": self.device, "dtype": self.dtype, "attention": self.attention.name,
-                "strategy": self.strategy, "exact": self.exact,
-                "chunk_frames": self.chunk_frames if self.stage == "decode" else None,
-                "batch_frames": self.chunk_frames if self.stage == "encode" else None,
-                "overlap": self.overlap, "pieces": pieces, "frame_batch": self.frame_batch,
-                "predicted_peak_bytes": self.predicted_peak_bytes, "activation_bytes": self.activation_bytes,
-                "budget_bytes": self.budget_bytes, "weights_bytes": self.weights_bytes, "host_bytes": self.host_bytes,
-                "fits": self.fits, "reasons": list(self.reasons)}
-
-    def describe(self) -> list[str]:
-        exact = "exact" if self.exact else "APPROXIMATE"
-        if self.stage == "encode":
-            lines = [f"encode: {self.strategy} ({exact}), {self.chunk_frames} frame(s) at a time"]
-        elif self.strategy == "windows":
-            lines = [f"decode: windows ({exact}), {self.chunk_frames} frames overlapping by {self.overlap}, cross-faded"]
-        else:
-            lines = [f"decode: {self.strategy} ({exact})"]
-        if self.pieces is not None:
-            lines.append(f"  pieces:    {self.pieces.describe()}")
-        if self.frame_batch:
-            lines.append(f"  2D layers: {self.frame_batch} frames at a time")
-        lines += [f"  attention: {self.attention.name}",
-                  f"  memory:    {format_bytes(self.predicted_peak_bytes)} predicted peak "
-                  f"({format_bytes(self.activation_bytes)} activations + {format_bytes(self.weights_bytes)} weights), "
-                  f"budget {format_bytes(self.budget_bytes)} for activations" + ("" if self.fits else "  (does not fit)")]
-        if self.host_bytes:
-            lines.append(f"  host:      {format_bytes(self.host_bytes)} for the parked clip")
-        lines += [f"  why:       {r}" for r in self.reasons]
-        return lines
-
-
-# split and sub-quadratic attention bound their scratch by their budget by construction: they are priced as sdpa's
-# trace plus that budget (no trace of their own)
-CHUNKED_BACKENDS = ("split", "sub-quadratic")
-SDPA = AttentionBackend("sdpa")
-
-
-class Estimator:
-    """Activation peaks of one model config at one dtype, memoised per (stage, backend, size).
-
-    Computed from shapes (`vaecli.model.memory`, microseconds) where that model covers the config and backend,
-    else traced on the meta device (`traced=True` traces always: the tests' oracle)."""
-
-    def __init__(self, config: VAEConfig, dtype: torch.dtype, cost: CostModel | None = None,
-                 device_type: str = "cpu", traced: bool = False):
-        cost = cost or COST_MODELS.get(device_type, COST_MODELS["cpu"])
-        self.config, self.dtype, self.cost = config, dtype, cost
-        self.traced = traced
-        self._models: dict[str, VAE] = {}
-        self._lines: dict[tuple, dict[tuple[int, int], tuple[int, int]]] = {}
-        self._exact: dict[tuple, int] = {}
-
-    def _computed(self, backend: AttentionBackend) -> memory.Model | None:
-        """The shape-only memory model for this backend, or None where the planner must trace."""
-        if self.traced or not memory.supported(self.config, backend.name):
-            return None
-        return memory.Model(self._model(backend), self.dtype)
-
-    @staticmethod
-    def _key(backend: AttentionBackend) -> tuple:
-        """Only the chunked backends' memory depends on their budget."""
-        return (backend.name, backend.budget if backend.name in CHUNKED_BACKENDS else None)
-
-    def _model(self, backend: AttentionBackend) -> VAE:
-        key = self._key(backend)
-        if key not in self._models:
-            with torch.device("meta"):
-                self._models[key] = VAE(self.config, backend).to(self.dtype).eval()
-        return self._models[key]
-
-    def _traced(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int) -> int:
-        vae = self._model(backend)
-        if stage == "decode":
-            z = torch.empty(frames, self.config.latent_channels, h, w, device="meta", dtype=self.dtype)
-            return traced_peak_bytes(lambda: vae.decode(z))
-        x = torch.empty(frames, self.config.in_channels, h, w, device="meta", dtype=self.dtype)
-        return traced_peak_bytes(lambda: vae.encode(x))
-
-    def activations(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int) -> int:
-        """Predicted activation bytes of one call on `frames` frames, through the cost model.
-
-        Computed from shapes where `vaecli.model.memory` covers the config and backend (exact for any frame count).
-        Else traced: from two frames on the traced peak is exactly linear in frames, so traces of 2 and 3 give the
-        line; a single frame lies below it. h, w: latent size for decode, pixel size for encode. For a traced
-        decode with a backend whose memory is linear in the token count (all but math), every activation is
-        C·h·w·4^level per frame, so a size not traced yet is scaled by area from one that was. split and
-        sub-quadratic are priced as sdpa plus their scratch budget.
-        """
-        if backend.name in CHUNKED_BACKENDS:
-            return self.activations(stage, SDPA, frames, h, w) + backend.budget
-        computed = self._computed(backend)
-        if computed is not None:
-            key = ("computed", stage, *self._key(backend), frames, h, w)
-            if key not in self._exact:
-                self._exact[key] = computed.decode(frames, h, w) if stage == "decode" else computed.encode(frames, h, w)
-            return self.cost.predict(self._exact[key])
-        lines = self._lines.setdefault((stage, *self._key(backend)), {})
-        if (h, w) not in lines:
-            if stage == "decode" and backend.name != "math" and lines:
-                (h0, w0), (base, per_frame) = next(iter(lines.items()))
-                ratio = (h * w) / (h0 * w0)
-                lines[(h, w)] = (int(base * ratio), int(per_frame * ratio))
-            else:
-                two, three = self._traced(stage, backend, 2, h, w), self._traced(stage, backend, 3, h, w)
-                lines[(h, w)] = (2 * two - three, three - two)
-        base, per_frame = lines[(h, w)]
-        return self.cost.predict(base + per_frame * (frames - 1))
-
-    def exact(self, backend: AttentionBackend, frames: int, h: int, w: int, frame_batch: int) -> int:
-        """Predicted decode activations of `frames` latent frames with the 2D layers `frame_batch` frames at a time,
-        never above `activations(...)` (all frames at once), which bounds it.
-
-        Computed from shapes where covered. Else traced at 2 and 3 batches and extrapolated along whole batches;
-        that line is not exact (the peak is not linear in batches: for the bundled model at 34x80 latents, 16
-        frames trace 8% above the line from 8 and 12), so it can under-price configs the computed model does not
-        cover (temporal attention, math attention)."""
-        if backend.name in CHUNKED_BACKENDS:
-            return self.exact(SDPA, frames, h, w, frame_batch) + backend.budget
-        computed = self._computed(backend)
-        if computed is not None:
-            return min(self.cost.predict(computed.decode(frames, h, w, frame_batch)),
-                       self.activations("decode", backend, frames, h, w))
-        key = ("exact", *self._key(backend), h, w, frame_batch)
-        if key not in self._exact:
-            vae = self._model(backend)
-
-            def trace(n: int) -> int:
-                z = torch.empty(n, self.config.latent_channels, h, w, device="meta", dtype=self.dtype)
-                return traced_peak_bytes(lambda: vae.decode(z, frame_batch=frame_batch))
-
-            two, three = trace(2 * frame_batch), trace(3 * frame_batch)
-            self._exact[key] = (two, (three - two) / frame_batch)
-        two, per_frame = self._exact[key]
-        batched = two + per_frame * (-(-frames // frame_batch) * frame_batch - 2 * frame_batch)
-        if frames <= 2 * frame_batch:
-            batched = two
-        return min(self.cost.predict(int(batched)), self.activations("decode", backend, frames, h, w))
-
-    def stream(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int, pieces: Pieces,
-               phase: str = "") -> int:
-        """Predicted device bytes of a streamed decode of `frames` latent frames (h, w) — or, for encode, of
-        `frames` frames of (h, w) pixels — with `pieces`: what a sampled meta trace of the executor measures (one
-        piece per loop, see `Streamer`), computed (`vaecli.model.memory`) or traced, through the cost model.
-        Parked clips are not on the device, so not counted.
-        phase: "2d" or "temporal" gives the peak while those stages run (decode): the first depends only on the 2D
-        cut, the second only on the temporal cut, so one pricing covers both."""
-        if backend.name in CHUNKED_BACKENDS:
-            return self.stream(stage, SDPA, frames, h, w, pieces, phase) + backend.budget
-        key = ("stream", stage, *self._key(backend), frames, h, w, pieces)
-        computed = self._computed(backend)
-        if key not in self._exact and computed is not None:
-            self._exact[key] = computed.stream(stage, frames, h, w, pieces)
-        if key not in self._exact:
-            vae = self._model(backend)
-            if stage == "decode":
-                z = torch.empty(frames, self.config.latent_channels, h, w, device="meta", dtype=self.dtype)
-
-                def run(set_phase):
-                    for _ in vae.decode_stream(z, pieces, sample_tiles=True, phase=set_phase):
-                        set_phase("out")
-            else:
-                x = torch.empty(frames, self.config.in_channels, h, w, device="meta", dtype=self.dtype)
-
-                def run(set_phase):
-                    return vae.moments(x, pieces=pieces, sample_tiles=True)
-            self._exact[key] = traced_peaks(run)
-        peaks = self._exact[key]
-        if phase:
-            return self.cost.predict(max(peaks.get(phase, 0), peaks.get("out", 0)))
-        return self.cost.predict(peaks[""])
-
-    def clip_store(self, stage: str, frames: int, h: int, w: int) -> int:
-        """Bytes of the largest activation the streaming executor keeps for the whole clip (what parking puts in
-        host memory), with one more chunk's worth while a layer writes its output: (T+1)·max_level(C·H·W)."""
-        widths = [self.config.ch * m for m in self.config.ch_mult]
-        levels = len(widths)
-        if stage == "decode":  # level i is 2^(L-1-i) times the latent size
-            largest = max(c * h * w * 4 ** (levels - 1 - i) for i, c in enumerate(widths))
-        else:  # level i is 2^-i times the frame size
-            largest = max(c * h * w // 4 ** i for i, c in enumerate(widths))
-        return (frames + 1) * largest * (torch.finfo(self.dtype).bits // 8)
-
-    def weights(self) -> int:
-        with torch.device("meta"):
-            vae = VAE(self.config)
-        return sum(t.numel() for t in vae.state_dict().values()) * (torch.finfo(self.dtype).bits // 8)
-
-
-def _backends(attention: str, device: torch.device, budget: int) -> list[AttentionBackend]:
-    """The backends to try, fastest first; split/sub-quadratic get scratch of an eighth of the budget (≤ 512 MiB)."""
-    scratch = min(budget // 8, 512 << 20)
-    if attention != "auto":
-        if attention not in BACKEND_NAMES:
-            raise UsageError(f"unknown attention backend {attention!r}; choose one of: auto, {', '.join(BACKEND_NAMES)}")
-        why = unavailable_reason(attention, device)
-        if why is not None:
-            raise BackendError(f"attention backend {attention!r} cannot run here: {why}")
-        return [AttentionBackend(attention, scratch, "chosen by the user")]
-    names = [name for name in AUTO_ORDER if unavailable_reason(name, device) is None]
-    if "sdpa" in names and "math" in names:  # math is slower and never smaller
-        names.remove("math")
-    return [AttentionBackend(name, scratch, "auto: the fastest backend whose memory fits") for name in names]
-
-
-def norm_kernels(device: torch.device) -> str:
-    """Which GroupNorm+SiLU implementation the model will run on `device`, for the plan's reasons."""
-    if device.type != "cuda":
-        return "GroupNorm+SiLU: torch's kernels, SiLU in place"
-    from vaecli.ops import triton_norm
-
-    usable, why = triton_norm.status()
-    return f"GroupNorm+SiLU: {why}" if usable else f"GroupNorm+SiLU: torch's kernels ({why})"
-
-
-def output_bytes(frames: int, height: int, width: int) -> int:
-    """Post-processing of decoded frames: a float copy and the uint8 frames (t, H, W, 3)."""
-    return frames * height * width * 3 * (4 + 1)
-
-
-def tile_sides(h: int, w: int) -> list[int]:
-    """Tile sides (latent px) to try, largest first: halving from half the longer side down to MIN_TILE."""
-    sides, side = [], max(h, w) // 2
-    while side > MIN_TILE:
-        sides.append(side)
-        side //= 2
-    return sides + [MIN_TILE]
-
-
-def first_fitting(options: list, fits) -> int | None:
-    """Index of the first option that fits, for options ordered by decreasing memory (binary search)."""
-    if not options or not fits(options[-1]):
+def host_memory(device: torch.device) -> int | None:
+    """Host memory a parked clip may take (CUDA only: on a CPU device the host is the device)."""
+    if device.type == "cpu":
         return None
-    lo, hi = 0, len(options) - 1  # options[hi] fits
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fits(options[mid]):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    return default_budget(torch.device("cpu"))
 
 
-def stream_pieces(est: Estimator, backend: AttentionBackend, frames: int, h: int, w: int, budget: int,
-                  park: bool, out_bytes: int, tile: int | None = None) -> tuple[Pieces, int] | None:
-    """The exact streaming cut with the largest pieces whose predicted bytes fit `budget`, or None.
-
-    2D layers: chunks of 4, 2, 1 whole frames, then single frames in tiles (conv1 outputs kept, then not);
-    temporal layers: all frames whole, then all frames in tiles, then frame chunks of small tiles. Both lists are
-    ordered by decreasing memory and searched together: the 2D and the temporal layers run at different times,
-    so one trace prices a 2D cut and a temporal cut at once. tile: force tiles of this side (latent px) for both.
-    """
-    def cost(p: Pieces, phase: str = "") -> int:
-        return est.stream("decode", backend, frames, h, w, p, phase) + out_bytes
-
-    # 2D cuts (frames, tile, keep conv1 outputs); tiled cuts keep conv1's output per chunk where that fits
-    if tile is not None:
-        spatial = [(1, tile, True), (1, tile, False)]
-        temporal = [(None, tile)] + [(f, tile) for f in (8, 4, 2, 1) if f < frames]
-    else:
-        sides = tile_sides(h, w)
-        tiled = [(1, s, keep) for s in sides for keep in (True, False)]
-        spatial = [(c, None, False) for c in (4, 2, 1) if c < frames] + tiled
-        if frames == 1 or len(spatial) == len(tiled):
-            spatial = [(1, None, False)] + tiled
-        temporal = [(None, None)] + [(None, s) for s in sides] + [(f, MIN_TILE) for f in (8, 4, 2, 1) if f < frames]
-
-    def fits(s_opt, t_opt) -> tuple[bool, bool]:
-        p = Pieces(s_opt[0], s_opt[1], t_opt[0], t_opt[1], park, s_opt[2])
-        return cost(p, "2d") <= budget, cost(p, "temporal") <= budget
-
-    if not all(fits(spatial[-1], temporal[-1])):
-        return None
-    # one binary search over both lists at once: each trace answers for its 2D and its temporal cut
-    s_lo, s_hi, t_lo, t_hi = 0, len(spatial) - 1, 0, len(temporal) - 1
-    while s_lo < s_hi or t_lo < t_hi:
-        s_mid, t_mid = (s_lo + s_hi) // 2, (t_lo + t_hi) // 2
-        ok_2d, ok_time = fits(spatial[s_mid], temporal[t_mid])
-        s_lo, s_hi = (s_lo, s_mid) if ok_2d else (s_mid + 1, s_hi)
-        t_lo, t_hi = (t_lo, t_mid) if ok_time else (t_mid + 1, t_hi)
-    pieces = Pieces(spatial[s_lo][0], spatial[s_lo][1], temporal[t_lo][0], temporal[t_lo][1], park, spatial[s_lo][2])
-    return pieces, cost(pieces)
+def overhead_bytes(codec: Codec) -> int:
+    """What a --max-memory ceiling holds besides the plan's activations: the weights, and on CPU (where the ceiling
+    is the process's resident set) the runtime too."""
+    return codec.weights_bytes() + (RUNTIME_BYTES if codec.device.type == "cpu" else 0)
 
 
-def plan_decode(config: VAEConfig, frames: int, latent_hw: tuple[int, int], *, device: torch.device,
-                dtype: torch.dtype, available_bytes: int, attention: str = "auto", chunk: int | None = None,
-                overlap: int | None = None, tile: int | None = None, cost: CostModel | None = None,
-                weights_resident: bool = True, estimator: Estimator | None = None,
-                host_bytes: int | None = None) -> Plan:
-    """Plan a decode of `frames` latent frames of size latent_hw = (h, w) within `available_bytes`.
-
-    available_bytes: device memory the process may still use (weights excluded when they are already resident).
-    host_bytes: host memory available for a parked clip (None: no parking; on a CPU device the host is the device).
-    chunk: force approximate windows of this many frames (0 = one clip); overlap: their overlap; tile: force the
-    exact streaming executor with tiles of this many latent pixels. Raises nothing when nothing fits: the smallest
-    plan is returned with a reason saying so (OOM recovery may still get through). estimator: reuse traces.
-    """
-    est = estimator or Estimator(config, dtype, cost or COST_MODELS.get(device.type, COST_MODELS["cpu"]))
-    weights = est.weights()
-    budget = available_bytes if weights_resident else available_bytes - weights
-    h, w = latent_hw
-    f = config.downscale
-    backends = _backends(attention, device, max(budget, 0))
-    if not backends:
-        raise UsageError(f"no attention backend works on {device}")
-    can_park = device.type != "cpu" and host_bytes is not None
-    reasons = [f"budget {format_bytes(max(budget, 0))} for activations on {device}", norm_kernels(device)]
-
-    def one_clip_cost(backend: AttentionBackend, c: int, batched: bool) -> int:
-        act = est.exact(backend, c, h, w, FRAME_BATCH) if batched else est.activations("decode", backend, c, h, w)
-        return act + output_bytes(c, h * f, w * f)
-
-    def plan(backend, strategy, c, k, act, why, *, pieces=None, batch=None, exact=True, host=0) -> Plan:
-        return Plan("decode", str(device), dtype_name(dtype), backend, strategy, c, k, act, budget, weights,
-                    tuple(reasons + why), batch, pieces, exact, host)
-
-    def exact_plan(c: int, tile_side: int | None = None, forced: bool = False) -> Plan | None:
-        """The best exact plan for a clip of c frames: one clip, else streamed (resident, then parked)."""
-        batch_default = FRAME_BATCH if device.type == "cuda" else None
-        out = output_bytes(min(c, FRAME_BATCH), h * f, w * f)
-        # every plan that keeps the clip on the device holds its largest activation at least: no trace needed
-        resident_possible = est.clip_store("decode", c - 1, h, w) <= budget
-        if tile_side is None:
-            for backend in backends:
-                if one_clip_cost(backend, c, False) <= budget:
-                    return plan(backend, "one-clip", c, 0, one_clip_cost(backend, c, False),
-                                [f"all {c} frames fit as one clip (exact)", f"attention {backend.name}"],
-                                batch=batch_default)
-            for backend in backends if resident_possible else []:
-                if one_clip_cost(backend, c, True) <= budget:
-                    return plan(backend, "one-clip", c, 0, one_clip_cost(backend, c, True),
-                                [f"all {c} frames fit as one clip (exact) with the 2D layers {FRAME_BATCH} frames at a "
-                                 "time", f"attention {backend.name}"], batch=FRAME_BATCH)
-        for park in (False, True) if can_park else (False,):
-            host = est.clip_store("decode", c, h, w) if park else 0
-            if (park and host > host_bytes) or (not park and not resident_possible):
-                continue
-            for backend in backends:
-                found = stream_pieces(est, backend, c, h, w, budget, park, out, tile_side)
-                if found:
-                    pieces, act = found
-                    why = ("streamed exactly, forced by --tile" if forced else
-                           f"one clip of {c} frames does not fit; streamed exactly, layer by layer")
-                    where = (f"clip parked in host memory ({format_bytes(host)})" if park
-                             else "clip kept on the device")
-                    return plan(backend, "stream", c, 0, act, [why, where, f"attention {backend.name}"],
-                                pieces=pieces, host=host)
-        return None
-
-    if chunk is not None and chunk > 0 and chunk < frames:  # approximate windows, forced by the user
-        k = overlap if overlap is not None else min(8, max(1, chunk // 4))
-        if k >= chunk:
-            raise UsageError(f"--overlap {k} must be smaller than --chunk {chunk}")
-        inner = exact_plan(chunk, tile, forced=tile is not None)
-        note = ["windows forced by the user (--chunk/--overlap): approximate, " +
-                ("independent clips (sgm decoding_t)" if k == 0 else WINDOWS_ERROR)]
-        if inner is None:
-            act = one_clip_cost(backends[-1], chunk, True)
-            return plan(backends[-1], "windows", chunk, k, act, note + ["predicted peak exceeds the budget"],
-                        batch=FRAME_BATCH, exact=False)
-        return plan(inner.attention, "windows", chunk, k, inner.activation_bytes, note + list(inner.reasons[2:]),
-                    pieces=inner.pieces, batch=inner.frame_batch, exact=False, host=inner.host_bytes)
-    if chunk == 0 and tile is None:  # one clip, forced
-        backend = next((b for b in backends if one_clip_cost(b, frames, False) <= budget), None)
-        note = f"attention {backend.name}" if backend else "predicted peak exceeds the budget"
-        backend = backend or backends[-1]
-        return plan(backend, "one-clip", frames, 0, one_clip_cost(backend, frames, False),
-                    ["one clip forced by the user", note], batch=FRAME_BATCH if device.type == "cuda" else None)
-    best = exact_plan(frames, tile, forced=tile is not None)
-    if best is not None:
-        return best
-    # approximate fallback: fixed windows, each decoded exactly (not sized from free memory)
-    c = min(FALLBACK_WINDOW, frames)
-    k = 0 if c >= frames else FALLBACK_OVERLAP
-    inner = exact_plan(c, tile) if c < frames else None
-    why = [f"even streamed (the clip parked where possible) the {frames} frames do not fit; APPROXIMATE fallback: "
-           f"windows of {c} frames overlapping by {k}, cross-faded ({WINDOWS_ERROR})"]
-    if inner is None:
-        pieces = Pieces(1, MIN_TILE, 1, MIN_TILE, can_park)
-        smallest = min(backends, key=lambda b: est.stream("decode", b, c, h, w, pieces))
-        act = est.stream("decode", smallest, c, h, w, pieces)
-        return plan(smallest, "windows" if c < frames else "stream", c, k, act,
-                    why + ["nothing fits the budget by the cost model; the smallest plan is used"],
-                    pieces=pieces, exact=c >= frames)
-    return plan(inner.attention, "windows", c, k, inner.activation_bytes, why + list(inner.reasons[2:]),
-                pieces=inner.pieces, batch=inner.frame_batch, exact=False, host=inner.host_bytes)
+def budget_for(codec: Codec, max_memory: int | None) -> Budget:
+    """The activation budget of a job on the codec's device: the default share of the free memory, or within the
+    ceiling `max_memory` (weights and, on CPU, the runtime included). A model built for plans only (not resident)
+    has its weights taken from the free memory too."""
+    device = codec.device if codec.device.type != "meta" else torch.device("cpu")
+    free = default_budget(device) if max_memory is None else free_memory(device)
+    if not getattr(codec, "resident", True):
+        free -= codec.weights_bytes()
+    available = free if max_memory is None else min(free, max_memory - overhead_bytes(codec))
+    return Budget(device, max(0, available), host_memory(device))
 
 
-def plan_encode(config: VAEConfig, frames: int, size_hw: tuple[int, int], *, device: torch.device,
-                dtype: torch.dtype, available_bytes: int, attention: str = "auto", batch: int | None = None,
-                cost: CostModel | None = None, weights_resident: bool = True, max_batch: int | None = None,
-                estimator: Estimator | None = None, host_bytes: int | None = None) -> Plan:
-    """Plan an encode: the largest batch of frames (≤ max_batch) whose encoder pass fits the budget; for frames too
-    large to encode whole, exact tiles (one frame at a time, parked in host memory where that is needed).
+def enforce_max_memory(device: torch.device, max_memory: int | None) -> None:
+    """On CUDA, make torch's allocator refuse to go past `max_memory` for this process."""
+    if max_memory is not None and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory / total), device)
 
-    max_batch: default `MAX_ENCODE_BATCH` for the device: 16 on CUDA; 2 on CPU, where larger batches are slower
-    (measured with the bundled model: 16 frames of 480x272 in 8.3 s as one batch, 5.9-6.9 s in batches of 1-2)
-    and would also update the progress bar only every 16 frames."""
-    if max_batch is None:
-        max_batch = MAX_ENCODE_BATCH.get(device.type, 16)
-    est = estimator or Estimator(config, dtype, cost or COST_MODELS.get(device.type, COST_MODELS["cpu"]))
-    weights = est.weights()
-    budget = available_bytes if weights_resident else available_bytes - weights
-    height, width = size_hw
-    backends = _backends(attention, device, max(budget, 0))
 
-    def batch_cost(backend: AttentionBackend, b: int) -> int:
-        return est.activations("encode", backend, b, height, width) + b * height * width * 3 * (4 + 1)
+def with_runtime(codec: Codec, plan: Plan) -> Plan:
+    """The plan with the runtime allowance in its predicted peak (on CPU; the peak is then what a ceiling holds)."""
+    return dataclasses.replace(plan, runtime_bytes=overhead_bytes(codec) - codec.weights_bytes())
 
-    reasons = [f"budget {format_bytes(max(budget, 0))} for activations on {device}", norm_kernels(device)]
-    limit = min(max_batch, max(1, frames))
-    candidates = [batch] if batch else list(range(limit, 0, -1))
 
-    def make(backend, strategy, b, act, why, pieces=None, host=0) -> Plan:
-        return Plan("encode", str(device), dtype_name(dtype), backend, strategy, b, 0, act, budget, weights,
-                    tuple(reasons + why), pieces=pieces, host_bytes=host)
+def needed_ceiling(plan: Plan) -> int:
+    """The smallest --max-memory at which `plan` fits (rounded up to a whole MiB)."""
+    return -(-plan.predicted_peak_bytes // (1 << 20)) << 20
 
-    for backend in backends:
-        for b in candidates:
-            if batch_cost(backend, b) <= budget:
-                why = "forced by the user" if batch else f"the largest batch (≤ {limit}) that fits"
-                return make(backend, "batches", b, batch_cost(backend, b),
-                            [f"batches of {b} frames: {why}", f"attention {backend.name}"])
-    f = config.downscale
-    sides = tile_sides(height // f, width // f)
-    frame_in = height * width * 3 * (4 + 1)
-    for park in (False, True) if device.type != "cpu" and host_bytes is not None else (False,):
-        host = est.clip_store("encode", 1, height, width) if park else 0
-        if park and host > host_bytes:
-            continue
-        for backend in backends:
-            def fits(side: int) -> bool:
-                return est.stream("encode", backend, 1, height, width, Pieces(1, side, park=park)) + frame_in <= budget
-            i = first_fitting(sides, fits)
-            if i is not None:
-                pieces = Pieces(1, sides[i], park=park)
-                act = est.stream("encode", backend, 1, height, width, pieces) + frame_in
-                return make(backend, "stream", 1, act,
-                            [f"one {width}x{height} frame does not fit whole; encoded exactly in tiles of {sides[i]} "
-                             "latent px" + (", parked in host memory" if park else ""), f"attention {backend.name}"],
-                            pieces, host)
-    b = candidates[-1]
-    return make(backends[-1], "batches", b, batch_cost(backends[-1], b),
-                [f"batches of {b} frame(s) do not fit by the cost model; trying anyway"])
+
+def check_ceiling(codec: Codec, plan: Plan, max_memory: int | None) -> Plan:
+    """On CPU a `--max-memory` ceiling that even the smallest plan exceeds is refused before any work: going over
+    it would break the promise, and running out there is a SIGKILL (on CUDA torch's memory fraction enforces it).
+    The figure named is one the same command then accepts."""
+    if max_memory is not None and plan.device == "cpu" and not plan.fits:
+        raise OutOfMemory(f"--max-memory {format_bytes(max_memory)} is too small: the smallest plan needs about "
+                          f"{format_bytes(needed_ceiling(plan))}; raise it to that or more")
+    return plan
+
+
+def decode_plan(codec: Codec, frames: int, latent_hw: tuple[int, int], *, max_memory: int | None = None,
+                attention: str = "auto", chunk: int | None = None, overlap: int | None = None,
+                tile: int | None = None, budget: Budget | None = None) -> Plan:
+    """The decode plan of `frames` latent frames: within `budget` when given (OOM recovery: nothing forced), else
+    within the ceiling, as forced (--chunk, --overlap, --tile), and refused on CPU when nothing fits the ceiling."""
+    if budget is not None:
+        return with_runtime(codec, codec.plan_decode(frames, latent_hw, budget, attention=attention))
+    plan = codec.plan_decode(frames, latent_hw, budget_for(codec, max_memory), attention=attention, chunk=chunk,
+                             overlap=overlap, tile=tile)
+    return check_ceiling(codec, with_runtime(codec, plan), max_memory)
+
+
+def encode_plan(codec: Codec, frames: int, size_hw: tuple[int, int], *, max_memory: int | None = None,
+                attention: str = "auto", batch: int | None = None, budget: Budget | None = None) -> Plan:
+    """The encode plan of `frames` frames of size_hw (pixels), as `decode_plan`."""
+    if budget is not None:
+        return with_runtime(codec, codec.plan_encode(frames, size_hw, budget, attention=attention))
+    plan = codec.plan_encode(frames, size_hw, budget_for(codec, max_memory), attention=attention, batch=batch)
+    return check_ceiling(codec, with_runtime(codec, plan), max_memory)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vaecli.model.blocks import AttnBlock, Clips, ResnetBlock
+from vaecli.model.svd.blocks import AttnBlock, Clips, ResnetBlock
 from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.conv import temporal_conv
 from vaecli.ops.norm import clip_norm_silu, temporal_norm
@@ -187,19 +187,18 @@ class SelfAttention(nn.Module):
     x: (B, L, C) -> (B, L, C); `heads` heads of C // heads channels, scale 1/sqrt(C // heads).
     """
 
-    def __init__(self, dim: int, heads: int, attention: AttentionBackend):
+    def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.attention_backend = attention
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(dim, dim, bias=False)
         self.to_v = nn.Linear(dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
         # (B, L, heads*d) -> (B, heads, L, d)
         q, k, v = (rearrange(layer(x), "b l (h d) -> b h l d", h=self.heads) for layer in (self.to_q, self.to_k, self.to_v))
-        out = self.attention_backend(q, k, v)
+        out = attention(q, k, v)
         return self.to_out(rearrange(out, "b h l d -> b l (h d)"))
 
 
@@ -211,23 +210,23 @@ class VideoTransformerBlock(nn.Module):
     there is no context); x = ff(norm3(x)) + x; regrouped back to (N, S, C). LayerNorms have eps 1e-5.
     """
 
-    def __init__(self, dim: int, attention: AttentionBackend):
+    def __init__(self, dim: int):
         super().__init__()
         self.norm_in = nn.LayerNorm(dim)
         self.ff_in = FeedForward(dim, dim)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = SelfAttention(dim, 1, attention)
+        self.attn1 = SelfAttention(dim, 1)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = SelfAttention(dim, 1, attention)
+        self.attn2 = SelfAttention(dim, 1)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dim)
 
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_frames: int, attention: AttentionBackend) -> torch.Tensor:
         positions = x.shape[1]
         x = rearrange(x, "(b t) s c -> (b s) t c", t=num_frames)
         x = self.ff_in(self.norm_in(x)) + x
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x)) + x
+        x = self.attn1(self.norm1(x), attention) + x
+        x = self.attn2(self.norm2(x), attention) + x
         x = self.ff(self.norm3(x)) + x
         return rearrange(x, "(b s) t c -> (b t) s c", s=positions)
 
@@ -241,23 +240,23 @@ class VideoBlock(AttnBlock):
     With `clips.skip_video` (or no clips) it is the plain `AttnBlock`.
     """
 
-    def __init__(self, channels: int, attention: AttentionBackend, merge_strategy: str = "learned", alpha: float = 0.0):
-        super().__init__(channels, attention)
+    def __init__(self, channels: int, merge_strategy: str = "learned", alpha: float = 0.0):
+        super().__init__(channels)
         self.merge_strategy = merge_strategy
-        self.time_mix_block = VideoTransformerBlock(channels, attention)
+        self.time_mix_block = VideoTransformerBlock(channels)
         self.video_time_embed = nn.Sequential(
             nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, channels)
         )
         make_mix_factor(self, merge_strategy, alpha)
 
-    def forward(self, x: torch.Tensor, clips: Clips | None = None) -> torch.Tensor:
-        if clips is None or clips.skip_video:
-            return super().forward(x)
+    def forward(self, x: torch.Tensor, clips: Clips) -> torch.Tensor:
+        if clips.skip_video:
+            return super().forward(x, clips.attention)
         height, width = x.shape[-2:]
-        h = rearrange(self.attend(x), "n c h w -> n (h w) c")
+        h = rearrange(self.attend(x, clips.attention), "n c h w -> n (h w) c")
         frames = torch.arange(clips.num_frames, device=x.device).repeat(x.shape[0] // clips.num_frames)  # (b t)
         emb = self.video_time_embed(frame_embedding(frames, self.channels).to(x.dtype))  # (N, C)
-        mixed = self.time_mix_block(h + emb[:, None, :], clips.num_frames)
+        mixed = self.time_mix_block(h + emb[:, None, :], clips.num_frames, clips.attention)
         alpha = blend_alpha(self.mix_factor, self.merge_strategy).to(x.dtype)
         if clips.image_only is not None and self.merge_strategy == "learned_with_images":
             alpha = image_frames_alpha(alpha, clips, 1.0)[:, None, None]  # (N, 1, 1) over (N, S, C)

@@ -40,8 +40,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vaecli.model.blocks import Clips, Stage, pointwise, stage_groups
-from vaecli.model.temporal import blend_alpha, frame_embedding, image_frames_alpha
+from vaecli.model.svd.blocks import Clips, Stage, pointwise, stage_groups
+from vaecli.model.svd.temporal import blend_alpha, frame_embedding, image_frames_alpha
+from vaecli.model.family import NonFiniteActivation
+from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.conv import temporal_conv
 
 CL = torch.channels_last
@@ -76,6 +78,10 @@ class Pieces:
             if value is not None and value < 1:
                 raise ValueError(f"Pieces.{name} must be at least 1, got {value}")
 
+    def to_dict(self) -> dict:
+        return {"frames": self.frames, "tile_latent": self.tile, "time_frames": self.time_frames,
+                "time_tile_latent": self.time_tile, "parked": self.park, "keep_conv1": self.keep}
+
     def describe(self) -> str:
         def cut(frames, tile):
             f = "all frames" if frames is None else f"{frames} frame{'s' if frames != 1 else ''}"
@@ -85,8 +91,6 @@ class Pieces:
                 + ("; clip parked in host memory" if self.park else ""))
 
 
-class NonFiniteActivation(ArithmeticError):
-    """A piece computed in half precision holds inf/NaN (the caller redoes the work in a wider dtype)."""
 
 
 # ----------------------------------------------------------------------------------------------- storage
@@ -366,7 +370,10 @@ class Streamer:
     """
 
     def __init__(self, pieces: Pieces, device: torch.device, latent_hw: tuple[int, int], check_finite: bool = False,
-                 sample_tiles: bool = False, phase: Callable[[str], None] | None = None):
+                 sample_tiles: bool = False, phase: Callable[[str], None] | None = None,
+                 attention: AttentionBackend | None = None):
+        self.attention = attention or AttentionBackend("sdpa")  # a VideoBlock's spatial attention (the stages'
+        # own attention layers carry their backend in their `fn`)
         self.phase = phase or (lambda name: None)  # told "2d" / "temporal" as each kind of stage starts (traces)
         self.pieces = pieces
         self.device = device
@@ -659,7 +666,7 @@ class Streamer:
         _, height, width = store.shape()
         attended = FrameStore(count, self.device, self.pieces.park)
         for a, b in self.chunks(count):
-            attended.put(a, self.checked(block.attend(store.read(a, b))))
+            attended.put(a, self.checked(block.attend(store.read(a, b), self.attention)))
         frames = torch.arange(count, device=self.device)
         emb = block.video_time_embed(frame_embedding(frames, block.channels).to(store.dtype()))  # (T, C)
         if alpha_frames is None:
@@ -669,7 +676,7 @@ class Streamer:
         for rows, cols, y0, y1, x0, x1 in self.time_tiles(height, width):
             x = store.read(0, count, rows, cols)
             h = rearrange(attended.read(0, count, rows, cols), "n c h w -> n (h w) c")
-            mixed = block.time_mix_block(h + emb[:, None, :], count)
+            mixed = block.time_mix_block(h + emb[:, None, :], count, self.attention)
             h = alpha * h + (1.0 - alpha) * mixed
             del mixed
             out = block.project(rearrange(h, "n (h w) c -> n c h w", h=y1 - y0, w=x1 - x0).contiguous(memory_format=CL), x)

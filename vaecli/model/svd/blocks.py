@@ -11,7 +11,7 @@ permute copies. Residual additions are in place on the block's fresh output.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -33,12 +33,14 @@ class Clips:
         "learned_with_images" only): they take the spatial path of every temporal blend.
     frame_batch: run the per-frame (2D) layers this many frames at a time (None: all at once). Results are the
         same; between two temporal layers only one batch's intermediates are alive (less memory, one copy more).
+    attention: the backend every attention layer of this call uses (a value of the plan; modules keep none).
     """
 
     num_frames: int
     skip_video: bool = False
     image_only: torch.Tensor | None = None
     frame_batch: int | None = None
+    attention: AttentionBackend = field(default_factory=lambda: AttentionBackend("sdpa"))
 
 
 SPATIAL_KINDS = ("conv", "resnet", "attn", "upsample", "downsample", "norm_silu")
@@ -163,31 +165,30 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions of each frame (sgm `AttnBlock`).
 
     q, k, v and proj_out are 1x1 convs (weights [C, C, 1, 1]); the scale is 1/sqrt(C);
-    out = x + proj_out(attend(x)). `attention` is the backend that computes softmax(q kᵀ/√C) v.
+    out = x + proj_out(attend(x)). `attention` (passed per call, from the plan) computes softmax(q kᵀ/√C) v.
     """
 
-    def __init__(self, channels: int, attention: AttentionBackend):
+    def __init__(self, channels: int):
         super().__init__()
         self.channels = channels
-        self.attention_backend = attention
         self.norm = spatial_norm(channels)
         self.q = nn.Conv2d(channels, channels, kernel_size=1)
         self.k = nn.Conv2d(channels, channels, kernel_size=1)
         self.v = nn.Conv2d(channels, channels, kernel_size=1)
         self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
         """(N, C, H, W) -> attention output (N, C, H, W), before proj_out and the residual."""
         h = self.norm(x)
         height, width = h.shape[-2:]
         # (N, C, H, W) -> (N, heads=1, tokens=H*W, C): q, k, v are contiguous matrix products of the pixel view
         q, k, v = (rearrange(pointwise(layer, h), "n c h w -> n 1 (h w) c") for layer in (self.q, self.k, self.v))
-        out = self.attention_backend(q, k, v)
+        out = attention(q, k, v)
         return rearrange(out, "n 1 (h w) c -> n c h w", h=height, w=width)
 
     def project(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x + proj_out(h) for frames (N, C, H, W); the sum is computed in place on proj_out's output."""
         return pointwise(self.proj_out, h).add_(x)
 
-    def forward(self, x: torch.Tensor, clips: Clips | None = None) -> torch.Tensor:
-        return self.project(self.attend(x), x)
+    def forward(self, x: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+        return self.project(self.attend(x, attention), x)

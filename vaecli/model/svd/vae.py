@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from vaecli.errors import UsageError
-from vaecli.model.blocks import Clips, Stage, frame_batches
-from vaecli.model.config import VAEConfig
-from vaecli.model.decoder import Decoder
-from vaecli.model.encoder import DiagonalGaussian, Encoder
-from vaecli.model.streaming import Pieces, Streamer, stream_frames
+from vaecli.model.svd.blocks import Clips, Stage, frame_batches
+from vaecli.model.svd.config import VAEConfig
+from vaecli.model.svd.decoder import Decoder
+from vaecli.model.svd.encoder import DiagonalGaussian, Encoder
+from vaecli.model.svd.streaming import Pieces, Streamer, stream_frames
 from vaecli.ops.attention import AttentionBackend
 
 
@@ -26,7 +27,8 @@ class VAE(nn.Module):
     """A KL VAE whose decoder may mix frames (SVD) or code them one by one (SD image VAE).
 
     State-dict keys are the sgm/ldm keys without prefix: `encoder.*`, `decoder.*`, and `quant_conv.*` /
-    `post_quant_conv.*` where the config has them. `attention` is the backend every attention layer uses.
+    `post_quant_conv.*` where the config has them. `attention` is the default backend of every attention layer;
+    encode/decode take another per call (`attention=`: the plan's), and the modules never store one.
     Inputs of any memory format are accepted; the model computes channels-last (memory order N, H, W, C) and
     returns channels-last tensors (same values; call `.contiguous()` for NCHW memory).
     """
@@ -35,19 +37,12 @@ class VAE(nn.Module):
         super().__init__()
         self.config = config
         self.attention = attention if attention is not None else AttentionBackend("sdpa")
-        self.encoder = Encoder(config, self.attention)
-        self.decoder = Decoder(config, self.attention)
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
         if config.quant_conv:
             self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, kernel_size=1)
         if config.post_quant_conv:
             self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, kernel_size=1)
-
-    def set_attention(self, backend: AttentionBackend) -> None:
-        """Use `backend` in every attention layer from now on (the planner picks it per job)."""
-        self.attention = backend
-        for module in self.modules():
-            if hasattr(module, "attention_backend"):
-                module.attention_backend = backend
 
     def _check_frames(self, x: torch.Tensor, channels: int, what: str, multiple: int = 1) -> None:
         if x.ndim != 4 or x.shape[1] != channels:
@@ -68,42 +63,46 @@ class VAE(nn.Module):
         return frames, num_frames
 
     def moments(self, x: torch.Tensor, frame_batch: int | None = None, pieces: Pieces | None = None,
-                sample_tiles: bool = False) -> torch.Tensor:
+                sample_tiles: bool = False, attention: AttentionBackend | None = None) -> torch.Tensor:
         """Frames (T, 3, H, W) in [-1, 1] -> the posterior's moments (T, 2C, H/8, W/8): mean, then log-variance.
 
         frame_batch: encode this many frames at a time into one output (same result, lower peak memory).
-        pieces: run the encoder layer by layer in exact spatial tiles (`vaecli.model.streaming`): the same
+        pieces: run the encoder layer by layer in exact spatial tiles (`vaecli.model.svd.streaming`): the same
             moments within rounding, for frames too large to encode whole (x may then live on the host).
+        attention: the backend of this call (default: the model's).
         """
+        attention = attention or self.attention
         self._check_frames(x, self.config.in_channels, "frames", self.config.downscale)
         _check_frame_batch(frame_batch)
         if pieces is not None:
-            stages = self.encoder.stages()
+            stages = self.encoder.stages(attention)
             if self.config.quant_conv:
                 stages.append(Stage("conv", self.quant_conv, self.quant_conv))
             f = self.config.downscale
-            streamer = Streamer(pieces, self._device(), (x.shape[-2] // f, x.shape[-1] // f), sample_tiles=sample_tiles)
+            streamer = Streamer(pieces, self._device(), (x.shape[-2] // f, x.shape[-1] // f), sample_tiles=sample_tiles,
+                                attention=attention)
             return streamer.run(stages, x.contiguous(memory_format=torch.channels_last)).gather()
-        layers = [self.encoder] + ([self.quant_conv] if self.config.quant_conv else [])
+        layers = [partial(self.encoder, attention=attention)] + ([self.quant_conv] if self.config.quant_conv else [])
         return frame_batches(layers, x.contiguous(memory_format=torch.channels_last), frame_batch)
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
     def encode_moments(self, x: torch.Tensor, frame_batch: int | None = None,
-                       pieces: Pieces | None = None) -> DiagonalGaussian:
+                       pieces: Pieces | None = None, attention: AttentionBackend | None = None) -> DiagonalGaussian:
         """Frames (T, 3, H, W) in [-1, 1] -> the posterior over latents (T, C, H/8, W/8)."""
-        return DiagonalGaussian(self.moments(x, frame_batch, pieces))
+        return DiagonalGaussian(self.moments(x, frame_batch, pieces, attention=attention))
 
     def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
-               frame_batch: int | None = None, pieces: Pieces | None = None) -> torch.Tensor:
+               frame_batch: int | None = None, pieces: Pieces | None = None,
+               attention: AttentionBackend | None = None) -> torch.Tensor:
         """Frames (T, 3, H, W) in [-1, 1] -> unscaled latents (T, C, H/8, W/8): the posterior mode, or a sample."""
-        posterior = self.encode_moments(x, frame_batch, pieces)
+        posterior = self.encode_moments(x, frame_batch, pieces, attention)
         return posterior.sample(generator) if sample else posterior.mode()
 
     def decode(self, z: torch.Tensor, num_frames: int | None = None, *, per_frame: bool = False,
                image_only: torch.Tensor | None = None, frame_batch: int | None = None,
-               pieces: Pieces | None = None) -> torch.Tensor:
+               pieces: Pieces | None = None, attention: AttentionBackend | None = None) -> torch.Tensor:
         """Unscaled latents (T, C, h, w) -> frames (T, 3, 8h, 8w), ≈[-1, 1].
 
         num_frames: consecutive groups of this many frames are decoded as independent clips (temporal convs
@@ -113,11 +112,13 @@ class VAE(nn.Module):
         frame_batch: run the 2D layers this many frames at a time (same result, lower peak memory; see `Clips`).
         pieces: run the decoder layer by layer over frame chunks and/or spatial tiles (`decode_stream`): the same
             frames within rounding, in a fraction of the memory.
+        attention: the backend of this call (default: the model's).
         An image VAE (time_mode "image") always decodes frame by frame.
         """
+        attention = attention or self.attention
         if pieces is not None:
             parts = [x for _, x in self.decode_stream(z, pieces, num_frames, per_frame=per_frame,
-                                                      image_only=image_only)]
+                                                      image_only=image_only, attention=attention)]
             return torch.cat(parts).contiguous(memory_format=torch.channels_last)
         frames, num_frames = self._check_latents(z, num_frames, image_only)
         _check_frame_batch(frame_batch)
@@ -125,14 +126,15 @@ class VAE(nn.Module):
         if self.config.post_quant_conv:
             z = self.post_quant_conv(z)
         if not self.config.is_video or per_frame:
-            return self.decoder(z, Clips(num_frames, skip_video=True, frame_batch=frame_batch))
-        return self.decoder(z, Clips(num_frames, image_only=image_only, frame_batch=frame_batch))
+            return self.decoder(z, Clips(num_frames, skip_video=True, frame_batch=frame_batch, attention=attention))
+        return self.decoder(z, Clips(num_frames, image_only=image_only, frame_batch=frame_batch, attention=attention))
 
     def decode_stream(self, z: torch.Tensor, pieces: Pieces, num_frames: int | None = None, *,
                       per_frame: bool = False, image_only: torch.Tensor | None = None, check_finite: bool = False,
                       out_chunk: int | None = None, sample_tiles: bool = False,
-                      phase: Callable[[str], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-        """Decode exactly like `decode`, layer by layer over `pieces` (`vaecli.model.streaming`); yields
+                      phase: Callable[[str], None] | None = None,
+                      attention: AttentionBackend | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Decode exactly like `decode`, layer by layer over `pieces` (`vaecli.model.svd.streaming`); yields
         (first frame, frames (n, 3, 8h, 8w)) in order, `out_chunk` frames at a time (default: pieces.frames).
 
         z may live on the host (with pieces.park the clip's activations stay there too). check_finite: raise
@@ -141,10 +143,12 @@ class VAE(nn.Module):
         """
         frames, num_frames = self._check_latents(z, num_frames, image_only)
         skip = not self.config.is_video or per_frame
-        stages = self.decoder.stages(Clips(num_frames, skip_video=skip))
+        attention = attention or self.attention
+        stages = self.decoder.stages(Clips(num_frames, skip_video=skip, attention=attention))
         if self.config.post_quant_conv:
             stages.insert(0, Stage("conv", self.post_quant_conv, self.post_quant_conv))
-        streamer = Streamer(pieces, self._device(), (z.shape[-2], z.shape[-1]), check_finite, sample_tiles, phase)
+        streamer = Streamer(pieces, self._device(), (z.shape[-2], z.shape[-1]), check_finite, sample_tiles, phase,
+                            attention)
         for start in range(0, frames, num_frames):
             flags = None if image_only is None else image_only[start:start + num_frames]
             store = streamer.run(stages, z[start:start + num_frames].contiguous(memory_format=torch.channels_last),

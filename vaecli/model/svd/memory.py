@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vaecli.model.blocks import Clips, Stage, stage_groups
-from vaecli.model.streaming import Pieces, Streamer, grown, spans
+from vaecli.model.svd.blocks import Clips, Stage, stage_groups
+from vaecli.model.svd.streaming import Pieces, Streamer, grown, spans
 
 Shape = tuple[int, int, int, int]  # (frames, channels, height, width)
 
@@ -287,7 +287,7 @@ class Model:
         config = self.config
         shape: Shape = (frames, config.in_channels, height, width)
         x = self._latents_copy(L, shape) or Buf(L, 0)
-        stages = self.vae.encoder.stages()
+        stages = self.vae.encoder.stages(self.vae.attention)
         if config.quant_conv:
             stages.append(Stage("conv", self.vae.quant_conv, None))
         _, shape = self.chain(L, stages, x, shape, keep_input=True)
@@ -715,7 +715,7 @@ class _Stream:
                 stages.insert(0, Stage("conv", m.vae.post_quant_conv, None))
         else:
             shape = (self.frames, config.in_channels, self.h, self.w)
-            stages = m.vae.encoder.stages()
+            stages = m.vae.encoder.stages(m.vae.attention)
             if config.quant_conv:
                 stages.append(Stage("conv", m.vae.quant_conv, None))
         if self.kind == "decode":  # the latents' size once more, for the whole run: the trace measures up to that

@@ -7,8 +7,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from vaecli.model.blocks import AttnBlock, Downsample, ResnetBlock, Stage
-from vaecli.model.config import VAEConfig
+from vaecli.model.posterior import DiagonalGaussian  # noqa: F401 - the posterior of this encoder
+from vaecli.model.svd.blocks import AttnBlock, Downsample, ResnetBlock, Stage
+from vaecli.model.svd.config import VAEConfig
 from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.norm import norm_silu, spatial_norm
 
@@ -16,12 +17,11 @@ from vaecli.ops.norm import norm_silu, spatial_norm
 class EncoderLevel(nn.Module):
     """One resolution level: `block` (ResnetBlocks), `attn` (after each block, if any), `downsample` (not last)."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, with_attn: bool, downsample: bool,
-                 attention: AttentionBackend):
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, with_attn: bool, downsample: bool):
         super().__init__()
         channels = [in_channels] + [out_channels] * num_blocks
         self.block = nn.ModuleList(ResnetBlock(channels[j], channels[j + 1]) for j in range(num_blocks))
-        self.attn = nn.ModuleList(AttnBlock(out_channels, attention) for _ in range(num_blocks if with_attn else 0))
+        self.attn = nn.ModuleList(AttnBlock(out_channels) for _ in range(num_blocks if with_attn else 0))
         if downsample:
             self.downsample = Downsample(out_channels)
 
@@ -35,8 +35,6 @@ class MidBlock(nn.Module):
         self.attn_1 = attn_1
         self.block_2 = block_2
 
-    def forward(self, x: torch.Tensor, clips=None) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x, clips), clips), clips)
 
 
 class Encoder(nn.Module):
@@ -46,61 +44,40 @@ class Encoder(nn.Module):
     mid (ResnetBlock, AttnBlock, ResnetBlock) -> GroupNorm -> SiLU -> conv_out. Each frame is independent.
     """
 
-    def __init__(self, config: VAEConfig, attention: AttentionBackend):
+    def __init__(self, config: VAEConfig):
         super().__init__()
         widths = [config.ch * m for m in config.ch_mult]
         levels = len(widths)
         self.conv_in = nn.Conv2d(config.in_channels, config.ch, kernel_size=3, padding=1)
         in_widths = [config.ch] + widths[:-1]
         self.down = nn.ModuleList(
-            EncoderLevel(in_widths[i], widths[i], config.num_res_blocks, i in config.attn_levels, i != levels - 1,
-                         attention)
+            EncoderLevel(in_widths[i], widths[i], config.num_res_blocks, i in config.attn_levels, i != levels - 1)
             for i in range(levels)
         )
         top = widths[-1]
-        self.mid = MidBlock(ResnetBlock(top, top), AttnBlock(top, attention), ResnetBlock(top, top))
+        self.mid = MidBlock(ResnetBlock(top, top), AttnBlock(top), ResnetBlock(top, top))
         self.norm_out = spatial_norm(top)
         self.conv_out = nn.Conv2d(top, 2 * config.z_channels, kernel_size=3, padding=1)
 
-    def stages(self) -> list[Stage]:
-        """The encoder as a flat list of per-frame stages (see `Stage`); their `fn`s in order are the forward pass."""
+    def stages(self, attention: AttentionBackend) -> list[Stage]:
+        """The encoder as a flat list of per-frame stages (see `Stage`); their `fn`s in order are the forward pass,
+        every attention layer computed by `attention`."""
         out = [Stage("conv", self.conv_in, self.conv_in)]
         for level in self.down:
             for j, block in enumerate(level.block):
                 out.append(Stage("resnet", block, block))
                 if len(level.attn):
-                    out.append(Stage("attn", level.attn[j], level.attn[j]))
+                    out.append(Stage("attn", level.attn[j], partial(level.attn[j], attention=attention)))
             if hasattr(level, "downsample"):
                 out.append(Stage("downsample", level.downsample, level.downsample))
-        out += [Stage("resnet", self.mid.block_1, self.mid.block_1), Stage("attn", self.mid.attn_1, self.mid.attn_1),
+        out += [Stage("resnet", self.mid.block_1, self.mid.block_1), Stage("attn", self.mid.attn_1, partial(self.mid.attn_1, attention=attention)),
                 Stage("resnet", self.mid.block_2, self.mid.block_2),
                 Stage("norm_silu", self.norm_out, partial(norm_silu, self.norm_out)),
                 Stage("conv", self.conv_out, self.conv_out)]
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
         h = x
-        for stage in self.stages():
+        for stage in self.stages(attention):
             h = stage.fn(h)
         return h
-
-
-class DiagonalGaussian:
-    """The KL posterior: moments (N, 2C, h, w) split into mean and log-variance (clamped to [-30, 20])."""
-
-    def __init__(self, moments: torch.Tensor):
-        self.mean, logvar = torch.chunk(moments, 2, dim=1)
-        self.logvar = torch.clamp(logvar, -30.0, 20.0)
-
-    @property
-    def std(self) -> torch.Tensor:
-        return torch.exp(0.5 * self.logvar)
-
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """mean + std·ε, ε ~ N(0, 1) drawn from `generator` (on the generator's device, then moved)."""
-        gen_device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=gen_device, dtype=torch.float32)
-        return self.mean + self.std * noise.to(device=self.mean.device, dtype=self.mean.dtype)

@@ -17,10 +17,10 @@ from functools import partial
 import torch
 from torch import nn
 
-from vaecli.model.blocks import AttnBlock, Clips, ResnetBlock, Stage, Upsample, frame_batches, stage_groups
-from vaecli.model.config import VAEConfig
-from vaecli.model.encoder import MidBlock
-from vaecli.model.temporal import AE3DConv, VideoBlock, VideoResBlock
+from vaecli.model.svd.blocks import AttnBlock, Clips, ResnetBlock, Stage, Upsample, frame_batches, stage_groups
+from vaecli.model.svd.config import VAEConfig
+from vaecli.model.svd.encoder import MidBlock
+from vaecli.model.svd.temporal import AE3DConv, VideoBlock, VideoResBlock
 from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.norm import norm_silu, spatial_norm
 
@@ -43,7 +43,7 @@ class Decoder(nn.Module):
     -> conv_out. Temporal layers see N as clips of `clips.num_frames` frames (see `Clips`).
     """
 
-    def __init__(self, config: VAEConfig, attention: AttentionBackend):
+    def __init__(self, config: VAEConfig):
         super().__init__()
         self.time_mode = config.time_mode
         mode = config.time_mode
@@ -58,8 +58,8 @@ class Decoder(nn.Module):
 
         def attn(channels: int) -> nn.Module:
             if temporal_attn:
-                return VideoBlock(channels, attention, config.merge_strategy, config.alpha)
-            return AttnBlock(channels, attention)
+                return VideoBlock(channels, config.merge_strategy, config.alpha)
+            return AttnBlock(channels)
 
         widths = [config.ch * m for m in config.ch_mult]
         levels = len(widths)
@@ -82,11 +82,11 @@ class Decoder(nn.Module):
         else:
             self.conv_out = nn.Conv2d(cin, config.out_channels, kernel_size=3, padding=1)
 
-    def stages(self, clips: Clips | None) -> list[Stage]:
+    def stages(self, clips: Clips) -> list[Stage]:
         """The decoder as a flat list of stages. Per-frame stages treat every frame alone (2D layers), the others
         mix the frames of a clip (temporal layers). Running their `fn`s in order is the forward pass; the streaming
-        executor (`vaecli.model.streaming`) runs the same layers piece by piece from `kind` and `layer`."""
-        temporal = clips is not None and not clips.skip_video
+        executor (`vaecli.model.svd.streaming`) runs the same layers piece by piece from `kind` and `layer`."""
+        temporal = not clips.skip_video
         out: list[Stage] = [Stage("conv", self.conv_in, self.conv_in)]
 
         def add(layer: nn.Module) -> None:
@@ -101,7 +101,7 @@ class Decoder(nn.Module):
             elif isinstance(layer, VideoBlock) and temporal:
                 out.append(Stage("video_attn", layer, partial(layer, clips=clips)))
             elif isinstance(layer, AttnBlock):  # also a VideoBlock without clips (its AttnBlock part)
-                out.append(Stage("attn", layer, partial(AttnBlock.forward, layer)))
+                out.append(Stage("attn", layer, partial(AttnBlock.forward, layer, attention=clips.attention)))
             elif isinstance(layer, ResnetBlock):
                 out.append(Stage("resnet", layer, layer))
             elif isinstance(layer, Upsample):
@@ -122,13 +122,13 @@ class Decoder(nn.Module):
         add(self.conv_out)
         return out
 
-    def forward(self, z: torch.Tensor, clips: Clips | None = None) -> torch.Tensor:
-        """z: (N, z_channels, h, w), clip-major. `clips=None` (or skip_video) decodes every frame alone, 2D only.
+    def forward(self, z: torch.Tensor, clips: Clips) -> torch.Tensor:
+        """z: (N, z_channels, h, w), clip-major. `clips.skip_video` decodes every frame alone, 2D only.
 
         Consecutive per-frame stages run together, `clips.frame_batch` frames at a time when set."""
-        if clips is not None and z.shape[0] % clips.num_frames:
+        if z.shape[0] % clips.num_frames:
             raise ValueError(f"{z.shape[0]} frames do not split into clips of {clips.num_frames}")
-        batch = clips.frame_batch if clips is not None else None
+        batch = clips.frame_batch
         h = z
         for run, stage in stage_groups(self.stages(clips)):
             h = frame_batches([s.fn for s in run], h, batch)
