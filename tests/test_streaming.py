@@ -174,14 +174,14 @@ def test_oom_while_streaming_recovers_with_smaller_pieces(tmp_path, monkeypatch)
     real_stream = VAE.decode_stream
 
     def one_clip_fails(self, z, *a, **kw):
-        if z.device.type != "meta" and kw.get("pieces") is None:
+        if isinstance(z, torch.Tensor) and kw.get("pieces") is None:  # not the planner's counting runs
             raise torch.OutOfMemoryError("CUDA out of memory (injected, one clip)")
         return real_decode(self, z, *a, **kw)
 
     streamed = []
 
     def first_stream_fails(self, z, pieces, *a, **kw):
-        if z.device.type != "meta":
+        if isinstance(z, torch.Tensor):
             streamed.append(pieces)
             if len(streamed) == 1:
                 raise torch.OutOfMemoryError("CUDA out of memory (injected, streamed)")

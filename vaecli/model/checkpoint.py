@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from vaecli._version import __version__
 from vaecli.errors import CheckpointError, InputError, UsageError, printable
-from vaecli.model.family import Checkpoint, Codec, detect, family_named
+from vaecli.model.family import Checkpoint, Codec, detect
 from vaecli.ops.attention import AttentionBackend, resolve_attention
 from vaecli.ops.device import parse_device, parse_dtype
 from vaecli.ops.files import atomic_output

@@ -83,12 +83,6 @@ def batches(frames: Iterator[tuple[int, np.ndarray]], size: int) -> Iterator[lis
 
 
 def frame_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
-    """N(0, 1) noise for one frame, from (seed, source frame index): the same whatever the batch size or device."""
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
-    return torch.randn(shape, generator=gen)
-
-
-def frame_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
     """N(0, 1) noise for one latent frame, from (seed, the index of its first source frame): the same whatever the
     batch size or device."""
     gen = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))

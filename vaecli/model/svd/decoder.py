@@ -21,7 +21,6 @@ from vaecli.model.svd.blocks import AttnBlock, Clips, ResnetBlock, Stage, Upsamp
 from vaecli.model.svd.config import VAEConfig
 from vaecli.model.svd.encoder import MidBlock
 from vaecli.model.svd.temporal import AE3DConv, VideoBlock, VideoResBlock
-from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.norm import norm_silu, spatial_norm
 
 

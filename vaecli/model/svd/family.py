@@ -71,7 +71,8 @@ class SVDCodec(Codec):
     def estimator(self) -> planning.Estimator:
         """The cost model of this config and dtype (memoised: OOM retries and later files reuse its prices)."""
         if self._estimator is None:
-            self._estimator = planning.Estimator(self.config, self.dtype, device_type=self.device.type)
+            device_type = "cpu" if self.device.type == "meta" else self.device.type
+            self._estimator = planning.Estimator(self.config, self.dtype, device_type=device_type, vae=self.vae)
         return self._estimator
 
     def plan_decode(self, frames: int, latent_hw: tuple[int, int], budget: Budget, *, attention: str = "auto",

@@ -21,7 +21,6 @@ Encode plans a batch size, and exact tiles (parked where needed) for frames too 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 
@@ -49,149 +48,114 @@ WINDOWS_ERROR = "cross-faded windows differ from the one-clip decode: ~33 dB PSN
 
 
 
-# split and sub-quadratic attention bound their scratch by their budget by construction: they are priced as sdpa's
-# trace plus that budget (no trace of their own)
-CHUNKED_BACKENDS = ("split", "sub-quadratic")
-SDPA = AttentionBackend("sdpa")
-
-
 class Estimator:
-    """Activation peaks of one model config at one dtype, memoised per (stage, backend, size).
+    """Activation peaks of one model config at one dtype on one device type, memoised per (stage, backend, size,
+    cut), through the device's `CostModel`.
 
-    Computed from shapes (`vaecli.model.svd.memory`, microseconds) where that model covers the config and backend,
-    else traced on the meta device (`traced=True` traces always: the tests' oracle)."""
+    Counted (`vaecli.model.svd.memory`: the real code paths run under counting execution, milliseconds a
+    candidate), for every time mode and attention backend. `traced=True` traces on the meta device instead (the
+    tests' independent oracle; parked streams cannot be traced: the meta device holds no host copies)."""
 
     def __init__(self, config: VAEConfig, dtype: torch.dtype, cost: CostModel | None = None,
-                 device_type: str = "cpu", traced: bool = False):
+                 device_type: str = "cpu", traced: bool = False, vae: VAE | None = None):
+        """vae: the loaded model to count with (its weights are only read for their shapes; default: one built
+        on the meta device). The attention backend is an argument of every call, so one model serves all."""
         cost = cost or COST_MODELS.get(device_type, COST_MODELS["cpu"])
         self.config, self.dtype, self.cost = config, dtype, cost
+        self.device = torch.device(device_type)
         self.traced = traced
-        self._models: dict[str, VAE] = {}
-        self._lines: dict[tuple, dict[tuple[int, int], tuple[int, int]]] = {}
-        self._exact: dict[tuple, int] = {}
-
-    def _computed(self, backend: AttentionBackend) -> memory.Model | None:
-        """The shape-only memory model for this backend, or None where the planner must trace."""
-        if self.traced or not memory.supported(self.config, backend.name):
-            return None
-        return memory.Model(self._model(backend), self.dtype)
+        self._vae = None if traced else vae
+        self._peaks: dict[tuple, object] = {}
 
     @staticmethod
     def _key(backend: AttentionBackend) -> tuple:
         """Only the chunked backends' memory depends on their budget."""
-        return (backend.name, backend.budget if backend.name in CHUNKED_BACKENDS else None)
+        return (backend.name, backend.budget if backend.name in ("split", "sub-quadratic") else None)
 
     def _model(self, backend: AttentionBackend) -> VAE:
-        key = self._key(backend)
-        if key not in self._models:
+        """The model to run (under counting, or traced on the meta device); the backend is passed per call."""
+        if self._vae is None:
             with torch.device("meta"):
-                self._models[key] = VAE(self.config, backend).to(self.dtype).eval()
-        return self._models[key]
+                self._vae = VAE(self.config, backend).to(self.dtype).eval()
+        return self._vae
 
-    def _traced(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int) -> int:
+    def _memo(self, key: tuple, compute):
+        if key not in self._peaks:
+            self._peaks[key] = compute()
+        return self._peaks[key]
+
+    def _one_call(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int,
+                  frame_batch: int | None) -> int:
         vae = self._model(backend)
+        kw = dict(dtype=self.dtype, device=self.device, attention=backend)
+        if self.traced:
+            shape = (frames, self.config.latent_channels if stage == "decode" else self.config.in_channels, h, w)
+            x = torch.empty(shape, device="meta", dtype=self.dtype)
+            if stage == "decode":
+                return traced_peak_bytes(lambda: vae.decode(x, frame_batch=frame_batch, attention=backend))
+            return traced_peak_bytes(lambda: vae.encode(x, attention=backend))
         if stage == "decode":
-            z = torch.empty(frames, self.config.latent_channels, h, w, device="meta", dtype=self.dtype)
-            return traced_peak_bytes(lambda: vae.decode(z))
-        x = torch.empty(frames, self.config.in_channels, h, w, device="meta", dtype=self.dtype)
-        return traced_peak_bytes(lambda: vae.encode(x))
+            return memory.decode_peak(vae, frames, h, w, frame_batch=frame_batch, **kw)
+        return memory.encode_peak(vae, frames, h, w, **kw).peak["device"]
 
     def activations(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int) -> int:
-        """Predicted activation bytes of one call on `frames` frames, through the cost model.
-
-        Computed from shapes where `vaecli.model.svd.memory` covers the config and backend (exact for any frame count).
-        Else traced: from two frames on the traced peak is exactly linear in frames, so traces of 2 and 3 give the
-        line; a single frame lies below it. h, w: latent size for decode, pixel size for encode. For a traced
-        decode with a backend whose memory is linear in the token count (all but math), every activation is
-        C·h·w·4^level per frame, so a size not traced yet is scaled by area from one that was. split and
-        sub-quadratic are priced as sdpa plus their scratch budget.
-        """
-        if backend.name in CHUNKED_BACKENDS:
-            return self.activations(stage, SDPA, frames, h, w) + backend.budget
-        computed = self._computed(backend)
-        if computed is not None:
-            key = ("computed", stage, *self._key(backend), frames, h, w)
-            if key not in self._exact:
-                self._exact[key] = computed.decode(frames, h, w) if stage == "decode" else computed.encode(frames, h, w)
-            return self.cost.predict(self._exact[key])
-        lines = self._lines.setdefault((stage, *self._key(backend)), {})
-        if (h, w) not in lines:
-            if stage == "decode" and backend.name != "math" and lines:
-                (h0, w0), (base, per_frame) = next(iter(lines.items()))
-                ratio = (h * w) / (h0 * w0)
-                lines[(h, w)] = (int(base * ratio), int(per_frame * ratio))
-            else:
-                two, three = self._traced(stage, backend, 2, h, w), self._traced(stage, backend, 3, h, w)
-                lines[(h, w)] = (2 * two - three, three - two)
-        base, per_frame = lines[(h, w)]
-        return self.cost.predict(base + per_frame * (frames - 1))
+        """Predicted activation bytes of one call on `frames` frames (all at once). h, w: latent size for decode,
+        pixel size for encode."""
+        key = ("call", stage, *self._key(backend), frames, h, w)
+        return self.cost.predict(self._memo(key, lambda: self._one_call(stage, backend, frames, h, w, None)))
 
     def exact(self, backend: AttentionBackend, frames: int, h: int, w: int, frame_batch: int) -> int:
-        """Predicted decode activations of `frames` latent frames with the 2D layers `frame_batch` frames at a time,
-        never above `activations(...)` (all frames at once), which bounds it.
+        """Predicted decode activations of `frames` latent frames with the 2D layers `frame_batch` frames at a time."""
+        key = ("batched", *self._key(backend), frames, h, w, frame_batch)
+        return self.cost.predict(self._memo(key, lambda: self._one_call("decode", backend, frames, h, w,
+                                                                        frame_batch)))
 
-        Computed from shapes where covered. Else traced at 2 and 3 batches and extrapolated along whole batches;
-        that line is not exact (the peak is not linear in batches: for the bundled model at 34x80 latents, 16
-        frames trace 8% above the line from 8 and 12), so it can under-price configs the computed model does not
-        cover (temporal attention, math attention)."""
-        if backend.name in CHUNKED_BACKENDS:
-            return self.exact(SDPA, frames, h, w, frame_batch) + backend.budget
-        computed = self._computed(backend)
-        if computed is not None:
-            return min(self.cost.predict(computed.decode(frames, h, w, frame_batch)),
-                       self.activations("decode", backend, frames, h, w))
-        key = ("exact", *self._key(backend), h, w, frame_batch)
-        if key not in self._exact:
+    def stream_ledger(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int, pieces: Pieces):
+        """Peaks of a streamed decode of `frames` latent frames (h, w) — or, for encode, of `frames` frames of
+        (h, w) pixels — with `pieces`: {"": device peak, "2d", "temporal", "out": per phase, "host": host peak}.
+        The run visits one representative piece per loop (`Streamer.sample_tiles`), so its cost hardly grows with
+        the frame count."""
+        def compute() -> dict[str, int]:
             vae = self._model(backend)
+            kw = dict(dtype=self.dtype, device=self.device, attention=backend)
+            if self.traced:
+                return self._traced_stream(vae, stage, frames, h, w, pieces, backend)
+            ledger = (memory.stream_peaks(vae, frames, h, w, pieces, **kw) if stage == "decode"
+                      else memory.encode_peak(vae, frames, h, w, pieces=pieces, **kw))
+            return {"": ledger.peak["device"], "host": ledger.peak["host"], **ledger.phases}
+        return self._memo(("stream", stage, *self._key(backend), frames, h, w, pieces), compute)
 
-            def trace(n: int) -> int:
-                z = torch.empty(n, self.config.latent_channels, h, w, device="meta", dtype=self.dtype)
-                return traced_peak_bytes(lambda: vae.decode(z, frame_batch=frame_batch))
+    def _traced_stream(self, vae: VAE, stage: str, frames: int, h: int, w: int, pieces: Pieces,
+                       backend: AttentionBackend) -> dict[str, int]:
+        shape = (frames, self.config.latent_channels if stage == "decode" else self.config.in_channels, h, w)
+        x = torch.empty(shape, device="meta", dtype=self.dtype)
 
-            two, three = trace(2 * frame_batch), trace(3 * frame_batch)
-            self._exact[key] = (two, (three - two) / frame_batch)
-        two, per_frame = self._exact[key]
-        batched = two + per_frame * (-(-frames // frame_batch) * frame_batch - 2 * frame_batch)
-        if frames <= 2 * frame_batch:
-            batched = two
-        return min(self.cost.predict(int(batched)), self.activations("decode", backend, frames, h, w))
+        def run(set_phase):
+            if stage == "encode":
+                return vae.moments(x, pieces=pieces, sample_tiles=True, attention=backend)
+            for _ in vae.decode_stream(x, pieces, sample_tiles=True, phase=set_phase, attention=backend):
+                set_phase("out")
+        return {**traced_peaks(run), "host": 0}
 
     def stream(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int, pieces: Pieces,
                phase: str = "") -> int:
-        """Predicted device bytes of a streamed decode of `frames` latent frames (h, w) — or, for encode, of
-        `frames` frames of (h, w) pixels — with `pieces`: what a sampled meta trace of the executor measures (one
-        piece per loop, see `Streamer`), computed (`vaecli.model.svd.memory`) or traced, through the cost model.
-        Parked clips are not on the device, so not counted.
-        phase: "2d" or "temporal" gives the peak while those stages run (decode): the first depends only on the 2D
-        cut, the second only on the temporal cut, so one pricing covers both."""
-        if backend.name in CHUNKED_BACKENDS:
-            return self.stream(stage, SDPA, frames, h, w, pieces, phase) + backend.budget
-        key = ("stream", stage, *self._key(backend), frames, h, w, pieces)
-        computed = self._computed(backend)
-        if key not in self._exact and computed is not None:
-            self._exact[key] = computed.stream(stage, frames, h, w, pieces)
-        if key not in self._exact:
-            vae = self._model(backend)
-            if stage == "decode":
-                z = torch.empty(frames, self.config.latent_channels, h, w, device="meta", dtype=self.dtype)
-
-                def run(set_phase):
-                    for _ in vae.decode_stream(z, pieces, sample_tiles=True, phase=set_phase):
-                        set_phase("out")
-            else:
-                x = torch.empty(frames, self.config.in_channels, h, w, device="meta", dtype=self.dtype)
-
-                def run(set_phase):
-                    return vae.moments(x, pieces=pieces, sample_tiles=True)
-            self._exact[key] = traced_peaks(run)
-        peaks = self._exact[key]
+        """Predicted device bytes of a streamed run with `pieces` (see `stream_ledger`), through the cost model;
+        parked clips are on the host, not counted here. phase "2d" or "temporal": the peak while those stages run
+        (decode; with the hand-out phase): the first depends only on the 2D cut, the second only on the temporal
+        cut, so one pricing covers both."""
+        peaks = self.stream_ledger(stage, backend, frames, h, w, pieces)
         if phase:
             return self.cost.predict(max(peaks.get(phase, 0), peaks.get("out", 0)))
         return self.cost.predict(peaks[""])
 
+    def host(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int, pieces: Pieces) -> int:
+        """Host bytes a parked streamed run holds at its peak (counted)."""
+        return self.stream_ledger(stage, backend, frames, h, w, pieces)["host"]
+
     def clip_store(self, stage: str, frames: int, h: int, w: int) -> int:
-        """Bytes of the largest activation the streaming executor keeps for the whole clip (what parking puts in
-        host memory), with one more chunk's worth while a layer writes its output: (T+1)·max_level(C·H·W)."""
+        """A lower bound used to prune candidates before counting them: the largest activation of the model for
+        `frames` frames, with one more frame's worth ((T+1)·max_level(C·H·W)) — any plan that keeps the clip
+        between layers holds at least that; plans report what counting finds."""
         widths = [self.config.ch * m for m in self.config.ch_mult]
         levels = len(widths)
         if stage == "decode":  # level i is 2^(L-1-i) times the latent size
@@ -201,8 +165,7 @@ class Estimator:
         return (frames + 1) * largest * (torch.finfo(self.dtype).bits // 8)
 
     def weights(self) -> int:
-        with torch.device("meta"):
-            vae = VAE(self.config)
+        vae = self._vae if self._vae is not None else self._model(AttentionBackend("sdpa"))
         return sum(t.numel() for t in vae.state_dict().values()) * (torch.finfo(self.dtype).bits // 8)
 
 
@@ -297,8 +260,18 @@ def stream_pieces(est: Estimator, backend: AttentionBackend, frames: int, h: int
         ok_2d, ok_time = fits(spatial[s_mid], temporal[t_mid])
         s_lo, s_hi = (s_lo, s_mid) if ok_2d else (s_mid + 1, s_hi)
         t_lo, t_hi = (t_lo, t_mid) if ok_time else (t_mid + 1, t_hi)
-    pieces = Pieces(spatial[s_lo][0], spatial[s_lo][1], temporal[t_lo][0], temporal[t_lo][1], park, spatial[s_lo][2])
-    return pieces, cost(pieces)
+    while True:  # the phases guided the search; the cut's overall peak must fit too (else the next smaller cut)
+        pieces = Pieces(spatial[s_lo][0], spatial[s_lo][1], temporal[t_lo][0], temporal[t_lo][1], park,
+                        spatial[s_lo][2])
+        total = cost(pieces)
+        if total <= budget:
+            return pieces, total
+        if t_lo + 1 < len(temporal):
+            t_lo += 1
+        elif s_lo + 1 < len(spatial):
+            s_lo += 1
+        else:
+            return None
 
 
 def plan_decode(config: VAEConfig, frames: int, latent_hw: tuple[int, int], *, device: torch.device,
@@ -358,6 +331,8 @@ def plan_decode(config: VAEConfig, frames: int, latent_hw: tuple[int, int], *, d
                 found = stream_pieces(est, backend, c, h, w, budget, park, out, tile_side)
                 if found:
                     pieces, act = found
+                    if park:  # what the run holds on the host, counted (the bound above only pruned)
+                        host = est.host("decode", backend, c, h, w, pieces)
                     why = ("streamed exactly, forced by --tile" if forced else
                            f"one clip of {c} frames does not fit; streamed exactly, layer by layer")
                     where = (f"clip parked in host memory ({format_bytes(host)})" if park
@@ -454,6 +429,7 @@ def plan_encode(config: VAEConfig, frames: int, size_hw: tuple[int, int], *, dev
             if i is not None:
                 pieces = Pieces(1, sides[i], park=park)
                 act = est.stream("encode", backend, 1, height, width, pieces) + frame_in
+                host = est.host("encode", backend, 1, height, width, pieces) if park else 0
                 return make(backend, "stream", 1, act,
                             [f"one {width}x{height} frame does not fit whole; encoded exactly in tiles of {sides[i]} "
                              "latent px" + (", parked in host memory" if park else ""), f"attention {backend.name}"],

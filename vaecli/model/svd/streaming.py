@@ -100,8 +100,7 @@ class FrameStore:
     """The activation of a clip between two stages: `count` frames, each `(1, C, H, W)` channels-last.
 
     Frames live on `device`, or in host memory when `park` (pinned for CUDA). Frames written together are kept
-    as one tensor (`blocks`), so reading them back whole is a view. On the meta device a parked store keeps only
-    shapes (a trace then counts what the device holds, not the host).
+    as one tensor (`blocks`), so reading them back whole is a view.
     """
 
     def __init__(self, count: int, device: torch.device, park: bool = False):
@@ -110,19 +109,13 @@ class FrameStore:
         self.park = park  # on a CPU device parked frames are separate host copies (the planner never asks for it)
         self.frames: list[torch.Tensor | None] = [None] * count
         self._block_of: list[tuple[int, torch.Tensor] | None] = [None] * count
-        self._shapes: list[tuple | None] = [None] * count  # parked stores on meta: shapes only
-
-    @property
-    def _shadow(self) -> bool:
-        return self.park and self.device.type == "meta"
 
     def __len__(self) -> int:
         return self.count
 
     def shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the stored frames."""
-        first = self._shapes[0] if self._shadow else self.frames[0].shape[1:]
-        return tuple(first[-3:])
+        return tuple(self.frames[0].shape[-3:])
 
     def dtype(self) -> torch.dtype:
         return self._dtype
@@ -131,11 +124,6 @@ class FrameStore:
         """Store frames [start, start + n) from `block` (n, C, H, W) (any device; copied to the store's place)."""
         n = block.shape[0]
         self._dtype = block.dtype
-        if self._shadow:
-            for i in range(n):
-                self._shapes[start + i] = tuple(block.shape[1:])
-                self.frames[start + i] = None
-            return
         if self.park:
             block = self._host_empty(tuple(block.shape), block.dtype).copy_(block)
         else:
@@ -148,9 +136,6 @@ class FrameStore:
         """Empty frames of (C, H, W), one tensor per frame, to be filled region by region with `write`."""
         self._dtype = dtype
         for i in range(self.count):
-            if self._shadow:
-                self._shapes[i] = (channels, height, width)
-                continue
             if self.park:
                 frame = self._host_empty((1, channels, height, width), dtype)
             else:
@@ -164,18 +149,11 @@ class FrameStore:
         host = torch.empty((n, h, w, c), dtype=dtype, pin_memory=self.device.type == "cuda")
         return host.permute(0, 3, 1, 2)
 
-    def _region(self, start: int, end: int, rows: slice, cols: slice) -> torch.Tensor:
-        """An empty tensor of the shape `read` returns (for traces, which compute shapes only)."""
-        c, h, w = self._shapes[start] if self._shadow else self.frames[start].shape[1:]
-        return torch.empty((end - start, c, len(range(h)[rows]), len(range(w)[cols])), dtype=self._dtype,
-                           device=self.device, memory_format=CL)
-
     def subset(self, start: int, end: int) -> "FrameStore":
         """A store of frames [start, end) sharing this store's tensors."""
         sub = FrameStore(end - start, self.device, self.park)
         sub.frames = self.frames[start:end]
         sub._block_of = [None] * (end - start)
-        sub._shapes = self._shapes[start:end]
         sub._dtype = self._dtype
         return sub
 
@@ -185,7 +163,6 @@ class FrameStore:
         for i in range(len(other)):
             self.frames[start + i] = other.frames[i]
             self._block_of[start + i] = None
-            self._shapes[start + i] = other._shapes[i]
 
     def drop(self, start: int, end: int) -> None:
         """Forget frames [start, end) (their memory goes once no other frame shares their block)."""
@@ -199,16 +176,12 @@ class FrameStore:
 
         stash: regions (rows × cols) to read instead of the stored frames' (their values before an in-place
             update)."""
-        if self._shadow:
-            return self._region(start, end, rows, cols)
         if not self.park and not (stash and any(start <= i < end for i in stash)):
             first = self._block_of[start]
             if first is not None and all(self._block_of[i] is not None and self._block_of[i][1] is first[1]
                                          for i in range(start, end)):
                 base, block = first
                 return block[start - base:end - base, :, rows, cols]  # a view: no copy
-        if self.device.type == "meta":  # a trace: the copies allocate nothing, only the result counts
-            return self._region(start, end, rows, cols)
         parts = [stash[i] if stash and i in stash else self.frames[i][:, :, rows, cols] for i in range(start, end)]
         out = torch.empty((end - start, *parts[0].shape[1:]), dtype=parts[0].dtype, device=self.device,
                           memory_format=CL)
@@ -219,13 +192,11 @@ class FrameStore:
     def holds(self, x: torch.Tensor, start: int) -> bool:
         """Whether x is a view of the stored frames from `start` on (a result computed into it is stored)."""
         frame = self.frames[start]
-        return (frame is not None and x.device == frame.device and x.device.type != "meta"
+        return (frame is not None and x.device == frame.device
                 and x.untyped_storage().data_ptr() == frame.untyped_storage().data_ptr())
 
     def write(self, start: int, block: torch.Tensor, rows: slice = slice(None), cols: slice = slice(None)) -> None:
         """Write `block` (n, C, h, w) into the region rows × cols of stored frames [start, start + n)."""
-        if self.device.type == "meta":  # a trace: copying into stored frames allocates nothing
-            return
         for j in range(block.shape[0]):
             self.frames[start + j][:, :, rows, cols].copy_(block[j:j + 1])
 
@@ -233,15 +204,11 @@ class FrameStore:
                  cols: slice = slice(None)) -> dict[int, torch.Tensor]:
         """Region rows × cols of frames [start, end) as it is before an in-place update overwrites it: from `stash`
         (regions kept earlier) or copied."""
-        if self._shadow:
-            return {}
         return {i: stash[i] if i in stash else self.frames[i][:, :, rows, cols].clone()
                 for i in range(max(0, start), min(self.count, end))}
 
     def gather(self) -> torch.Tensor:
         """All frames as one `(T, C, H, W)` tensor on the store's place (host when parked)."""
-        if self._shadow:
-            return torch.empty((self.count, *self._shapes[0]), dtype=self._dtype, device="meta")
         if not self.park:
             return self.read(0, self.count)
         return torch.cat(self.frames).contiguous(memory_format=CL)
@@ -362,11 +329,12 @@ class Streamer:
     """Runs stages over a `FrameStore` in pieces. `latent_hw`: the latent size (tiles scale from it).
 
     check_finite: raise `NonFiniteActivation` when a half-precision piece holds inf/NaN.
-    sample_tiles: for memory traces on the meta device: visit only the first (largest) tile of every tile loop,
-        and compute only the first, second-to-last and last frame chunks (the others' outputs are allocated, not
-        computed). Tiles are computed one after another into storage allocated before the loop, so the largest
-        sets the peak; across chunks the stored bytes change linearly, so the peak is at one of those chunks. A
-        trace then takes a fraction of the time; the full trace is the tests' oracle.
+    sample_tiles: for pricing (counting execution, `vaecli.model.svd.memory`, or a meta trace): visit only the
+        first tile of every tile loop and an interior one (the largest region with its halos), and compute only
+        the first two and the last two frame chunks (the others' outputs are allocated, not computed). Tiles are
+        computed one after another into storage allocated before the loop, so the largest sets the peak; across
+        chunks the stored bytes change linearly, so the peak is at the first or the last full chunk. Pricing then
+        takes a fraction of the time; full runs are the tests' check of this (`tests/test_memory_model.py`).
     """
 
     def __init__(self, pieces: Pieces, device: torch.device, latent_hw: tuple[int, int], check_finite: bool = False,
@@ -374,7 +342,7 @@ class Streamer:
                  attention: AttentionBackend | None = None):
         self.attention = attention or AttentionBackend("sdpa")  # a VideoBlock's spatial attention (the stages'
         # own attention layers carry their backend in their `fn`)
-        self.phase = phase or (lambda name: None)  # told "2d" / "temporal" as each kind of stage starts (traces)
+        self.phase = phase or (lambda name: None)  # told "2d" / "temporal" as each kind of stage starts
         self.pieces = pieces
         self.device = device
         self.latent_h = latent_hw[0]
@@ -385,9 +353,11 @@ class Streamer:
 
     def tiles(self, height: int, width: int, tile: int | None) -> list[tuple[slice, slice, int, int, int, int]]:
         """Non-overlapping tiles of a (height, width) plane: (rows, cols, y0, y1, x0, x1); `tile` in latent px."""
-        out = [(slice(y0, y1), slice(x0, x1), y0, y1, x0, x1)
-               for y0, y1 in self.tile_spans(height, tile) for x0, x1 in self.tile_spans(width, tile, height)]
-        return out[:1] if self.sample_tiles else out
+        rows, cols = self.tile_spans(height, tile), self.tile_spans(width, tile, height)
+        if self.sample_tiles:  # the first tile (full size, halo on one side) and an interior one (halos around)
+            picks = sorted({(0, 0), (min(1, len(rows) - 1), min(1, len(cols) - 1))})
+            return [(slice(*rows[i]), slice(*cols[j]), *rows[i], *cols[j]) for i, j in picks]
+        return [(slice(y0, y1), slice(x0, x1), y0, y1, x0, x1) for y0, y1 in rows for x0, x1 in cols]
 
     def tile_spans(self, length: int, tile: int | None, height: int | None = None) -> list[tuple[int, int]]:
         """The tile spans along one axis of a plane `height` rows high (default: `length`); `tile` in latent px,
@@ -400,7 +370,7 @@ class Streamer:
         return len(self.tile_spans(height, tile)) * len(self.tile_spans(width, tile, height))
 
     def checked(self, x: torch.Tensor) -> torch.Tensor:
-        if self.check_finite and x.dtype != torch.float32 and x.device.type != "meta" and not bool(torch.isfinite(x).all()):
+        if self.check_finite and x.dtype != torch.float32 and not bool(torch.isfinite(x).all()):
             raise NonFiniteActivation("inf/NaN in a half-precision piece")
         return x
 
@@ -426,9 +396,14 @@ class Streamer:
         chunks = self.chunks(len(store))
         shape = None
         for k, (a, b) in enumerate(chunks):
-            if shape is not None and not self.computed(k, len(chunks)):  # a trace: allocate, do not compute
+            if shape is not None and not self.computed(k, chunks):  # sampled: allocate as computed, do not compute
                 store.drop(a, b)
-                out.put(a, torch.empty((b - a, *shape), dtype=dtype, device=self.device, memory_format=CL))
+                if self.pieces.tile is None:
+                    out.put(a, torch.empty((b - a, *shape), dtype=dtype, device=self.device, memory_format=CL))
+                else:  # tiled stages leave one tensor per frame
+                    part = FrameStore(b - a, self.device, self.pieces.park)
+                    part.allocate(*shape, dtype)
+                    out.adopt(a, part)
                 continue
             if self.pieces.tile is None:
                 x = store.read(a, b)
@@ -448,9 +423,11 @@ class Streamer:
                 del part
         return out
 
-    def computed(self, k: int, n: int) -> bool:
-        """Whether chunk k of n is computed (always, except in sampled traces: see `sample_tiles`)."""
-        return not self.sample_tiles or k in (0, n - 2, n - 1)
+    def computed(self, k: int, chunks: list[tuple[int, int]]) -> bool:
+        """Whether chunk k of `chunks` is computed: always, except in sampled runs (see `sample_tiles`), which
+        compute the first two (the second is the first to read kept halo frames) and the last two."""
+        n = len(chunks)
+        return not self.sample_tiles or k in (0, 1, n - 2, n - 1)
 
     def tiled_stage(self, stage: Stage, src: FrameStore) -> FrameStore:
         n = len(src)
@@ -560,7 +537,7 @@ class Streamer:
         _, height, width = store.shape()
         moments = Moments(norm.num_groups, per_frame=False)
         chunks = self.time_chunks(len(store))
-        for a, b in [c for k, c in enumerate(chunks) if self.computed(k, len(chunks))]:
+        for a, b in [c for k, c in enumerate(chunks) if self.computed(k, chunks)]:
             for rows, cols, *_ in self.time_tiles(height, width):
                 moments.add(store.read(a, b, rows, cols))
         return moments.affine(norm)
@@ -587,7 +564,7 @@ class Streamer:
             return
         for k, (a, b) in enumerate(chunks):
             lo, hi = grown(a, b, halo, count)
-            for rows, cols, *_ in (tiles if self.computed(k, len(chunks)) else []):
+            for rows, cols, *_ in (tiles if self.computed(k, chunks) else []):
                 h = temporal(affine_silu(store.read(lo, hi, rows, cols), s1), conv1)
                 moments.add(h[a - lo:b - lo])
                 del h
@@ -598,7 +575,7 @@ class Streamer:
             stash: dict[int, torch.Tensor] = {}
             for k, (a, b) in enumerate(chunks):
                 keep = store.original(b - 2 * halo, b, stash, rows, cols) if b < count else {}
-                if self.computed(k, len(chunks)):
+                if self.computed(k, chunks):
                     lo2, hi2 = grown(a, b, 2 * halo, count)
                     lo1, hi1 = grown(a, b, halo, count)
                     x = store.read(lo2, hi2, rows, cols, stash)
@@ -651,7 +628,7 @@ class Streamer:
             stash: dict[int, torch.Tensor] = {}
             for k, (a, b) in enumerate(chunks):
                 keep = store.original(b - halo, b, stash, rows, cols) if b < count else {}
-                if self.computed(k, len(chunks)):
+                if self.computed(k, chunks):
                     lo, hi = grown(a, b, halo, count)
                     y = temporal(store.read(lo, hi, rows, cols, stash), conv)[a - lo:b - lo]
                     store.write(a, self.checked(y), rows, cols)
@@ -722,7 +699,7 @@ class Streamer:
 def stream_frames(store: FrameStore, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
     """The store's frames in order, `chunk` at a time, as (start, (n, C, H, W)); each is dropped once handed out."""
     for a, b in spans(len(store), chunk):
-        x = store.read(a, b) if not store.park or store._shadow else torch.cat(store.frames[a:b])
+        x = store.read(a, b) if not store.park else torch.cat(store.frames[a:b])
         store.drop(a, b)
         yield a, x
 

@@ -63,7 +63,8 @@ class VAE(nn.Module):
         return frames, num_frames
 
     def moments(self, x: torch.Tensor, frame_batch: int | None = None, pieces: Pieces | None = None,
-                sample_tiles: bool = False, attention: AttentionBackend | None = None) -> torch.Tensor:
+                sample_tiles: bool = False, attention: AttentionBackend | None = None,
+                device: torch.device | None = None) -> torch.Tensor:
         """Frames (T, 3, H, W) in [-1, 1] -> the posterior's moments (T, 2C, H/8, W/8): mean, then log-variance.
 
         frame_batch: encode this many frames at a time into one output (same result, lower peak memory).
@@ -79,8 +80,8 @@ class VAE(nn.Module):
             if self.config.quant_conv:
                 stages.append(Stage("conv", self.quant_conv, self.quant_conv))
             f = self.config.downscale
-            streamer = Streamer(pieces, self._device(), (x.shape[-2] // f, x.shape[-1] // f), sample_tiles=sample_tiles,
-                                attention=attention)
+            streamer = Streamer(pieces, device or self._device(), (x.shape[-2] // f, x.shape[-1] // f),
+                                sample_tiles=sample_tiles, attention=attention)
             return streamer.run(stages, x.contiguous(memory_format=torch.channels_last)).gather()
         layers = [partial(self.encoder, attention=attention)] + ([self.quant_conv] if self.config.quant_conv else [])
         return frame_batches(layers, x.contiguous(memory_format=torch.channels_last), frame_batch)
@@ -133,13 +134,15 @@ class VAE(nn.Module):
                       per_frame: bool = False, image_only: torch.Tensor | None = None, check_finite: bool = False,
                       out_chunk: int | None = None, sample_tiles: bool = False,
                       phase: Callable[[str], None] | None = None,
-                      attention: AttentionBackend | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                      attention: AttentionBackend | None = None,
+                      device: torch.device | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Decode exactly like `decode`, layer by layer over `pieces` (`vaecli.model.svd.streaming`); yields
         (first frame, frames (n, 3, 8h, 8w)) in order, `out_chunk` frames at a time (default: pieces.frames).
 
         z may live on the host (with pieces.park the clip's activations stay there too). check_finite: raise
         `NonFiniteActivation` as soon as a half-precision piece holds inf/NaN. sample_tiles, phase: memory traces
-        only (see `Streamer`).
+        only (see `Streamer`). device: where the executor computes (default: the weights'; counting runs of a
+        model on the meta device name the device they price).
         """
         frames, num_frames = self._check_latents(z, num_frames, image_only)
         skip = not self.config.is_video or per_frame
@@ -147,8 +150,8 @@ class VAE(nn.Module):
         stages = self.decoder.stages(Clips(num_frames, skip_video=skip, attention=attention))
         if self.config.post_quant_conv:
             stages.insert(0, Stage("conv", self.post_quant_conv, self.post_quant_conv))
-        streamer = Streamer(pieces, self._device(), (z.shape[-2], z.shape[-1]), check_finite, sample_tiles, phase,
-                            attention)
+        streamer = Streamer(pieces, device or self._device(), (z.shape[-2], z.shape[-1]), check_finite,
+                            sample_tiles, phase, attention)
         for start in range(0, frames, num_frames):
             flags = None if image_only is None else image_only[start:start + num_frames]
             store = streamer.run(stages, z[start:start + num_frames].contiguous(memory_format=torch.channels_last),

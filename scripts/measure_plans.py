@@ -1,0 +1,78 @@
+"""Predicted against measured memory of whole decodes and encodes on CPU: the cost model's calibration table.
+
+    python scripts/measure_plans.py                      # bundled model, a 24-frame 320x192 sample clip
+    python scripts/measure_plans.py --frames 40 --size 640x272 --out docs/plans.json
+
+For each plan (forced with --tile / --chunk or by a --max-memory ceiling), `vaecli plan --json` gives the predicted
+peak (activations + weights + runtime), then the same command runs in a fresh subprocess and its peak resident set
+(GNU time's maximum resident set) is measured. Prints one row per plan: strategy, pieces, predicted, measured, predicted/measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def vaecli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vaecli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def peak_rss(*args: str) -> tuple[int, dict]:
+    """Peak RSS (bytes) of one vaecli command in a fresh process (GNU time's %M), and its JSON result."""
+    done = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "vaecli", *args], capture_output=True,
+                          text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"vaecli {' '.join(args)} failed: {done.stderr}")
+    return int(done.stderr.strip().splitlines()[-1]) * 1024, json.loads(done.stdout.splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=24)
+    ap.add_argument("--size", default="320x192")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="vaecli-plans-"))
+    clip = tmp / "clip.mp4"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample_clip.py"), "-o", str(clip), "--frames",
+                    str(args.frames), "--size", args.size], check=True, capture_output=True)
+    latents = tmp / "clip.latents.safetensors"
+    done = vaecli("encode", str(clip), "-o", str(latents), "--json")
+    if done.returncode != 0:
+        raise SystemExit(done.stderr)
+    whole = json.loads(vaecli("plan", str(latents), "--json").stdout)["predicted_peak_bytes"]
+    runtime = json.loads(vaecli("plan", str(latents), "--json").stdout)["runtime_bytes"]
+    # ceilings from one clip down towards the smallest exact plan, and forced cuts (encodes first: smaller peaks)
+    cases = [("encode", []), ("encode", ["--max-memory", str(runtime + (120 << 20))])]
+    cases += [("decode", []), ("decode", ["--tile", "16"]), ("decode", ["--tile", "8"]), ("decode", ["--tile", "4"]),
+              ("decode", ["--chunk", "8", "--overlap", "2"]), ("decode", ["--chunk", "8", "--overlap", "0"])]
+    cases += [("decode", ["--max-memory", str(int(whole * f))]) for f in (0.9, 0.75, 0.6, 0.5, 0.4)]
+    cases.sort(key=lambda c: 0 if c[0] == "encode" else 1)
+    rows = []
+    for k, (stage, extra) in enumerate(cases):
+        source = str(clip) if stage == "encode" else str(latents)
+        shown = json.loads(vaecli("plan", source, "--json", *extra).stdout)
+        planned = shown["encode"] if stage == "encode" else shown
+        out = tmp / (f"e{k}.latents.safetensors" if stage == "encode" else f"d{k}.mp4")
+        measured, result = peak_rss(stage, source, "-o", str(out), "--json", *extra)
+        assert result["plan"] == planned, (stage, extra)  # the plan shown is the plan run
+        rows.append({"stage": stage, "options": " ".join(extra) or "(default)", "strategy": planned["strategy"],
+                     "exact": planned["exact"], "pieces": planned["pieces"],
+                     "predicted": planned["predicted_peak_bytes"], "measured": measured,
+                     "ratio": round(planned["predicted_peak_bytes"] / measured, 3)})
+        r = rows[-1]
+        print(f"{stage:6} {r['options']:28} {r['strategy']:9} predicted {r['predicted'] / 2**20:8.1f} MiB  measured "
+              f"{r['measured'] / 2**20:8.1f} MiB  ratio {r['ratio']:.3f}", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

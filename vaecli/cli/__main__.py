@@ -1,0 +1,5 @@
+"""`python -m vaecli.cli`."""
+
+from vaecli.cli import main
+
+main()

@@ -1,0 +1,204 @@
+"""The `vaecli` command line (Typer): the app, its shared options and helpers; commands live in `describe` (info,
+convert, plan) and `jobs` (encode, decode, roundtrip, demo).
+
+Results go to stdout (`--json` for scripts), messages to stderr. Every `VaecliError` becomes one line
+`error: ...` and exit code 1 (2 for usage errors); `--debug` (or VAECLI_DEBUG=1) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from vaecli._version import __version__
+from vaecli.errors import InputError, UsageError, VaecliError, printable
+from vaecli.ops.validate import path_text
+from vaecli.pipeline.batch import load_model
+
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # Typer vendors Click (pinned in pyproject)
+
+class Group(TyperGroup):
+    """The root command group: Click/Typer usage errors (unknown options, values of the wrong type) are printed as
+    the one-line `error: ...` every other error uses, with exit code 2 (`--help` is unchanged)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        args = list(sys.argv[1:] if args is None else args)
+        if "--debug" in args[1:] and "--" not in args[: args.index("--debug")]:  # `vaecli decode x --debug` too
+            args = ["--debug"] + [a for a in args if a != "--debug"]
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except NoArgsIsHelpError as e:  # `vaecli` alone: the help (Typer's rich help prints itself)
+            text = e.ctx.get_help()
+            if text:
+                typer.echo(text)
+            sys.exit(2)
+        except ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            message = " ".join(e.format_message().split())
+            typer.echo(f"error: {printable(message[:1].lower() + message[1:])}{where}", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    name="vaecli",
+    cls=Group,
+    help="Encode videos into latents and decode latents into videos with the SVD temporal VAE.",
+    no_args_is_help=True,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
+    rich_markup_mode=None,  # Click's plain help: flags without a `<bool>` type column
+    pretty_exceptions_enable=False,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+ConfigOpt = Annotated[Optional[str], typer.Option(
+    "--config", help="Named config (svd-vae, sd-vae, sdxl-vae) or TOML file for what shapes cannot tell.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Checkpoint file, diffusers folder, Hugging Face repo ORG/REPO or vaecli-small "
+                          "(default: the bundled model, vaecli-small).")]
+RevisionOpt = Annotated[Optional[str], typer.Option(
+    help="Branch, tag or commit of a Hugging Face --model (default: main).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA), fp32, fp16 or bf16.")]
+AttentionOpt = Annotated[str, typer.Option(help="auto, math, sdpa, split, sub-quadratic or xformers.")]
+OutOpt = Annotated[Optional[str], typer.Option("-o", "--out", help="Output file (one input only).")]
+OutDirOpt = Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for the outputs of many inputs.")]
+ManifestOpt = Annotated[Optional[Path], typer.Option(help="A file listing inputs, one path per line.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+SkipOpt = Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose output exists (resume a batch).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary on stderr.")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option(
+    help="Memory ceiling, weights included (512MiB, 8GiB); default: what is free on CUDA, 40% of the "
+         "available memory on CPU.")]
+ChunkOpt = Annotated[Optional[int], typer.Option(
+    help="Force approximate windows of N frames (0 = one clip; default: an exact plan).")]
+OverlapOpt = Annotated[Optional[int], typer.Option(
+    help="Frames shared by forced windows, cross-faded (0 = hard cuts as sgm's decoding_t).")]
+TileOpt = Annotated[Optional[int], typer.Option(
+    help="Force exact streaming in square tiles of N latent pixels (default: planned).")]
+MaxPixelsOpt = Annotated[int, typer.Option(
+    min=1, show_default=False,
+    help="Refuse frames of more pixels than this (decompression bombs); default 8192x8192.")]
+
+
+def _debug(ctx: typer.Context | None) -> bool:
+    flag = bool(ctx is not None and ctx.find_root().params.get("debug"))
+    return flag or os.environ.get("VAECLI_DEBUG", "") not in ("", "0")
+
+
+def handle_errors(command):
+    """Turn VaecliErrors into one-line messages and exit codes; keep tracebacks for --debug.
+
+    The wrapped command takes `ctx: typer.Context` so that the root's --debug flag can be read.
+    """
+
+    @functools.wraps(command)
+    def wrapper(ctx: typer.Context, *args, **kwargs):
+        try:
+            return command(ctx, *args, **kwargs)
+        except VaecliError as e:
+            if _debug(ctx):
+                traceback.print_exc()
+            typer.echo(f"error: {printable(e)}", err=True)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"vaecli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """vaecli: SVD temporal VAE encode/decode."""
+
+
+def print_result(result: dict, as_json: bool, human: list[str]) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, sort_keys=True))
+    else:  # names and values read from files may hold control characters: escaped
+        typer.echo("\n".join(printable(line) for line in human))
+
+
+def model_path(spec: str | Path, revision: str | None = None) -> Path:
+    """A model argument -> a local checkpoint: a path as given, the bundled model's name (`vaecli-small`), or a
+    Hugging Face repository `ORG/REPO` (from the cache, or downloaded when online; see `vaecli.model.hub`)."""
+    from vaecli.model.hub import resolve_model
+
+    return resolve_model(path_text(str(spec), "model"), revision)
+
+
+def file_kind(path: Path) -> str:
+    """"latents", "checkpoint" or "video" (videos, GIFs, images, image folders and globs)."""
+    if not path.exists() and not any(ch in str(path) for ch in "*?["):
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        has_weights = any((path / sub / name).is_file() for sub in ("", "vae")
+                          for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"))
+        return "checkpoint" if has_weights else "video"
+    if path.suffix in (".safetensors", ".latent"):
+        from vaecli.model.checkpoint import read_header
+
+        header, _ = read_header(path)
+        return "latents" if "latents" in header or "latent_tensor" in header else "checkpoint"
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        return "checkpoint"
+    return "video"
+
+
+def plan_model(source: str | None, config: str | None, device: str, dtype: str, attention: str):
+    """The model `plan` prices: loaded as encode and decode load it (so the plan is theirs), or with --config and
+    no --model, built from the named config on the meta device (no weights; plans only)."""
+    if source is not None or config is None:
+        return load_model(source, config, device, dtype, attention)
+    from vaecli.model.family import load_config
+    from vaecli.ops.device import parse_device, resolve_dtype
+
+    family, cfg = load_config(config)
+    dev = parse_device(device)
+    return family.build(None, device=dev, dtype=resolve_dtype(dtype, dev), attention=attention, config=cfg)
+
+
+def model_source(model: str | None, revision: str | None) -> str | None:
+    """--model/--revision -> a local checkpoint path, or None for the bundled model (resolved once, before any
+    input is read: a bad --model fails the command, not each input)."""
+    if model is None:
+        if revision is not None:
+            raise UsageError("--revision applies to a Hugging Face --model ORG/REPO")
+        return None
+    return str(model_path(model, revision))
+
+
+def check_batch_flags(skip_existing: bool, overwrite: bool) -> None:
+    if skip_existing and overwrite:
+        raise UsageError("--skip-existing and --overwrite contradict each other; pass one of them")
+
+
+def check_windows(chunk: int | None, overlap: int | None, tile: int | None) -> None:
+    if chunk is not None and chunk < 0:
+        raise UsageError("--chunk must be 0 (one clip) or more")
+    if overlap is not None and (overlap < 0 or (chunk and overlap >= chunk)):
+        raise UsageError(f"--overlap must be at least 0 and smaller than --chunk, not {overlap}")
+    if tile is not None and tile < 4:
+        raise UsageError("--tile must be at least 4 latent pixels")

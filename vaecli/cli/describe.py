@@ -1,0 +1,168 @@
+"""`vaecli info`, `convert` and `plan`: describe inputs and models, convert layouts, show the plan that will run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vaecli.cli.common import (AttentionOpt, ChunkOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxMemoryOpt,
+                               MaxPixelsOpt, ModelOpt, OverlapOpt, RevisionOpt, TileOpt, app, check_windows,
+                               file_kind, handle_errors, model_path, model_source, plan_model, print_result)
+from vaecli.errors import printable
+from vaecli.ops.validate import DEFAULT_MAX_PIXELS, path_text
+
+
+@app.command()
+@handle_errors
+def info(
+    ctx: typer.Context,
+    path: Annotated[Optional[str], typer.Argument(
+        help="A video, image folder, GIF, latent file, checkpoint or model name (default: the bundled model).")] = None,
+    revision: RevisionOpt = None,
+    config: ConfigOpt = None,
+    device: Annotated[str, typer.Option(help="Device to resolve the attention backend for: auto, cpu, cuda[:i].")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
+    attention: AttentionOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Describe a video (streams, frames, fps, size), a latent file (shape, metadata) or a model: a checkpoint,
+    ORG/REPO on Hugging Face, or the bundled model (`vaecli info` alone: where its file lives)."""
+    from vaecli.model.checkpoint import bundled_model_path
+
+    spec = path_text(path or "vaecli-small", "input")
+    path = Path(spec) if any(ch in spec for ch in "*?[") else model_path(spec, revision)  # globs: image frames
+    kind = file_kind(path)
+    if kind == "latents":
+        from vaecli.pipeline.latents_io import describe_latents
+
+        result = describe_latents(path)
+        meta = result["metadata"]
+        human = [f"file:      {result['path']}", f"latents:   {result['tensor']} {result['shape']} {result['dtype']}"
+                 f" ({'scaled by the model' if result['scaled'] else 'raw, ComfyUI'})"]
+        human += [f"{printable(k) + ':':<17}{printable(v)}" for k, v in sorted(meta.items()) if k != "__metadata__"]
+        if not result["vaecli_metadata"]:
+            human.append("no vaecli metadata: decode it with --fps (and --model)")
+        return print_result(result, as_json, human)
+    if kind == "video":
+        from vaecli.pipeline.video_io import describe_video
+
+        result = describe_video(path)
+        human = [f"file:      {result['path']}", f"kind:      {result['kind']} ({result['codec']})",
+                 f"frames:    {result['frames']}", f"fps:       {result['fps']} ({result['fps_float']})",
+                 f"size:      {result['width']}x{result['height']}", f"duration:  {result['duration_s']} s"]
+        return print_result(result, as_json, human)
+    from vaecli.model.checkpoint import describe_checkpoint
+    from vaecli.ops.attention import resolve_attention
+    from vaecli.ops.device import dtype_name, parse_device, parse_dtype
+
+    dev, dt = parse_device(device), parse_dtype(dtype)
+    backend = resolve_attention(attention, dev, dt)
+    result = describe_checkpoint(path, config)
+    bundled = path.resolve() == bundled_model_path().resolve()
+    result.update(device=str(dev), dtype=dtype_name(dt), attention=backend.name, attention_reason=backend.reason,
+                  bundled=bundled)
+    human = [
+        f"file:        {result['path']}",
+        *(["bundled:     yes: the default model (--model vaecli-small), installed with vaecli at the path above"]
+          if bundled else []),
+        f"family:      {result['family']} ({result['family_title']})",
+        f"layout:      {result['layout_detail']}",
+        *result["summary"],
+        f"parameters:  {result['parameters']:,} in {result['tensors']} tensors ({', '.join(result['dtypes'])})",
+        f"attention:   {backend.describe()} [{dev}, {dtype_name(dt)}]",
+    ]
+    print_result(result, as_json, human)
+
+
+@app.command()
+@handle_errors
+def convert(
+    ctx: typer.Context,
+    checkpoint: Annotated[str, typer.Argument(
+        help="Any supported checkpoint (full SVD file, ComfyUI, diffusers folder, ORG/REPO, vaecli-small).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output .safetensors file (or folder for diffusers).")],
+    to: Annotated[str, typer.Option("--to", help="Target layout: sgm (ComfyUI/standalone) or diffusers.")] = "sgm",
+    revision: RevisionOpt = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Store tensors as fp32, fp16 or bf16 (default: as read).")] = None,
+    config: ConfigOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert a VAE between layouts; extracts the VAE from a full SVD checkpoint."""
+    from vaecli.model.checkpoint import convert_checkpoint
+
+    written = convert_checkpoint(model_path(checkpoint, revision), out, to=to, dtype=dtype, overwrite=overwrite,
+                                 config=config)
+    print_result({"input": str(checkpoint), "output": str(written), "layout": to, "dtype": dtype},
+                  as_json, [str(written)])
+
+
+# ------------------------------------------------------------------------------------------ encode / decode
+
+
+@app.command()
+@handle_errors
+def plan(
+    ctx: typer.Context,
+    input: Annotated[str, typer.Argument(help="A video (plans encode and decode) or a latent file (decode).")],
+    frames: Annotated[Optional[int], typer.Option("--frames", min=1, max=10_000_000,
+                                                  help="Plan for this many frames.")] = None,
+    start: Annotated[int, typer.Option(min=0, help="First source frame to take (video input).")] = 0,
+    stride: Annotated[int, typer.Option(min=1, help="Take every K-th frame (video input).")] = 1,
+    max_memory: MaxMemoryOpt = None,
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    config: ConfigOpt = None,
+    size: Annotated[Optional[str], typer.Option(help="Resize frames to WxH first (video input).")] = None,
+    fit: Annotated[str, typer.Option(help="pad, crop or resize (video input).")] = "pad",
+    chunk: ChunkOpt = None,
+    overlap: OverlapOpt = None,
+    tile: TileOpt = None,
+    batch: Annotated[Optional[int], typer.Option(min=1, help="Force the encode batch size.")] = None,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    attention: AttentionOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the memory plan (attention backend, windows, tiles, predicted peak) without running the model.
+
+    \b
+    Examples:
+      vaecli plan clip.mp4 --config svd-vae --max-memory 8GiB
+      vaecli plan clip.latents.safetensors -m svd_xt.safetensors --frames 25 --json
+    """
+    from vaecli.pipeline.frames import parse_size
+    from vaecli.pipeline.planner import parse_bytes
+    from vaecli.pipeline.runner import (DecodeOptions, EncodeOptions, decode_plan, prepare_decode,
+                                        prepare_encode)
+    from vaecli.pipeline.video_io import Selection
+
+    check_windows(chunk, overlap, tile)
+    codec = plan_model(model_source(model, revision), config, device, dtype, attention)
+    limit = parse_bytes(max_memory)
+    result: dict = {"input": input, "model": codec.name, "family": codec.family}
+    human = []
+    if file_kind(Path(input)) == "latents":  # exactly what decode prepares and plans
+        opts = DecodeOptions(chunk=chunk, overlap=overlap, tile=tile, max_memory=limit, attention=attention,
+                             allow_model_mismatch=True, max_pixels=max_pixels)
+        job = prepare_decode(codec, input, opts)
+        count, latent_hw = frames or job.latents.frames, job.latent_hw
+    else:  # exactly what encode prepares and plans, then the decode of its latents
+        opts = EncodeOptions(selection=Selection(start, frames, stride), size=parse_size(size), fit=fit,
+                             batch=batch, max_memory=limit, attention=attention, max_pixels=max_pixels)
+        job = prepare_encode(codec, input, opts)
+        enc = job.plan()
+        result["encode"] = enc.to_dict()
+        human += enc.describe()
+        f = codec.spatial_factor
+        count = codec.frame_rule.latent_frames(job.frames)
+        latent_hw = (job.geometry.processed[1] // f, job.geometry.processed[0] // f)
+    dec = decode_plan(codec, count, latent_hw, max_memory=limit, attention=attention, chunk=chunk,
+                      overlap=overlap, tile=tile)
+    result.update(frames=count, latent_size=list(latent_hw), **dec.to_dict())
+    human = [f"input:  {input}  ({count} latent frames {latent_hw[0]}x{latent_hw[1]}, model {codec.name}, "
+             f"{codec.family} family)", f"device: {codec.device}, {dec.dtype}"] + human + dec.describe()
+    print_result(result, as_json, human)
