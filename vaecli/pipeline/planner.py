@@ -97,7 +97,7 @@ def check_ceiling(codec: Codec, plan: Plan, max_memory: int | None) -> Plan:
     The figure named is one the same command then accepts."""
     if max_memory is not None and plan.device == "cpu" and not plan.fits:
         raise OutOfMemory(f"--max-memory {format_bytes(max_memory)} is too small: the smallest plan needs about "
-                          f"{format_bytes(needed_ceiling(plan))}; raise it to that or more")
+                          f"{needed_ceiling(plan) >> 20} MiB; raise it to that or more")  # whole MiB, rounded up
     return plan
 
 
