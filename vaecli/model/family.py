@@ -166,8 +166,8 @@ class Codec:
     """A loaded model as the pipeline sees it (subclassed by each family).
 
     Attributes: family (its name), name (the model's), hash (of the stored weights), config (the family's frozen
-    config; only the family reads it), device, dtype, spatial_factor, frame_rule, latent_channels, in_channels,
-    normalization.
+    config; only the family reads it), device (the compute device, also for a model priced on the meta device),
+    dtype, spatial_factor, frame_rule, latent_channels, in_channels, normalization, resident.
     """
 
     family: str
@@ -181,6 +181,7 @@ class Codec:
     latent_channels: int
     in_channels: int
     normalization: Normalization
+    resident: bool = True  # False for a model built on the meta device to price plans (its weights not in memory)
 
     def check_size(self, width: int, height: int, where: str) -> None:
         """Refuse frames of width x height (the model's processed size) it cannot code, with one line."""
@@ -305,13 +306,6 @@ def families() -> list[Family]:
     """Every family: the built-in ones (imported here, on first need), then the registered ones."""
     found = [importlib.import_module(path).FAMILY for path in BUILTIN_FAMILIES]
     return found + [f for f in _registered if f.name not in {g.name for g in found}]
-
-
-def family_named(name: str) -> Family:
-    for family in families():
-        if family.name == name:
-            return family
-    raise UsageError(f"unknown model family {name!r}; known: {', '.join(f.name for f in families())}")
 
 
 def detect(keys) -> tuple[Family, Any]:

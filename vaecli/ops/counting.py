@@ -184,7 +184,6 @@ class Sym:
     ndim = property(lambda self: len(self.shape))
     is_cuda = property(lambda self: False)  # counting models torch's own kernels (Triton's fused one allocates alike)
     requires_grad = property(lambda self: False)
-    is_leaf = property(lambda self: True)
 
     def dim(self) -> int:
         return len(self.shape)

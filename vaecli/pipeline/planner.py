@@ -66,9 +66,9 @@ def budget_for(codec: Codec, max_memory: int | None) -> Budget:
     """The activation budget of a job on the codec's device: the default share of the free memory, or within the
     ceiling `max_memory` (weights and, on CPU, the runtime included). A model built for plans only (not resident)
     has its weights taken from the free memory too."""
-    device = codec.device if codec.device.type != "meta" else torch.device("cpu")
+    device = codec.device
     free = default_budget(device) if max_memory is None else free_memory(device)
-    if not getattr(codec, "resident", True):
+    if not codec.resident:
         free -= codec.weights_bytes()
     available = free if max_memory is None else min(free, max_memory - overhead_bytes(codec))
     return Budget(device, max(0, available), host_memory(device))

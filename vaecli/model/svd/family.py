@@ -27,17 +27,19 @@ FRAME_OUT = 4  # frames per block handed from a streamed decode to the writer
 
 
 class SVDCodec(Codec):
-    """A loaded SVD/SD VAE (`vae`, weights on `device` in `dtype`; on the meta device for plans only)."""
+    """A loaded SVD/SD VAE (`vae`, weights on `device` in `dtype`), or one on the meta device that prices plans for
+    `device` (not resident)."""
 
     family = "svd"
 
-    def __init__(self, vae: VAE, name: str, hash: str, source: Path | None = None, config_arg=None):
+    def __init__(self, vae: VAE, name: str, hash: str, source: Path | None = None, config_arg=None,
+                 device: torch.device | None = None):
         self.vae = vae
         self.config: VAEConfig = vae.config
         self.name, self.hash = name, hash
         param = next(vae.parameters())
-        self.device, self.dtype = param.device, param.dtype
         self.resident = param.device.type != "meta"
+        self.device, self.dtype = device or param.device, param.dtype
         self.spatial_factor = self.config.downscale
         self.frame_rule = FrameRule(1)
         self.latent_channels = self.config.latent_channels
@@ -60,7 +62,7 @@ class SVDCodec(Codec):
                                  "(a normalisation would see one value); use larger frames or --size")
 
     def weights_bytes(self) -> int:
-        return sum(t.numel() for t in self.vae.state_dict().values()) * (torch.finfo(self.dtype).bits // 8)
+        return self.estimator().weights()
 
     def input_device(self, plan: Plan) -> torch.device:
         return torch.device("cpu") if plan.pieces is not None and plan.pieces.park else self.device
@@ -71,8 +73,7 @@ class SVDCodec(Codec):
     def estimator(self) -> planning.Estimator:
         """The cost model of this config and dtype (memoised: OOM retries and later files reuse its prices)."""
         if self._estimator is None:
-            device_type = "cpu" if self.device.type == "meta" else self.device.type
-            self._estimator = planning.Estimator(self.config, self.dtype, device_type=device_type, vae=self.vae)
+            self._estimator = planning.Estimator(self.config, self.dtype, device_type=self.device.type, vae=self.vae)
         return self._estimator
 
     def plan_decode(self, frames: int, latent_hw: tuple[int, int], budget: Budget, *, attention: str = "auto",
@@ -115,7 +116,7 @@ class SVDCodec(Codec):
             ckpt = read_checkpoint(self._source, self._config_arg)
             vae = svd_layout.build_vae(ckpt.config, ckpt.state, device=self.device, dtype=dtype,
                                        attention=self.vae.attention)
-        return SVDCodec(vae, self.name, self.hash, self._source, self._config_arg)
+        return SVDCodec(vae, self.name, self.hash, self._source, self._config_arg, self.device)
 
 
 class SVDFamily(Family):
@@ -144,7 +145,7 @@ class SVDFamily(Family):
         if ckpt is None:
             with torch.device("meta"):
                 vae = VAE(config, backend).to(dtype).eval().requires_grad_(False)
-            return SVDCodec(vae, name or config.name, hash or "")
+            return SVDCodec(vae, name or config.name, hash or "", device=device)
         vae = svd_layout.build_vae(ckpt.config, ckpt.state, device=device, dtype=dtype, attention=backend)
         return SVDCodec(vae, name or ckpt.config.name, hash or "", ckpt.path, ckpt.config)
 

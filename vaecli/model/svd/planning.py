@@ -277,11 +277,10 @@ def stream_pieces(est: Estimator, backend: AttentionBackend, frames: int, h: int
 def plan_decode(config: VAEConfig, frames: int, latent_hw: tuple[int, int], *, device: torch.device,
                 dtype: torch.dtype, available_bytes: int, attention: str = "auto", chunk: int | None = None,
                 overlap: int | None = None, tile: int | None = None, cost: CostModel | None = None,
-                weights_resident: bool = True, estimator: Estimator | None = None,
-                host_bytes: int | None = None) -> Plan:
+                estimator: Estimator | None = None, host_bytes: int | None = None) -> Plan:
     """Plan a decode of `frames` latent frames of size latent_hw = (h, w) within `available_bytes`.
 
-    available_bytes: device memory the process may still use (weights excluded when they are already resident).
+    available_bytes: device memory for activations (the weights are resident).
     host_bytes: host memory available for a parked clip (None: no parking; on a CPU device the host is the device).
     chunk: force approximate windows of this many frames (0 = one clip); overlap: their overlap; tile: force the
     exact streaming executor with tiles of this many latent pixels. Raises nothing when nothing fits: the smallest
@@ -289,7 +288,7 @@ def plan_decode(config: VAEConfig, frames: int, latent_hw: tuple[int, int], *, d
     """
     est = estimator or Estimator(config, dtype, cost or COST_MODELS.get(device.type, COST_MODELS["cpu"]))
     weights = est.weights()
-    budget = available_bytes if weights_resident else available_bytes - weights
+    budget = available_bytes
     h, w = latent_hw
     f = config.downscale
     backends = _backends(attention, device, max(budget, 0))
@@ -382,7 +381,7 @@ def plan_decode(config: VAEConfig, frames: int, latent_hw: tuple[int, int], *, d
 
 def plan_encode(config: VAEConfig, frames: int, size_hw: tuple[int, int], *, device: torch.device,
                 dtype: torch.dtype, available_bytes: int, attention: str = "auto", batch: int | None = None,
-                cost: CostModel | None = None, weights_resident: bool = True, max_batch: int | None = None,
+                cost: CostModel | None = None, max_batch: int | None = None,
                 estimator: Estimator | None = None, host_bytes: int | None = None) -> Plan:
     """Plan an encode: the largest batch of frames (≤ max_batch) whose encoder pass fits the budget; for frames too
     large to encode whole, exact tiles (one frame at a time, parked in host memory where that is needed).
@@ -394,7 +393,7 @@ def plan_encode(config: VAEConfig, frames: int, size_hw: tuple[int, int], *, dev
         max_batch = MAX_ENCODE_BATCH.get(device.type, 16)
     est = estimator or Estimator(config, dtype, cost or COST_MODELS.get(device.type, COST_MODELS["cpu"]))
     weights = est.weights()
-    budget = available_bytes if weights_resident else available_bytes - weights
+    budget = available_bytes
     height, width = size_hw
     backends = _backends(attention, device, max(budget, 0))
 
