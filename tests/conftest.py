@@ -20,3 +20,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """One set of valid files (tiny model, clip, latents) for every test that mutates or reads them: made once
+    per session. Tests must not modify these files; copy them first."""
+    import fuzzcases
+
+    return fuzzcases.Corpus(tmp_path_factory.mktemp("corpus"))

@@ -4,16 +4,10 @@ Every case must end with exit 0 and a valid output, or exit 1/2 and one `error:`
 nothing left behind, never a non-finite output. `scripts/fuzz.py --n 5000` runs the same generators longer.
 """
 
-import pytest
 
 import fuzzcases
 
 CASES = 520
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return fuzzcases.Corpus(tmp_path_factory.mktemp("fuzz-corpus"))
 
 
 def test_fuzz_cases_keep_every_promise(tmp_path, corpus):

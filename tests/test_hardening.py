@@ -23,11 +23,6 @@ from vaecli.ops import files, validate
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return fuzzcases.Corpus(tmp_path_factory.mktemp("corpus"))
-
-
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 

@@ -16,16 +16,8 @@ import subprocess
 import sys
 import termios
 
-import pytest
-
-import fuzzcases
 from vaecli.pipeline.progress import Progress
 from vaecli.pipeline.runner import DecodeOptions, EncodeOptions, decode_file, encode_file
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return fuzzcases.Corpus(tmp_path_factory.mktemp("corpus"))
 
 
 class Recorder(Progress):
