@@ -24,8 +24,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    """One set of valid files (tiny model, clip, latents) for every test that mutates or reads them: made once
-    per session. Tests must not modify these files; copy them first."""
+    """The valid files (tiny model, clip, latents) that fuzz and hardening tests read or mutate copies of: made
+    once per session, so no test may write to them in place."""
     import fuzzcases
 
     return fuzzcases.Corpus(tmp_path_factory.mktemp("corpus"))

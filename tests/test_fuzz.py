@@ -4,7 +4,6 @@ Every case must end with exit 0 and a valid output, or exit 1/2 and one `error:`
 nothing left behind, never a non-finite output. `scripts/fuzz.py --n 5000` runs the same generators longer.
 """
 
-
 import fuzzcases
 
 CASES = 520
