@@ -6,7 +6,7 @@ nothing left behind, never a non-finite output. `scripts/fuzz.py --n 5000` runs 
 
 import fuzzcases
 
-CASES = 520
+CASES = 260  # about 40 per family; scripts/fuzz.py --n 5000 for a long run
 
 
 def test_fuzz_cases_keep_every_promise(tmp_path, corpus):
@@ -16,9 +16,9 @@ def test_fuzz_cases_keep_every_promise(tmp_path, corpus):
     result = fuzzcases.summary(outcomes)
     assert result["cases"] == CASES
     for family, counts in result["families"].items():  # every family ran, and both successes and refusals happen
-        assert counts["cases"] >= 30, (family, counts)
-    assert sum(f["exit0"] for f in result["families"].values()) >= 50
-    assert sum(f["exit1"] + f["exit2"] for f in result["families"].values()) >= 200
+        assert counts["cases"] >= 25, (family, counts)
+    assert sum(f["exit0"] for f in result["families"].values()) >= CASES // 10
+    assert sum(f["exit1"] + f["exit2"] for f in result["families"].values()) >= CASES // 3
 
 
 def test_the_checker_can_fail(tmp_path, corpus):

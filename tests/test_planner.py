@@ -15,7 +15,6 @@ from vaecli.model.svd.config import load_config
 from vaecli.model.svd.vae import VAE
 from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.memtrace import traced_peak_bytes
-from vaecli.pipeline import runner as runner_mod
 from vaecli.model.svd.streaming import Pieces
 from vaecli.pipeline.chunking import WindowBlender, crossfade_weights, windows
 from vaecli.model.plan import CostModel

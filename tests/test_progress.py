@@ -149,7 +149,7 @@ def test_a_batch_on_a_terminal(corpus, tmp_path):
     assert code == 1
     assert stdout.splitlines() == [str(tmp_path / "out" / "a.latents.safetensors"),
                                    str(tmp_path / "out" / "b.latents.safetensors")]  # whole lines, no bar in them
-    assert f"loading model {corpus.model.name}" in raw and f"encode a.mp4: planning" in raw
+    assert f"loading model {corpus.model.name}" in raw and "encode a.mp4: planning" in raw
     assert "encode files" in raw and "done=1" in raw and "failed=1" in raw
     left = screen(raw)
     assert left[-1].startswith("encode: 2 done, 0 skipped, 1 failed in")  # the summary stays, the bars are gone

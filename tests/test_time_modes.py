@@ -10,7 +10,7 @@ from helpers import frames, latents, random_vae, randomize_, tiny_config
 from vaecli.errors import UsageError
 from vaecli.model.svd.blocks import Clips, ResnetBlock
 from vaecli.model.svd.decoder import Decoder
-from vaecli.model.svd.encoder import DiagonalGaussian
+from vaecli.model.posterior import DiagonalGaussian
 from vaecli.model.svd.temporal import AE3DConv, VideoBlock, VideoResBlock, frame_embedding
 from vaecli.model.svd.vae import VAE
 from vaecli.ops.attention import AttentionBackend

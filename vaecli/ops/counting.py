@@ -12,7 +12,7 @@ pads and elementwise ops keep their input's memory format, views share their bas
 allocate nothing, `reshape` and `contiguous` copy only when torch would, `.to()` copies only across devices or
 dtypes (tensors not on the compute device are counted as "host"). Kernel workspaces and allocator rounding are
 not modelled: the planner's `CostModel`, calibrated against measured peaks, adds them. An operation without a
-rule raises `NotImplementedError` naming it (add its rule here). Parameters (real tensors, e.g. on the meta
+rule raises `NotImplementedError` naming it (add its rule to `counting_rules.py`). Parameters (real tensors, e.g. on the meta
 device) are read for their shapes only; views of them count nothing.
 
 Layouts follow torch: shapes `(N, C, H, W)`, channels-last strides `(HWC, 1, WC, C)`.
@@ -25,8 +25,6 @@ import math
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
-from einops._backends import AbstractBackend
 from torch.overrides import TorchFunctionMode
 
 Shape = tuple[int, ...]
@@ -158,7 +156,7 @@ def promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
         return torch.promote_types(a, b)
 
 
-def _dims(args) -> tuple:
+def dims_of(args) -> tuple:
     return tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else tuple(args)
 
 
@@ -265,7 +263,7 @@ class Sym:
         return None  # a write into existing storage
 
     def permute(self, *dims) -> "Sym":
-        dims = _dims(dims)
+        dims = dims_of(dims)
         return self._view(tuple(self.shape[d] for d in dims), tuple(self._strides[d] for d in dims))
 
     def transpose(self, a: int, b: int) -> "Sym":
@@ -277,7 +275,7 @@ class Sym:
         return self.transpose(0, 1)
 
     def _resolve(self, new) -> Shape:
-        new = list(_dims(new))
+        new = list(dims_of(new))
         if -1 in new:
             known = math.prod(s for s in new if s != -1)
             new[new.index(-1)] = self.numel() // max(1, known)
@@ -325,7 +323,7 @@ class Sym:
         return self.split(-(-self.shape[dim] // chunks), dim)
 
     def expand(self, *sizes) -> "Sym":
-        sizes = _dims(sizes)
+        sizes = dims_of(sizes)
         lead = len(sizes) - self.ndim
         shape = tuple(self.shape[i - lead] if v == -1 else v for i, v in enumerate(sizes))
         strides = tuple(0 if i < lead or (self.shape[i - lead] == 1 and shape[i] != 1) else self._strides[i - lead]
@@ -431,43 +429,19 @@ class Sym:
         return self.mode.new(shape, self.dtype, self.device)
 
     def repeat(self, *reps) -> "Sym":
-        reps = _dims(reps)
+        reps = dims_of(reps)
         base = (1,) * (len(reps) - self.ndim) + tuple(self.shape)
         return self.mode.new(tuple(s * k for s, k in zip(base, reps)), self.dtype, self.device)
 
     def matmul(self, other) -> "Sym":
-        return _matmul(self.mode, self, other)
+        return matmul_shape(self.mode, self, other)
 
     __matmul__ = matmul
 
 
-def _matmul(m: "Counting", a, b) -> Sym:
+def matmul_shape(m: "Counting", a, b) -> Sym:
     batch = broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2]))
     return m.new(batch + (a.shape[-2], b.shape[-1]), a.dtype, a.device)
-
-
-class _SymEinops(AbstractBackend):
-    """einops on `Sym`s (rearrange: reshape and permute)."""
-
-    framework_name = __name__
-
-    def is_appropriate_type(self, tensor) -> bool:
-        return isinstance(tensor, Sym)
-
-    def shape(self, x):
-        return tuple(x.shape)
-
-    def reshape(self, x, shape):
-        return x.reshape(shape)
-
-    def transpose(self, x, axes):
-        return x.permute(axes)
-
-    def add_axis(self, x, new_position):
-        return x.unsqueeze(new_position)
-
-    def is_float_type(self, x) -> bool:
-        return x.dtype.is_floating_point
 
 
 # --------------------------------------------------------------------------------------------- the mode
@@ -481,7 +455,9 @@ class Counting(TorchFunctionMode):
     def __init__(self, ledger: Ledger, device: torch.device):
         super().__init__()
         self.ledger, self.device = ledger, torch.device(device)
-        self.rules = _rules(self)
+        from vaecli.ops.counting_rules import rules  # the table names this module's Sym: imported here
+
+        self.rules = rules(self)
 
     def new(self, shape: Shape, dtype: torch.dtype, device: torch.device, channels_last: bool = False) -> Sym:
         shape = tuple(map(int, shape))
@@ -520,106 +496,3 @@ def count(fn: Callable[["Counting"], Any], device: torch.device | str = "cpu") -
     with torch.no_grad(), mode:
         fn(mode)
     return ledger
-
-
-def _rules(m: Counting) -> dict:
-    """Torch functions (not methods) -> rule(*args, **kwargs), for those the model and the executor call."""
-    def factory(*size, dtype=None, device=None, memory_format=None, pin_memory=False, **kw):
-        return m.new(_dims(size), dtype or torch.float32, torch.device(device or "cpu"), memory_format == CL)
-
-    def like(x, *args, dtype=None, device=None, memory_format=torch.preserve_format, **kw):
-        x = m.sym(x)
-        cl = x.channels_last() if memory_format == torch.preserve_format else memory_format == CL
-        return m.new(tuple(x.shape), dtype or x.dtype, torch.device(device) if device else x.device, cl)
-
-    def tensor(data, dtype=None, device=None, **kw):
-        shape = (len(data),) if isinstance(data, (list, tuple)) else ()
-        return m.new(shape, dtype or torch.float32, torch.device(device or "cpu"))
-
-    def cat(tensors, dim=0):
-        tensors = [m.sym(t) for t in tensors]
-        shape = list(tensors[0].shape)
-        shape[dim] = sum(t.shape[dim] for t in tensors)
-        return tensors[0]._like(tuple(shape))
-
-    def stack(tensors, dim=0):
-        tensors = [m.sym(t) for t in tensors]
-        shape = list(tensors[0].shape)
-        shape.insert(dim, len(tensors))
-        return m.new(tuple(shape), tensors[0].dtype, tensors[0].device)
-
-    def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        x = m.sym(x)
-        n = x.ndim - 2
-
-        def tup(v):
-            return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
-        stride, padding, dilation = tup(stride), tup(padding), tup(dilation)
-        out = [x.shape[0], weight.shape[0]] + [
-            (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
-            for i in range(n)]
-        return m.new(tuple(out), x.dtype, x.device, x.channels_last())
-
-    def pad(x, pad, mode="constant", value=None):
-        shape = list(x.shape)
-        for i in range(len(pad) // 2):
-            shape[-1 - i] += pad[2 * i] + pad[2 * i + 1]
-        return x._like(tuple(shape))
-
-    def interpolate(x, size=None, scale_factor=None, mode="nearest", **kw):
-        if size is None:
-            s = scale_factor if isinstance(scale_factor, (tuple, list)) else (scale_factor,) * (x.ndim - 2)
-            size = tuple(int(math.floor(d * f)) for d, f in zip(x.shape[2:], s))
-        size = tuple(size) if isinstance(size, (tuple, list)) else (size,) * (x.ndim - 2)
-        return x._like(tuple(x.shape[:2]) + size)
-
-    def addcmul(base, a, b, value=1):
-        a, b, base = m.sym(a), m.sym(b), m.sym(base)
-        shape = broadcast_shapes(tuple(base.shape), tuple(a.shape), tuple(b.shape))
-        return m.new(shape, promote(a.dtype, b.dtype), a.device, a.channels_last())
-
-    def silu(x, inplace=False):
-        return x if inplace else x._like()
-
-    def where(cond, a, b):
-        return m.sym(a)._like()
-
-    def binary(a, b, *args, **kwargs):
-        return m.sym(a)._binary(b) if isinstance(a, (Sym, torch.Tensor)) else m.sym(b)._like()
-
-    def unary(x, *args, **kwargs):
-        return m.sym(x)._like()
-
-    rules = {
-        torch.device: torch.device, torch._C._set_grad_enabled: torch._C._set_grad_enabled,
-        torch.promote_types: torch.promote_types,
-        torch.empty: factory, torch.zeros: factory, torch.ones: factory, torch.randn: factory, torch.rand: factory,
-        torch.full: lambda size, value, **kw: factory(size, **kw),
-        torch.empty_like: like, torch.zeros_like: like, torch.ones_like: like, torch.randn_like: like,
-        torch.full_like: lambda x, value, **kw: like(x, **kw),
-        torch.arange: lambda *a, dtype=None, device=None, **kw: m.new(
-            (len(range(*[int(v) for v in a])),), dtype or torch.int64, torch.device(device or "cpu")),
-        torch.tensor: tensor, torch.as_tensor: tensor, torch.cat: cat, torch.stack: stack,
-        torch.matmul: lambda a, b: _matmul(m, m.sym(a), m.sym(b)), torch.bmm: lambda a, b: _matmul(m, a, b),
-        torch.addmm: lambda bias, a, b, **kw: m.new((a.shape[0], b.shape[1]), a.dtype, a.device),
-        torch.baddbmm: lambda base, a, b, **kw: _matmul(m, a, b),
-        F.linear: lambda x, w, b=None: m.new(tuple(x.shape[:-1]) + (w.shape[0],), x.dtype, x.device),
-        F.conv2d: conv, F.conv3d: conv, torch.conv2d: conv, torch.conv3d: conv,
-        F.group_norm: lambda x, groups, weight=None, bias=None, eps=1e-5: x._like(),
-        F.layer_norm: lambda x, shape, weight=None, bias=None, eps=1e-5: x._like(),
-        F.dropout: lambda x, p=0.5, training=True, inplace=False: x if not training or p == 0 else x._like(),
-        F.pad: pad, F.interpolate: interpolate, F.silu: silu, F.gelu: lambda x, approximate="none": x._like(),
-        F.softmax: lambda x, dim=None, dtype=None, **kw: x.softmax(dim, dtype),
-        torch.softmax: lambda x, dim=None, dtype=None, **kw: x.softmax(dim, dtype),
-        F.scaled_dot_product_attention: lambda q, k, v, *a, **kw: m.new(
-            tuple(q.shape[:-1]) + (v.shape[-1],), q.dtype, q.device),
-        torch.addcmul: addcmul, torch.where: where, torch.isfinite: lambda x: x._like(dtype=torch.bool),
-        torch.sigmoid: unary, torch.exp: unary, torch.tanh: unary, torch.rsqrt: unary, torch.clamp: unary,
-        torch.cos: unary, torch.sin: unary, torch.add: binary, torch.mul: binary, torch.sub: binary,
-        torch.maximum: binary, torch.minimum: binary, torch.permute: lambda x, dims: m.sym(x).permute(dims),
-        torch.reshape: lambda x, shape: m.sym(x).reshape(shape), torch.flatten: lambda x, *a: m.sym(x).flatten(*a),
-        torch.chunk: lambda x, c, dim=0: m.sym(x).chunk(c, dim), torch.transpose: lambda x, a, b: m.sym(x).transpose(a, b),
-        torch.sum: lambda x, *a, **k: m.sym(x).sum(*a, **k), torch.mean: lambda x, *a, **k: m.sym(x).mean(*a, **k),
-        torch.amax: lambda x, *a, **k: m.sym(x).amax(*a, **k),
-    }
-    return rules

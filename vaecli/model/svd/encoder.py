@@ -7,7 +7,6 @@ from functools import partial
 import torch
 from torch import nn
 
-from vaecli.model.posterior import DiagonalGaussian  # noqa: F401 - the posterior of this encoder
 from vaecli.model.svd.blocks import AttnBlock, Downsample, ResnetBlock, Stage
 from vaecli.model.svd.config import VAEConfig
 from vaecli.ops.attention import AttentionBackend

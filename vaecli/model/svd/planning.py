@@ -287,46 +287,62 @@ def plan_decode(config: VAEConfig, frames: int, latent_hw: tuple[int, int], *, d
     plan is returned with a reason saying so (OOM recovery may still get through). estimator: reuse traces.
     """
     est = estimator or Estimator(config, dtype, cost or COST_MODELS.get(device.type, COST_MODELS["cpu"]))
-    weights = est.weights()
-    budget = available_bytes
-    h, w = latent_hw
-    f = config.downscale
-    backends = _backends(attention, device, max(budget, 0))
-    if not backends:
-        raise UsageError(f"no attention backend works on {device}")
-    can_park = device.type != "cpu" and host_bytes is not None
-    reasons = [f"budget {format_bytes(max(budget, 0))} for activations on {device}", norm_kernels(device)]
+    search = _DecodeSearch(est, device, dtype, available_bytes, latent_hw, attention, host_bytes)
+    if chunk is not None and 0 < chunk < frames:  # approximate windows, forced by the user
+        return search.forced_windows(chunk, overlap, tile)
+    if chunk == 0 and tile is None:  # one clip, forced
+        return search.forced_one_clip(frames)
+    best = search.exact_plan(frames, tile, forced=tile is not None)
+    return best if best is not None else search.fallback(frames, tile)
 
-    def one_clip_cost(backend: AttentionBackend, c: int, batched: bool) -> int:
+
+class _DecodeSearch:
+    """The decode plans for one clip size, device and budget, tried in order (see `plan_decode`)."""
+
+    def __init__(self, est: Estimator, device: torch.device, dtype: torch.dtype, budget: int,
+                 latent_hw: tuple[int, int], attention: str, host_bytes: int | None):
+        self.est, self.device, self.dtype, self.budget, self.host_bytes = est, device, dtype, budget, host_bytes
+        self.h, self.w = latent_hw
+        self.f = est.config.downscale
+        self.weights = est.weights()
+        self.backends = _backends(attention, device, max(budget, 0))
+        if not self.backends:
+            raise UsageError(f"no attention backend works on {device}")
+        self.can_park = device.type != "cpu" and host_bytes is not None
+        self.reasons = [f"budget {format_bytes(max(budget, 0))} for activations on {device}", norm_kernels(device)]
+        self.batch_default = FRAME_BATCH if device.type == "cuda" else None
+
+    def one_clip_cost(self, backend: AttentionBackend, c: int, batched: bool) -> int:
+        h, w, est = self.h, self.w, self.est
         act = est.exact(backend, c, h, w, FRAME_BATCH) if batched else est.activations("decode", backend, c, h, w)
-        return act + output_bytes(c, h * f, w * f)
+        return act + output_bytes(c, h * self.f, w * self.f)
 
-    def plan(backend, strategy, c, k, act, why, *, pieces=None, batch=None, exact=True, host=0) -> Plan:
-        return Plan("decode", str(device), dtype_name(dtype), backend, strategy, c, k, act, budget, weights,
-                    tuple(reasons + why), batch, pieces, exact, host)
+    def plan(self, backend, strategy, c, k, act, why, *, pieces=None, batch=None, exact=True, host=0) -> Plan:
+        return Plan("decode", str(self.device), dtype_name(self.dtype), backend, strategy, c, k, act, self.budget,
+                    self.weights, tuple(self.reasons + why), batch, pieces, exact, host)
 
-    def exact_plan(c: int, tile_side: int | None = None, forced: bool = False) -> Plan | None:
+    def exact_plan(self, c: int, tile_side: int | None = None, forced: bool = False) -> Plan | None:
         """The best exact plan for a clip of c frames: one clip, else streamed (resident, then parked)."""
-        batch_default = FRAME_BATCH if device.type == "cuda" else None
-        out = output_bytes(min(c, FRAME_BATCH), h * f, w * f)
+        est, h, w, budget = self.est, self.h, self.w, self.budget
+        out = output_bytes(min(c, FRAME_BATCH), h * self.f, w * self.f)
         # every plan that keeps the clip on the device holds its largest activation at least: no trace needed
         resident_possible = est.clip_store("decode", c - 1, h, w) <= budget
         if tile_side is None:
-            for backend in backends:
-                if one_clip_cost(backend, c, False) <= budget:
-                    return plan(backend, "one-clip", c, 0, one_clip_cost(backend, c, False),
-                                [f"all {c} frames fit as one clip (exact)", f"attention {backend.name}"],
-                                batch=batch_default)
-            for backend in backends if resident_possible else []:
-                if one_clip_cost(backend, c, True) <= budget:
-                    return plan(backend, "one-clip", c, 0, one_clip_cost(backend, c, True),
-                                [f"all {c} frames fit as one clip (exact) with the 2D layers {FRAME_BATCH} frames at a "
-                                 "time", f"attention {backend.name}"], batch=FRAME_BATCH)
-        for park in (False, True) if can_park else (False,):
+            for backend in self.backends:
+                if self.one_clip_cost(backend, c, False) <= budget:
+                    return self.plan(backend, "one-clip", c, 0, self.one_clip_cost(backend, c, False),
+                                     [f"all {c} frames fit as one clip (exact)", f"attention {backend.name}"],
+                                     batch=self.batch_default)
+            for backend in self.backends if resident_possible else []:
+                if self.one_clip_cost(backend, c, True) <= budget:
+                    return self.plan(backend, "one-clip", c, 0, self.one_clip_cost(backend, c, True),
+                                     [f"all {c} frames fit as one clip (exact) with the 2D layers {FRAME_BATCH} "
+                                      "frames at a time", f"attention {backend.name}"], batch=FRAME_BATCH)
+        for park in (False, True) if self.can_park else (False,):
             host = est.clip_store("decode", c, h, w) if park else 0
-            if (park and host > host_bytes) or (not park and not resident_possible):
+            if (park and host > self.host_bytes) or (not park and not resident_possible):
                 continue
-            for backend in backends:
+            for backend in self.backends:
                 found = stream_pieces(est, backend, c, h, w, budget, park, out, tile_side)
                 if found:
                     pieces, act = found
@@ -336,47 +352,49 @@ def plan_decode(config: VAEConfig, frames: int, latent_hw: tuple[int, int], *, d
                            f"one clip of {c} frames does not fit; streamed exactly, layer by layer")
                     where = (f"clip parked in host memory ({format_bytes(host)})" if park
                              else "clip kept on the device")
-                    return plan(backend, "stream", c, 0, act, [why, where, f"attention {backend.name}"],
-                                pieces=pieces, host=host)
+                    return self.plan(backend, "stream", c, 0, act, [why, where, f"attention {backend.name}"],
+                                     pieces=pieces, host=host)
         return None
 
-    if chunk is not None and chunk > 0 and chunk < frames:  # approximate windows, forced by the user
+    def forced_windows(self, chunk: int, overlap: int | None, tile: int | None) -> Plan:
+        """Approximate windows of `chunk` frames overlapping by `overlap`, each decoded by its best exact plan."""
         k = overlap if overlap is not None else min(8, max(1, chunk // 4))
         if k >= chunk:
             raise UsageError(f"--overlap {k} must be smaller than --chunk {chunk}")
-        inner = exact_plan(chunk, tile, forced=tile is not None)
+        inner = self.exact_plan(chunk, tile, forced=tile is not None)
         note = ["windows forced by the user (--chunk/--overlap): approximate, " +
                 ("independent clips (sgm decoding_t)" if k == 0 else WINDOWS_ERROR)]
         if inner is None:
-            act = one_clip_cost(backends[-1], chunk, True)
-            return plan(backends[-1], "windows", chunk, k, act, note + ["predicted peak exceeds the budget"],
-                        batch=FRAME_BATCH, exact=False)
-        return plan(inner.attention, "windows", chunk, k, inner.activation_bytes, note + list(inner.reasons[2:]),
-                    pieces=inner.pieces, batch=inner.frame_batch, exact=False, host=inner.host_bytes)
-    if chunk == 0 and tile is None:  # one clip, forced
-        backend = next((b for b in backends if one_clip_cost(b, frames, False) <= budget), None)
+            act = self.one_clip_cost(self.backends[-1], chunk, True)
+            return self.plan(self.backends[-1], "windows", chunk, k, act, note + ["predicted peak exceeds the budget"],
+                             batch=FRAME_BATCH, exact=False)
+        return self.plan(inner.attention, "windows", chunk, k, inner.activation_bytes, note + list(inner.reasons[2:]),
+                         pieces=inner.pieces, batch=inner.frame_batch, exact=False, host=inner.host_bytes)
+
+    def forced_one_clip(self, frames: int) -> Plan:
+        backend = next((b for b in self.backends if self.one_clip_cost(b, frames, False) <= self.budget), None)
         note = f"attention {backend.name}" if backend else "predicted peak exceeds the budget"
-        backend = backend or backends[-1]
-        return plan(backend, "one-clip", frames, 0, one_clip_cost(backend, frames, False),
-                    ["one clip forced by the user", note], batch=FRAME_BATCH if device.type == "cuda" else None)
-    best = exact_plan(frames, tile, forced=tile is not None)
-    if best is not None:
-        return best
-    # approximate fallback: fixed windows, each decoded exactly (not sized from free memory)
-    c = min(FALLBACK_WINDOW, frames)
-    k = 0 if c >= frames else FALLBACK_OVERLAP
-    inner = exact_plan(c, tile) if c < frames else None
-    why = [f"even streamed (the clip parked where possible) the {frames} frames do not fit; APPROXIMATE fallback: "
-           f"windows of {c} frames overlapping by {k}, cross-faded ({WINDOWS_ERROR})"]
-    if inner is None:
-        pieces = Pieces(1, MIN_TILE, 1, MIN_TILE, can_park)
-        smallest = min(backends, key=lambda b: est.stream("decode", b, c, h, w, pieces))
-        act = est.stream("decode", smallest, c, h, w, pieces)
-        return plan(smallest, "windows" if c < frames else "stream", c, k, act,
-                    why + ["nothing fits the budget by the cost model; the smallest plan is used"],
-                    pieces=pieces, exact=c >= frames)
-    return plan(inner.attention, "windows", c, k, inner.activation_bytes, why + list(inner.reasons[2:]),
-                pieces=inner.pieces, batch=inner.frame_batch, exact=False, host=inner.host_bytes)
+        backend = backend or self.backends[-1]
+        return self.plan(backend, "one-clip", frames, 0, self.one_clip_cost(backend, frames, False),
+                         ["one clip forced by the user", note], batch=self.batch_default)
+
+    def fallback(self, frames: int, tile: int | None) -> Plan:
+        """Nothing exact fits: fixed windows, each decoded exactly (not sized from free memory), or the smallest
+        plan when not even those fit."""
+        c = min(FALLBACK_WINDOW, frames)
+        k = 0 if c >= frames else FALLBACK_OVERLAP
+        inner = self.exact_plan(c, tile) if c < frames else None
+        why = [f"even streamed (the clip parked where possible) the {frames} frames do not fit; APPROXIMATE fallback: "
+               f"windows of {c} frames overlapping by {k}, cross-faded ({WINDOWS_ERROR})"]
+        if inner is None:
+            pieces = Pieces(1, MIN_TILE, 1, MIN_TILE, self.can_park)
+            smallest = min(self.backends, key=lambda b: self.est.stream("decode", b, c, self.h, self.w, pieces))
+            act = self.est.stream("decode", smallest, c, self.h, self.w, pieces)
+            return self.plan(smallest, "windows" if c < frames else "stream", c, k, act,
+                             why + ["nothing fits the budget by the cost model; the smallest plan is used"],
+                             pieces=pieces, exact=c >= frames)
+        return self.plan(inner.attention, "windows", c, k, inner.activation_bytes, why + list(inner.reasons[2:]),
+                         pieces=inner.pieces, batch=inner.frame_batch, exact=False, host=inner.host_bytes)
 
 
 def plan_encode(config: VAEConfig, frames: int, size_hw: tuple[int, int], *, device: torch.device,

@@ -100,6 +100,14 @@ def temporal(x: torch.Tensor, conv: nn.Conv3d, scale: torch.Tensor | None = None
 # ----------------------------------------------------------------------------------------------- the executor
 
 
+def region(y0: int, y1: int, x0: int, x1: int, halo: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """The input rows and columns (y0, y1, x0, x1) for output [y0, y1) × [x0, x1) of a stride-1 stage, grown by
+    `halo` pixels and clipped to the height × width frame."""
+    ry0, ry1 = grown(y0, y1, halo, height)
+    rx0, rx1 = grown(x0, x1, halo, width)
+    return ry0, ry1, rx0, rx1
+
+
 class Streamer:
     """Runs stages over a `FrameStore` in pieces. `latent_hw`: the latent size (tiles scale from it).
 
@@ -169,7 +177,7 @@ class Streamer:
         chunk (its output for the chunk kept where the clip is kept), with halos and whole-frame statistics."""
         out = FrameStore(len(store), self.device, self.pieces.park)
         chunks = self.chunks(len(store))
-        shape = None
+        shape, dtype = None, None  # a computed chunk's output, for the sampled chunks after it
         for k, (a, b) in enumerate(chunks):
             if shape is not None and not self.computed(k, chunks):  # sampled: allocate as computed, do not compute
                 store.drop(a, b)
@@ -228,13 +236,6 @@ class Streamer:
         dst = FrameStore(n, self.device, self.pieces.park)
         dst.allocate(out_c, out_h, out_w, src.dtype())
         tiles = self.tiles(out_h, out_w, self.pieces.tile)
-
-        def region(y0, y1, x0, x1, halo):
-            """The input region for output [y0, y1) × [x0, x1) grown by `halo` (output pixels of a stride-1 stage)."""
-            ry0, ry1 = grown(y0, y1, halo, height)
-            rx0, rx1 = grown(x0, x1, halo, width)
-            return ry0, ry1, rx0, rx1
-
         if stage.kind == "norm_silu":
             stats = self.frame_moments(src, layer)
             for rows, cols, *_ in tiles:
@@ -242,7 +243,7 @@ class Streamer:
         elif stage.kind == "conv":
             halo = layer.kernel_size[0] // 2
             for rows, cols, y0, y1, x0, x1 in tiles:
-                ry0, ry1, rx0, rx1 = region(y0, y1, x0, x1, halo)
+                ry0, ry1, rx0, rx1 = region(y0, y1, x0, x1, halo, height, width)
                 y = nn.Conv2d.forward(layer, src.read(0, n, slice(ry0, ry1), slice(rx0, rx1)))
                 dst.write(0, self.checked(y[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0]), rows, cols)
                 del y  # (every tile loop frees its piece before the next one is computed)
@@ -263,38 +264,46 @@ class Streamer:
                 part = F.pad(part, (0, 2 * x1 + 1 - rx1, 0, 2 * y1 + 1 - ry1))
                 dst.write(0, self.checked(layer.conv(part)), rows, cols)
                 del part
-        else:  # resnet: norm1 statistics of x, norm2 statistics of conv1's output (kept for the chunk, or recomputed)
-            s1 = self.frame_moments(src, layer.norm1)
-            m2 = Moments(layer.norm2.num_groups, per_frame=True)
-            kept = None
-            if self.pieces.keep:
-                kept = FrameStore(n, self.device, self.pieces.park)
-                kept.allocate(out_c, out_h, out_w, src.dtype())
-            for rows, cols, y0, y1, x0, x1 in tiles:
-                ry0, ry1, rx0, rx1 = region(y0, y1, x0, x1, 1)
-                h = layer.conv1(affine_silu(src.read(0, n, slice(ry0, ry1), slice(rx0, rx1)), s1))
-                h = h[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0]
-                m2.add(h)
-                if kept is not None:
-                    kept.write(0, h, rows, cols)
-                del h
-            s2 = m2.affine(layer.norm2)
-            for rows, cols, y0, y1, x0, x1 in tiles:
-                if kept is not None:  # conv1's output with a 1-pixel halo, as computed above
-                    ry0, ry1, rx0, rx1 = region(y0, y1, x0, x1, 1)
-                    h = layer.conv2(affine_silu(kept.read(0, n, slice(ry0, ry1), slice(rx0, rx1)), s2))
-                    x = src.read(0, n, slice(ry0, ry1), slice(rx0, rx1))
-                else:
-                    ry0, ry1, rx0, rx1 = region(y0, y1, x0, x1, 2)
-                    x = src.read(0, n, slice(ry0, ry1), slice(rx0, rx1))
-                    h = layer.conv2(affine_silu(layer.conv1(affine_silu(x, s1)), s2))
-                if layer.in_channels != layer.out_channels:
-                    x = pointwise(layer.nin_shortcut, x)
-                y = h.add_(x)[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0]
-                del x
-                dst.write(0, self.checked(y), rows, cols)
-                del h, y
+        else:
+            self.tiled_resnet(layer, src, dst, tiles)
         return dst
+
+    def tiled_resnet(self, layer: nn.Module, src: FrameStore, dst: FrameStore, tiles: list) -> None:
+        """A ResnetBlock over a chunk tile by tile into `dst` (allocated): norm1 statistics of x, norm2 statistics
+        of conv1's output (kept for the chunk when `pieces.keep`, else recomputed with a 2-pixel halo)."""
+        n = len(src)
+        _, height, width = src.shape()
+        out_c, out_h, out_w = dst.shape()
+        s1 = self.frame_moments(src, layer.norm1)
+        m2 = Moments(layer.norm2.num_groups, per_frame=True)
+        kept = None
+        if self.pieces.keep:
+            kept = FrameStore(n, self.device, self.pieces.park)
+            kept.allocate(out_c, out_h, out_w, src.dtype())
+        for rows, cols, y0, y1, x0, x1 in tiles:
+            ry0, ry1, rx0, rx1 = region(y0, y1, x0, x1, 1, height, width)
+            h = layer.conv1(affine_silu(src.read(0, n, slice(ry0, ry1), slice(rx0, rx1)), s1))
+            h = h[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0]
+            m2.add(h)
+            if kept is not None:
+                kept.write(0, h, rows, cols)
+            del h
+        s2 = m2.affine(layer.norm2)
+        for rows, cols, y0, y1, x0, x1 in tiles:
+            if kept is not None:  # conv1's output with a 1-pixel halo, as computed above
+                ry0, ry1, rx0, rx1 = region(y0, y1, x0, x1, 1, height, width)
+                h = layer.conv2(affine_silu(kept.read(0, n, slice(ry0, ry1), slice(rx0, rx1)), s2))
+                x = src.read(0, n, slice(ry0, ry1), slice(rx0, rx1))
+            else:
+                ry0, ry1, rx0, rx1 = region(y0, y1, x0, x1, 2, height, width)
+                x = src.read(0, n, slice(ry0, ry1), slice(rx0, rx1))
+                h = layer.conv2(affine_silu(layer.conv1(affine_silu(x, s1)), s2))
+            if layer.in_channels != layer.out_channels:
+                x = pointwise(layer.nin_shortcut, x)
+            y = h.add_(x)[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0]
+            del x
+            dst.write(0, self.checked(y), rows, cols)
+            del h, y
 
     def frame_moments(self, src: FrameStore, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-frame statistics of a chunk store, gathered tile by tile, as (scale, shift)."""

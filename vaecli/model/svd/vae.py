@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from vaecli.errors import UsageError
+from vaecli.model.posterior import DiagonalGaussian
 from vaecli.model.svd.blocks import Clips, Stage, frame_batches
 from vaecli.model.svd.config import VAEConfig
 from vaecli.model.svd.decoder import Decoder
-from vaecli.model.svd.encoder import DiagonalGaussian, Encoder
+from vaecli.model.svd.encoder import Encoder
 from vaecli.model.svd.streaming import Pieces, Streamer, stream_frames
 from vaecli.ops.attention import AttentionBackend
 
