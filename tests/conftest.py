@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n 2`, the README's command) each worker computes on one thread, and so do the
+    subprocesses it starts: two workers with two threads each on two cores spin against each other and the tiny
+    tensors of these tests run several times slower (measured: the streaming tiles test 17 s alone, 237 s so)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

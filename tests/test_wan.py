@@ -1,0 +1,92 @@
+"""The Wan 2.1 VAE against diffusers' `AutoencoderKLWan` with every parameter randomised (γ included), fp32:
+posterior moments and decoded frames within 1e-4, for the tiny oracle config and one with the released block
+structure at a narrow width; chunked encodes and decodes equal the one-call results."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vaecli.model.wan.config import WanConfig
+from vaecli.model.wan.keymap import original_to_diffusers
+from vaecli.model.wan.modules import WanVAE
+
+diffusers = pytest.importorskip("diffusers")
+
+CONFIGS = {
+    # the tiny oracle of ../shared/reference/video-vaes.md
+    "tiny": WanConfig(dim=3, z_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1, name="tiny"),
+    # the released 2.1 structure (widths ×1,2,4,4; two blocks per level), narrow
+    "narrow": WanConfig(dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2, name="narrow"),
+}
+
+
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    """Every parameter random: weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1²), γ ~ 1 + N(0, 0.3²)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.3 * noise)
+            elif p.dim() > 1:
+                p.copy_(noise / math.sqrt(p[0].numel()))
+            else:
+                p.copy_(0.1 * noise)
+
+
+def pair(config: WanConfig, seed: int = 0):
+    """(vaecli's WanVAE, diffusers' AutoencoderKLWan) with the same random weights."""
+    from diffusers import AutoencoderKLWan
+
+    ours = WanVAE(config).eval()
+    randomise(ours, seed)
+    theirs = AutoencoderKLWan(base_dim=config.dim, z_dim=config.z_dim, dim_mult=list(config.dim_mult),
+                              num_res_blocks=config.num_res_blocks,
+                              temperal_downsample=list(config.temperal_downsample)).eval()
+    mapping = original_to_diffusers(ours.state_dict().keys(), config)
+    theirs.load_state_dict({mapping[k]: v for k, v in ours.state_dict().items()}, strict=True)
+    return ours, theirs
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def models(request):
+    return request.param, *pair(CONFIGS[request.param], seed=len(request.param))
+
+
+def clip(frames: int, size: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand((1, 3, frames, size, size), generator=g) * 2 - 1)
+
+
+def test_encode_and_decode_match_diffusers(models):
+    name, ours, theirs = models
+    x = clip(9, 32)
+    with torch.no_grad():
+        dist = theirs.encode(x).latent_dist
+        moments = ours.moments(x)
+        mean, logvar = moments.chunk(2, dim=1)
+        assert mean.shape == (1, 16, 3, 4, 4)
+        assert torch.allclose(mean, dist.mean, atol=1e-4), (mean - dist.mean).abs().max()
+        assert torch.allclose(logvar.clamp(-30, 20), dist.logvar, atol=1e-4)
+        z = torch.randn(1, 16, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+        frames = ours.decode(z)
+        reference = theirs.decode(z).sample
+    assert frames.shape == reference.shape == (1, 3, 13, 32, 32)
+    assert 0.05 < frames.std() and frames.abs().max() <= 1  # not saturated: the comparison can fail
+    assert torch.allclose(frames, reference, atol=1e-4), (frames - reference).abs().max()
+
+
+def test_every_chunking_equals_one_call(models):
+    name, ours, _ = models
+    x = clip(13, 16, seed=3)
+    z = torch.randn(1, 16, 5, 2, 2, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        whole = ours.moments(x, first=13)
+        for first, chunk in ((1, 4), (1, 8), (1, 12), (5, 4), (9, 4)):
+            assert torch.allclose(ours.moments(x, chunk=chunk, first=first), whole, atol=1e-5), (first, chunk)
+        one = ours.decode(z, chunk=5)
+        for chunk in range(1, 5):
+            assert torch.allclose(ours.decode(z, chunk=chunk), one, atol=1e-5), chunk

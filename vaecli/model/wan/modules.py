@@ -1,0 +1,283 @@
+"""The Wan 2.1 video VAE as plain modules (attribute names follow the original release's checkpoint keys:
+`encoder.conv1`, `encoder.downsamples.N`, `encoder.middle.{0,1,2}`, `encoder.head.{0,2}`, `conv1`, `conv2`,
+`decoder.conv1`, `decoder.middle`, `decoder.upsamples.N`, `decoder.head`).
+
+Layouts: video tensors are (B, C, T, H, W); pixels in [-1, 1]. Time is causal: every 3-D convolution sees only
+the current and earlier frames, so a clip can be run in chunks of frames that carry a `Cache` (the last input
+frames of every temporal convolution, keyed by module) from one chunk to the next and give the numbers of one
+call. The first frame of a clip is coded alone: T latent frames <-> 1 + 4 (T - 1) frames.
+
+Where a chunk may end: the encoder takes 1 + 4k frames at the start of a clip, then multiples of 4; the decoder
+takes any number of latent frames in any chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from vaecli.ops.attention import AttentionBackend
+
+Cache = dict  # nn.Module -> what that module keeps between the chunks of one clip (a fresh dict per clip)
+_STARTED = "started"  # an upsampler's cache entry once the clip's first frame went through it
+
+
+def per_frame(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2-D layer `fn` to every frame of (B, C, T, H, W)."""
+    b = x.shape[0]
+    y = fn(rearrange(x, "b c t h w -> (b t) c h w"))
+    return rearrange(y, "(b t) c h w -> b c t h w", b=b)
+
+
+class RMSNorm(nn.Module):
+    """x / ‖x‖ over channels at every position, × √C × γ. γ: [C, 1, 1, 1] for (B, C, T, H, W) (`images=False`),
+    [C, 1, 1] for (N, C, H, W). Half-precision inputs are normalised in fp32."""
+
+    def __init__(self, dim: int, images: bool = True):
+        super().__init__()
+        self.scale = math.sqrt(dim)
+        self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return F.normalize(wide, dim=1).to(x.dtype) * self.scale * self.gamma
+
+
+class CausalConv3d(nn.Conv3d):
+    """A 3-D convolution over (B, C, T, H, W), zero-padded symmetrically in space and causally in time: the
+    2·p_t frames before a chunk are the end of the previous chunk's input (from `cache`) or zeros at the clip's
+    start. With cache None every call is a clip of its own."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0):
+        super().__init__(in_channels, out_channels, kernel_size, stride)
+        pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        self.space_pad = (pw, pw, ph, ph)
+        self.time_pad = 2 * pt
+
+    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        pad = self.time_pad
+        if pad and cache is not None:
+            before = cache.get(self)
+            history = x if before is None else torch.cat([before, x], dim=2)
+            cache[self] = history[:, :, -pad:].clone()
+            if before is not None:
+                x, pad = history, pad - before.shape[2]
+        return super().forward(F.pad(x, self.space_pad + (pad, 0)))
+
+
+class ResidualBlock(nn.Module):
+    """x -> shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x)))))) on (B, C, T, H, W); `residual` keeps the
+    original Sequential's indices (0 norm1, 2 conv1, 3 norm2, 6 conv2)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim, images=False), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim, images=False), nn.SiLU(), nn.Identity(), CausalConv3d(out_dim, out_dim, 3, padding=1))
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        r = self.residual
+        h = r[2](F.silu(r[0](x)), cache)
+        h = r[6](F.silu(r[3](h)), cache)
+        return h + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H·W positions of each frame of (B, C, T, H, W), scale 1/√C:
+    x + proj(attention(to_qkv(norm(x))))."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def attend(self, x: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+        """Frames (N, C, H, W) -> (N, C, H, W) after the projection and the residual."""
+        height, width = x.shape[-2:]
+        qkv = rearrange(self.to_qkv(self.norm(x)), "n (three c) h w -> three n 1 (h w) c", three=3)
+        out = attention(qkv[0], qkv[1], qkv[2])
+        return x + self.proj(rearrange(out, "n 1 (h w) c -> n c h w", h=height, w=width))
+
+    def forward(self, x: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+        return per_frame(lambda f: self.attend(f, attention), x)
+
+
+class Resample(nn.Module):
+    """2× resampling of (B, C, T, H, W). Modes:
+
+    upsample2d / upsample3d: nearest 2× in space then a 3×3 conv to C/2 channels (`resample.1`); 3d also doubles
+      time after the clip's first frame: `time_conv` makes 2C channels per frame, read as two frames of C.
+    downsample2d / downsample3d: pad right/bottom by 1, 3×3 conv stride 2 (`resample.1`); 3d also halves time
+      after the clip's first frame: `time_conv` (kernel 3, stride 2, no padding) over the previous chunk's last
+      frame and this chunk's.
+    The clip's first frame passes the time step untouched (it is coded alone).
+    """
+
+    def __init__(self, dim: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("upsample"):
+            self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+            if mode == "upsample3d":
+                self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode.startswith("downsample"):
+            self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, dim, 3, stride=2))
+            if mode == "downsample3d":
+                self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        else:
+            raise ValueError(f"unknown resample mode {mode!r}")
+
+    def space(self, x: torch.Tensor) -> torch.Tensor:
+        """Frames (N, C, H, W) -> (N, C', 2H, 2W) or (N, C, H/2, W/2)."""
+        if self.mode.startswith("upsample"):
+            x = F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").type_as(x)
+        else:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.resample[1](x)
+
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        if self.mode == "upsample3d":
+            x = self.double_time(x, cache)
+        x = per_frame(self.space, x)
+        if self.mode == "downsample3d":
+            x = self.halve_time(x, cache)
+        return x
+
+    def double_time(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, C, T', H, W): the clip's first frame once, every later frame twice over."""
+        head = None
+        if cache.get(self) is None:  # the clip's first frame: no time step; later frames start from zeros
+            cache[self] = _STARTED
+            head, x = x[:, :, :1], x[:, :, 1:]
+        if x.shape[2]:
+            y = self.time_conv(x, cache)
+            # (B, 2C, T, H, W) -> (B, C, 2T, H, W): channels [0, C) give frame 2t, [C, 2C) frame 2t + 1
+            x = rearrange(y, "b (two c) t h w -> b c (t two) h w", two=2)
+        return x if head is None else torch.cat([head, x], dim=2)
+
+    def halve_time(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, C, T', H, W): the clip's first frame, then one frame per two (T even later)."""
+        before = cache.get(self)
+        cache[self] = x[:, :, -1:].clone()
+        if before is None:  # the clip's first frame passes; the frames after it pair up with it
+            return torch.cat([x[:, :, :1], self.time_conv(x)], dim=2) if x.shape[2] > 1 else x
+        return self.time_conv(torch.cat([before, x], dim=2))
+
+
+class Encoder3d(nn.Module):
+    """Frames (B, in_channels, T, H, W) in [-1, 1] -> (B, z_channels, t, H/8, W/8) (the moments: mean, log-variance)."""
+
+    def __init__(self, dim: int, z_channels: int, dim_mult: tuple[int, ...], num_res_blocks: int,
+                 attn_scales: tuple[float, ...], temperal_downsample: tuple[bool, ...], in_channels: int = 3):
+        super().__init__()
+        dims = [dim * u for u in (1, *dim_mult)]
+        self.conv1 = CausalConv3d(in_channels, dims[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        scale = 1.0
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(num_res_blocks):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                if scale in attn_scales:
+                    layers.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                layers.append(Resample(out_dim, "downsample3d" if temperal_downsample[i] else "downsample2d"))
+                scale /= 2.0
+        self.downsamples = nn.Sequential(*layers)
+        self.middle = nn.Sequential(ResidualBlock(dims[-1], dims[-1]), AttentionBlock(dims[-1]),
+                                    ResidualBlock(dims[-1], dims[-1]))
+        self.head = nn.Sequential(RMSNorm(dims[-1], images=False), nn.SiLU(),
+                                  CausalConv3d(dims[-1], z_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, cache: Cache, attention: AttentionBackend) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        for layer in (*self.downsamples, *self.middle):
+            x = layer(x, attention) if isinstance(layer, AttentionBlock) else layer(x, cache)
+        return self.head[2](F.silu(self.head[0](x)), cache)
+
+
+class Decoder3d(nn.Module):
+    """Latents (B, z_dim, t, h, w) -> frames (B, out_channels, T, 8h, 8w), ≈[-1, 1] (unclamped)."""
+
+    def __init__(self, dim: int, z_dim: int, dim_mult: tuple[int, ...], num_res_blocks: int,
+                 attn_scales: tuple[float, ...], temperal_upsample: tuple[bool, ...], out_channels: int = 3):
+        super().__init__()
+        dims = [dim * u for u in (dim_mult[-1], *dim_mult[::-1])]
+        self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
+        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
+                                    ResidualBlock(dims[0], dims[0]))
+        layers: list[nn.Module] = []
+        scale = 1.0 / 2 ** (len(dim_mult) - 2)
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2  # the upsampler before halved the channels
+            for _ in range(num_res_blocks + 1):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                if scale in attn_scales:
+                    layers.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                layers.append(Resample(out_dim, "upsample3d" if temperal_upsample[i] else "upsample2d"))
+                scale *= 2.0
+        self.upsamples = nn.Sequential(*layers)
+        self.head = nn.Sequential(RMSNorm(dims[-1], images=False), nn.SiLU(),
+                                  CausalConv3d(dims[-1], out_channels, 3, padding=1))
+
+    def forward(self, z: torch.Tensor, cache: Cache, attention: AttentionBackend) -> torch.Tensor:
+        x = self.conv1(z, cache)
+        for layer in (*self.middle, *self.upsamples):
+            x = layer(x, attention) if isinstance(layer, AttentionBlock) else layer(x, cache)
+        return self.head[2](F.silu(self.head[0](x)), cache)
+
+
+class WanVAE(nn.Module):
+    """The Wan 2.1 VAE: `encoder` + `conv1` (moments -> moments, 1×1×1) and `conv2` (latents -> latents) +
+    `decoder`. Latents here are raw (the model's own space; files normalise them per channel).
+
+    config: a `WanConfig` (dim, z_dim, dim_mult, num_res_blocks, attn_scales, temperal_downsample).
+    """
+
+    def __init__(self, config: Any):
+        super().__init__()
+        c = config
+        self.config = c
+        self.encoder = Encoder3d(c.dim, c.z_dim * 2, c.dim_mult, c.num_res_blocks, c.attn_scales,
+                                 c.temperal_downsample, c.in_channels)
+        self.conv1 = CausalConv3d(c.z_dim * 2, c.z_dim * 2, 1)
+        self.conv2 = CausalConv3d(c.z_dim, c.z_dim, 1)
+        self.decoder = Decoder3d(c.dim, c.z_dim, c.dim_mult, c.num_res_blocks, c.attn_scales,
+                                 c.temperal_downsample[::-1], c.out_channels)
+
+    def encode_chunk(self, x: torch.Tensor, cache: Cache, attention: AttentionBackend) -> torch.Tensor:
+        """Frames (B, C, T, H, W) of one chunk (1 + 4k at the clip's start, then 4k) -> moments (B, 2z, t, h, w)."""
+        return self.conv1(self.encoder(x, cache, attention))
+
+    def decode_chunk(self, z: torch.Tensor, cache: Cache, attention: AttentionBackend) -> torch.Tensor:
+        """Raw latents (B, z, t, h, w) of one chunk -> frames (B, C, T, 8h, 8w) clamped to [-1, 1]."""
+        return self.decoder(self.conv2(z), cache, attention).clamp_(-1.0, 1.0)
+
+    def moments(self, x: torch.Tensor, attention: AttentionBackend | None = None, chunk: int = 4,
+                first: int = 1) -> torch.Tensor:
+        """A whole clip (B, C, 1 + 4k, H, W) -> moments (B, 2z, 1 + k, h, w): `first` frames (1 + 4j) in the
+        first call, then `chunk` (a multiple of 4) at a time."""
+        attention = attention or AttentionBackend("sdpa")
+        cache: Cache = {}
+        parts = [self.encode_chunk(x[:, :, :first], cache, attention)]
+        for start in range(first, x.shape[2], chunk):
+            parts.append(self.encode_chunk(x[:, :, start:start + chunk], cache, attention))
+        return torch.cat(parts, dim=2)
+
+    def decode(self, z: torch.Tensor, attention: AttentionBackend | None = None, chunk: int = 1) -> torch.Tensor:
+        """Raw latents of a whole clip (B, z, t, h, w) -> frames (B, C, 1 + 4(t - 1), 8h, 8w) in [-1, 1]."""
+        attention = attention or AttentionBackend("sdpa")
+        cache: Cache = {}
+        return torch.cat([self.decode_chunk(z[:, :, s:s + chunk], cache, attention)
+                          for s in range(0, z.shape[2], chunk)], dim=2)
