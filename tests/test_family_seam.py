@@ -81,7 +81,7 @@ class ToyCodec(Codec):
     def plan_encode(self, frames, size_hw, budget, *, attention="auto", batch=None):
         return self._plan("encode", 2, size_hw[0] * size_hw[1], budget, 2)
 
-    def moments(self, x, plan):
+    def moments(self, x, plan, clip=None):
         n, c, h, w = x.shape
         pairs = x.to(self.device, self.dtype).view(n // 2, 2, c, h, w).mean(1)  # (t, 3, H, W): frames pair-averaged
         return self.module.enc(F.avg_pool2d(pairs, 2))

@@ -5,6 +5,7 @@ structure at a narrow width; chunked encodes and decodes equal the one-call resu
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,84 @@ def test_every_chunking_equals_one_call(models):
         one = ours.decode(z, chunk=5)
         for chunk in range(1, 5):
             assert torch.allclose(ours.decode(z, chunk=chunk), one, atol=1e-5), chunk
+
+
+# ------------------------------------------------------------------------------------------ through the CLI
+
+
+@pytest.fixture(scope="module")
+def wan_files(tmp_path_factory):
+    """The tiny Wan model in the original layout (with Kijai's `model.` prefix) and as a diffusers folder, and the
+    diffusers model with the same weights."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("wan")
+    ours, theirs = pair(CONFIGS["tiny"], seed=7)
+    save_file({f"model.{k}": v.contiguous() for k, v in ours.state_dict().items()}, str(root / "wan.safetensors"))
+    theirs.save_pretrained(root / "diffusers" / "vae")
+    return root, theirs
+
+
+def run(*args):
+    from typer.testing import CliRunner
+
+    from vaecli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_encode_decode_info_convert_match_diffusers(wan_files, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+
+    from helpers import make_video, read_video
+
+    root, theirs = wan_files
+    video = tmp_path / "clip.mp4"
+    make_video(video, n=9, width=32, height=32)
+    seen, _ = read_video(video)
+    info = json.loads(run("info", root / "wan.safetensors", "--json").stdout)
+    assert info["family"] == "wan" and info["latent_channels"] == 16 and info["frame_rule"] == {"factor": 4,
+                                                                                             "causal": True}
+    for model, batch in ((root / "wan.safetensors", []), (root / "diffusers", ["--batch", "4"])):
+        out = tmp_path / f"{Path(model).stem}.latents.safetensors"
+        done = run("encode", video, "-m", model, "-o", out, "--json", *batch)  # 9 frames at once; 5, then 4
+        assert done.exit_code == 0, done.output
+        with safe_open(str(out), "pt") as f:
+            stored, meta = f.get_tensor("latents"), f.metadata()
+        x = torch.from_numpy(seen).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            mean = theirs.encode(x).latent_dist.mean[0].permute(1, 0, 2, 3)  # (t, C, h, w)
+        m = torch.tensor(theirs.config.latents_mean).view(1, -1, 1, 1)
+        s = torch.tensor(theirs.config.latents_std).view(1, -1, 1, 1)
+        assert stored.shape == (3, 16, 4, 4) and meta["model.family"] == "wan"
+        assert torch.allclose(stored, (mean - m) / s, atol=1e-4), (stored - (mean - m) / s).abs().max()
+    frames_dir = tmp_path / "frames"
+    done = run("decode", out, "-m", root / "wan.safetensors", "-o", frames_dir, "--format", "png", "--json")
+    assert done.exit_code == 0, done.output
+    pngs = sorted(frames_dir.glob("*.png"))
+    assert len(pngs) == 9  # 3 latent frames -> 1 + 4·2 frames, none dropped or invented
+    got = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in pngs]).astype(int)
+    with torch.no_grad():
+        ref = theirs.decode((stored * s + m).permute(1, 0, 2, 3)[None]).sample[0].permute(1, 2, 3, 0)
+    want = ((ref + 1) * 127.5).round().clamp(0, 255).numpy().astype(int)
+    assert np.abs(got - want).max() <= 1
+    converted = run("convert", root / "wan.safetensors", "--to", "diffusers", "-o", tmp_path / "conv")
+    back = run("convert", tmp_path / "conv", "-o", tmp_path / "back.safetensors")
+    assert converted.exit_code == 0 and back.exit_code == 0, converted.output + back.output
+    with safe_open(str(root / "wan.safetensors"), "pt") as a, safe_open(str(tmp_path / "back.safetensors"), "pt") as b:
+        assert sorted(k[len("model."):] for k in a.keys()) == sorted(b.keys())
+        assert all(torch.equal(a.get_tensor("model." + k), b.get_tensor(k)) for k in b.keys())  # lossless
+
+
+def test_cli_refuses_lengths_off_the_frame_rule(wan_files, tmp_path):
+    from helpers import make_video
+
+    root, _ = wan_files
+    video = tmp_path / "clip.mp4"
+    make_video(video, n=11, width=32, height=32)
+    done = run("encode", video, "-m", root / "wan.safetensors", "-o", tmp_path / "x.latents.safetensors")
+    assert done.exit_code == 1 and "take 9 or 13 frames" in done.output and not (tmp_path / "x.latents.safetensors").exists()

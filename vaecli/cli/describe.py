@@ -83,7 +83,8 @@ def convert(
     checkpoint: Annotated[str, typer.Argument(
         help="Any supported checkpoint (full SVD file, ComfyUI, diffusers folder, ORG/REPO, vaecli-small).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output .safetensors file (or folder for diffusers).")],
-    to: Annotated[str, typer.Option("--to", help="Target layout: sgm (ComfyUI/standalone) or diffusers.")] = "sgm",
+    to: Annotated[str, typer.Option("--to", help="Target layout: sgm (ComfyUI/standalone SVD/SD) or diffusers; "
+                                                     "original or diffusers for a Wan VAE (default: sgm, or original for Wan).")] = "",
     revision: RevisionOpt = None,
     dtype: Annotated[Optional[str], typer.Option(help="Store tensors as fp32, fp16 or bf16 (default: as read).")] = None,
     config: ConfigOpt = None,
@@ -95,7 +96,7 @@ def convert(
 
     written = convert_checkpoint(model_path(checkpoint, revision), out, to=to, dtype=dtype, overwrite=overwrite,
                                  config=config)
-    print_result({"input": str(checkpoint), "output": str(written), "layout": to, "dtype": dtype},
+    print_result({"input": str(checkpoint), "output": str(written), "layout": to or "default", "dtype": dtype},
                   as_json, [str(written)])
 
 

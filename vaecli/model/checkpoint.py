@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vaecli._version import __version__
@@ -23,7 +24,7 @@ from vaecli.model.family import Checkpoint, Codec, detect
 from vaecli.ops.attention import AttentionBackend, resolve_attention
 from vaecli.ops.device import parse_device, parse_dtype
 from vaecli.ops.files import atomic_output
-from vaecli.ops.validate import number, parse_json, regular_file, safetensors_header
+from vaecli.ops.validate import FLOAT_DTYPES, number, parse_json, regular_file, safetensors_header
 
 BUNDLED_MODEL = "vaecli-small.safetensors"
 DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
@@ -93,6 +94,25 @@ def read_header(path: Path) -> tuple[dict, dict[str, str]]:
             "Convert it to .safetensors with a tool you trust, or use the model's safetensors release")
     header, metadata, _ = safetensors_header(path, CheckpointError)
     return header, metadata
+
+
+def read_tensors(path: Path, header: dict, names: list[str], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors `names` of a validated file (`read_header`), floating point and finite (else a CheckpointError
+    naming the tensor), keyed without `prefix`."""
+    bad = [n for n in names if header[n]["dtype"] not in FLOAT_DTYPES]
+    if bad:
+        raise CheckpointError(f"{printable(path)}: tensor {printable(bad[0])} is {header[bad[0]]['dtype']}; "
+                              "VAE weights are floating point")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = {name[len(prefix):]: f.get_tensor(name) for name in names}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{printable(path)}: cannot read tensors ({printable(e)})") from None
+    for name, tensor in raw.items():  # one pass, negligible next to reading the file
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{printable(path)}: tensor {printable(prefix + name)} holds NaN or inf; "
+                                  "the checkpoint is corrupt")
+    return raw
 
 
 def _looks_pickled(head: bytes) -> bool:

@@ -28,7 +28,7 @@ import torch
 
 from vaecli.errors import CheckpointError, InputError, UsageError
 
-BUILTIN_FAMILIES = ("vaecli.model.svd",)  # module paths, each with a `FAMILY` object; imported on first need
+BUILTIN_FAMILIES = ("vaecli.model.svd", "vaecli.model.wan")  # module paths, each with a `FAMILY` object; imported on first need
 
 
 class NonFiniteActivation(ArithmeticError):
@@ -78,10 +78,10 @@ class FrameRule:
         raise InputError(f"{where}: {frames} frames do not fit the model's frame rule ({self.describe()}); take "
                          f"{near} frames (--frames)")
 
-    def anchors(self, frames: int) -> list[int]:
-        """For a batch of `frames` frames (valid, and starting a clip if causal), the position of the first frame
-        of each latent frame's group."""
-        if self.causal:
+    def anchors(self, frames: int, starts_clip: bool = True) -> list[int]:
+        """For a batch of `frames` frames (1 + factor·k at a causal clip's start, else factor·k), the position of
+        the first frame of each latent frame's group."""
+        if self.causal and starts_clip:
             return [0] + list(range(1, frames, self.factor))
         return list(range(0, frames, self.factor))
 
@@ -212,8 +212,10 @@ class Codec:
         is a multiple of what the frame rule needs per call."""
         raise NotImplementedError
 
-    def moments(self, x: torch.Tensor, plan) -> torch.Tensor:
-        """Frames (n, C_in, H, W) in [-1, 1] (n a multiple of the frame rule's factor) -> moments (t, 2C, h, w)."""
+    def moments(self, x: torch.Tensor, plan, clip: dict | None = None) -> torch.Tensor:
+        """Frames (n, C_in, H, W) in [-1, 1] -> moments (t, 2C, h, w). n: a multiple of the frame rule's factor, or
+        for a causal rule 1 + factor·k at the clip's start and factor·k after. clip: a dict the runner makes per
+        clip and passes to every batch of it in order (where a causal model keeps what later batches need)."""
         raise NotImplementedError
 
     def decode(self, z: torch.Tensor, plan, *, check_finite: bool = False) -> Iterator[torch.Tensor]:

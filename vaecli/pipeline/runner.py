@@ -71,13 +71,15 @@ class DecodeOptions:
     overwrite: bool = False
 
 
-def batches(frames: Iterator[tuple[int, np.ndarray]], size: int) -> Iterator[list[tuple[int, np.ndarray]]]:
-    batch = []
+def batches(frames: Iterator[tuple[int, np.ndarray]], size: int,
+            first: int | None = None) -> Iterator[list[tuple[int, np.ndarray]]]:
+    """Consecutive lists of `size` frames (the first of `first`, when given), the last one possibly shorter."""
+    batch, want = [], first or size
     for item in frames:
         batch.append(item)
-        if len(batch) == size:
+        if len(batch) == want:
             yield batch
-            batch = []
+            batch, want = [], size
     if batch:
         yield batch
 
@@ -183,14 +185,16 @@ def _encode_run(job: EncodeJob, out: Path, outputs, plan: Plan, progress: Progre
     bar = progress.frames(opts.selection.count or job.source.count, f"encode {Path(spec).name} "
                                                                      f"({plan.chunk_frames} at a time)")
     try:
-        for batch in batches(frames, plan.chunk_frames):
+        clip: dict = {}  # what a causal model carries from one batch of this clip to the next
+        rule = codec.frame_rule
+        for batch in batches(frames, plan.chunk_frames, 1 + plan.chunk_frames if rule.causal else None):
             for _, image in batch:
                 if (image.shape[1], image.shape[0]) != source_size:
                     raise InputError(f"{spec}: frame size changes from {source_size[0]}x{source_size[1]} "
                                      f"to {image.shape[1]}x{image.shape[0]}")
             if not codec.frame_rule.valid(len(batch)):  # the last batch of a source whose length was not known
                 codec.frame_rule.check(len(indices) + len(batch), printable(spec))
-            z, posterior = encode_batch(codec, batch, geometry, opts, guard, plan)
+            z, posterior = encode_batch(codec, batch, geometry, opts, guard, plan, clip, starts_clip=not indices)
             checked = (z, posterior.mean, posterior.logvar) if opts.save_moments else (z,)
             for bad in (first_nonfinite(t) for t in checked):
                 if bad is not None:  # even in fp32: never written
@@ -231,17 +235,18 @@ def _encode_run(job: EncodeJob, out: Path, outputs, plan: Plan, progress: Progre
 
 
 def encode_batch(model: Codec, batch: list[tuple[int, np.ndarray]], geometry, opts: EncodeOptions,
-                 guard: PrecisionGuard | None, plan: Plan):
+                 guard: PrecisionGuard | None, plan: Plan, clip: dict | None = None, starts_clip: bool = True):
     """Source frames [(index, uint8 (H, W, 3))] -> (raw latents (t, C, h, w), posterior), t latent frames by the
-    frame rule. The frames go where the plan computes them (`Codec.input_device`)."""
+    frame rule. The frames go where the plan computes them (`Codec.input_device`). clip: the state a causal
+    model carries between the batches of one clip (a dict per clip, passed to every batch in order)."""
     x = to_model([image for _, image in batch], geometry, model.input_device(plan), torch.float32)
     guard = guard or PrecisionGuard(model)
-    moments = guard(lambda codec: codec.moments(x, plan), f"frames {batch[0][0]}-{batch[-1][0]}")
+    moments = guard(lambda codec: codec.moments(x, plan, clip=clip), f"frames {batch[0][0]}-{batch[-1][0]}")
     with torch.inference_mode():
         posterior = DiagonalGaussian(moments)
         z = posterior.mode()
         if opts.sample:
-            anchors = model.frame_rule.anchors(len(batch))
+            anchors = model.frame_rule.anchors(len(batch), starts_clip)
             noise = torch.stack([frame_noise(tuple(z.shape[1:]), opts.seed, batch[a][0]) for a in anchors])
             z = z + posterior.std * noise.to(z.device, z.dtype)
     return z, posterior

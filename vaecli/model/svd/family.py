@@ -89,7 +89,7 @@ class SVDCodec(Codec):
                                     available_bytes=budget.activation_bytes, attention=attention, batch=batch,
                                     estimator=self.estimator(), host_bytes=budget.host_bytes)
 
-    def moments(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def moments(self, x: torch.Tensor, plan: Plan, clip: dict | None = None) -> torch.Tensor:
         """Frames (n, 3, H, W) (on the device, or the host for parked tiles) -> moments (n, 2C, h, w) on the device."""
         return self.vae.moments(x.to(self.dtype), pieces=plan.pieces, attention=plan.attention).to(self.device)
 
@@ -172,6 +172,7 @@ class SVDFamily(Family):
 
     def convert(self, ckpt: Checkpoint, out, *, to: str, dtype: torch.dtype | None = None,
                 overwrite: bool = False) -> Path:
+        to = to or "sgm"
         if to not in ("sgm", "diffusers"):
             from vaecli.errors import UsageError
 

@@ -17,15 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from vaecli.errors import CheckpointError, UsageError, printable
-from vaecli.model.checkpoint import DIFFUSERS_FILES, write_checkpoint
+from vaecli.errors import CheckpointError, UsageError
+from vaecli.model.checkpoint import DIFFUSERS_FILES, read_tensors, write_checkpoint
 from vaecli.model.svd import keymap
 from vaecli.model.svd.config import VAEConfig, load_config, named_configs
 from vaecli.model.svd.vae import VAE
 from vaecli.ops.attention import AttentionBackend
-from vaecli.ops.validate import FLOAT_DTYPES
 
 PREFIXES = ("first_stage_model.", "vae.", "")
 # Config names tried, in order, when a checkpoint's shapes match several named configs (SD and SDXL share shapes).
@@ -86,19 +84,7 @@ def read_state(path: Path, layout: Layout, header: dict, metadata: dict[str, str
     the file's dtypes of those tensors)."""
     vae_prefixes = tuple(layout.prefix + p for p in ("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
     names = [k for k in header if k.startswith(vae_prefixes)]
-    bad = [n for n in names if header[n]["dtype"] not in FLOAT_DTYPES]
-    if bad:
-        raise CheckpointError(f"{printable(path)}: tensor {printable(bad[0])} is {header[bad[0]]['dtype']}; "
-                              "VAE weights are floating point")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = {name[len(layout.prefix):]: f.get_tensor(name) for name in names}
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{printable(path)}: cannot read tensors ({printable(e)})") from None
-    for name, tensor in raw.items():  # one pass, negligible next to reading the file
-        if not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{printable(path)}: tensor {printable(layout.prefix + name)} holds NaN or inf; "
-                                  "the checkpoint is corrupt")
+    raw = read_tensors(path, header, names, layout.prefix)
     state = keymap.from_diffusers(raw, layout.temporal) if layout.naming == "diffusers" else raw
     state = {k: v[:, :, None, None] if keymap.is_attention_weight(k) and v.ndim == 2 else v for k, v in state.items()}
     stem = path.parent.name if path.name in DIFFUSERS_FILES else path.stem

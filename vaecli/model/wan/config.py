@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 # diffusers' `latents_mean` / `latents_std` for the released Wan 2.1 VAE (16 channels)
 WAN21_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -37,3 +37,6 @@ class WanConfig:
     @property
     def temporal_factor(self) -> int:
         return 2 ** sum(self.temperal_downsample)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -1,0 +1,197 @@
+"""The Wan family's checkpoint layouts: detection from keys only Wan has, the config from tensor shapes, writing.
+
+Layouts read:
+- `original`: the Wan release's names (ComfyUI's `wan_2.1_vae.safetensors`, Kijai's bf16/fp32 files, with or
+  without a `model.` prefix);
+- `diffusers`: `AutoencoderKLWan` (a file, or a folder with `diffusion_pytorch_model.safetensors` directly or
+  in `vae/`, its `config.json` giving `latents_mean`/`latents_std`).
+The Wan 2.2 5B VAE (z = 48, pixel patches of 2) is recognised and refused with a line saying so.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vaecli.errors import CheckpointError
+from vaecli.model.checkpoint import DIFFUSERS_FILES, read_tensors, write_checkpoint
+from vaecli.model.wan.config import WAN21_MEAN, WAN21_STD, WanConfig
+from vaecli.model.wan.keymap import original_to_diffusers
+
+PREFIXES = ("model.", "vae.", "")
+MARKERS = {"original": ("decoder.middle.0.residual.0.gamma", "decoder.head.2.weight", "conv2.weight"),
+           "diffusers": ("decoder.mid_block.resnets.0.norm1.gamma", "decoder.conv_out.weight",
+                         "post_quant_conv.weight")}
+LAYOUTS_TRIED = "original Wan (ComfyUI, Kijai), diffusers AutoencoderKLWan"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """naming: "original" or "diffusers"; prefix: stripped before reading."""
+
+    naming: str
+    prefix: str
+
+    def describe(self) -> str:
+        return f"{self.naming} Wan VAE, " + (f"prefix {self.prefix}" if self.prefix else "standalone")
+
+
+def detect_layout(keys: frozenset[str]) -> Layout | None:
+    """The layout of a file whose tensor names are `keys` if it holds a Wan VAE (its RMS-norm γ tensors are what
+    no other family has), else None."""
+    for prefix in PREFIXES:
+        for naming, markers in MARKERS.items():
+            if all(prefix + m in keys for m in markers):
+                return Layout(naming, prefix)
+    return None
+
+
+def _indexed(keys, head: str) -> dict[int, set[str]]:
+    """{N: the key tails under `head`N.} for the flat Sequential `head` (e.g. "encoder.downsamples.")."""
+    found: dict[int, set[str]] = {}
+    for k in keys:
+        if k.startswith(head):
+            n, _, rest = k[len(head):].partition(".")
+            if n.isdigit():
+                found.setdefault(int(n), set()).add(rest)
+    return found
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]], name: str, mean=None, std=None) -> WanConfig:
+    """The config of a Wan VAE in original naming from its tensor shapes: the structure (`structure`), then every
+    tensor checked against the model that config builds."""
+    config = structure(shapes, name, mean, std)
+    expected = {k: tuple(v.shape) for k, v in _model_shapes(config).items()}
+    if expected != shapes:
+        missing = sorted(set(expected) - set(shapes))[:1] + sorted(set(shapes) - set(expected))[:1]
+        odd = missing or sorted(k for k in shapes if shapes[k] != expected[k])[:1]
+        raise CheckpointError(f"tensor {odd[0]} does not fit a Wan VAE of {config.dim} channels × "
+                              f"{list(config.dim_mult)}, {config.num_res_blocks} blocks per level")
+    return config
+
+
+def structure(shapes: dict[str, tuple[int, ...]], name: str, mean=None, std=None) -> WanConfig:
+    """The config implied by `encoder.conv1`, `conv2`, `decoder.head.2` and the encoder's flat layer list (levels,
+    blocks per level, which downsamples halve time), in original naming; other tensors are not looked at."""
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise CheckpointError(f"not a Wan VAE checkpoint: tensor {key} is missing")
+        return shapes[key]
+
+    dim, in_channels = shape("encoder.conv1.weight")[:2]
+    z_dim = shape("conv2.weight")[0]
+    if z_dim == 48 or in_channels == 12:
+        raise CheckpointError("this is the Wan 2.2 5B VAE (48 latent channels, 2×2 pixel patches); vaecli reads "
+                              "the Wan 2.1 VAE (also used by Wan 2.2 14B) so far")
+    layers = _indexed(shapes, "encoder.downsamples.")
+    if sorted(layers) != list(range(len(layers))) or not layers:
+        raise CheckpointError("not a Wan VAE checkpoint: encoder.downsamples is not numbered 0..N-1")
+    if any("to_qkv.weight" in tails for tails in layers.values()):
+        raise CheckpointError("a Wan VAE with attention inside the encoder levels is not supported")
+    widths, blocks, temporal = [], [], []
+    for n in sorted(layers):
+        tails = layers[n]
+        if "residual.2.weight" in tails:
+            if not blocks or blocks[-1] == "closed":
+                widths.append(shape(f"encoder.downsamples.{n}.residual.2.weight")[0])
+                blocks.append(0)
+            blocks[-1] += 1
+        elif "resample.1.weight" in tails:
+            temporal.append("time_conv.weight" in tails)
+            blocks.append("closed")
+        else:
+            raise CheckpointError(f"not a Wan VAE checkpoint: encoder.downsamples.{n} is neither a block nor a "
+                                  "resample")
+    counts = [b for b in blocks if b != "closed"]
+    if not counts or len(set(counts)) != 1 or len(temporal) != len(counts) - 1 or any(w % dim for w in widths):
+        raise CheckpointError("not a Wan VAE checkpoint: the encoder levels do not have one structure")
+    mean = tuple(mean) if mean is not None else (WAN21_MEAN if z_dim == 16 else (0.0,) * z_dim)
+    std = tuple(std) if std is not None else (WAN21_STD if z_dim == 16 else (1.0,) * z_dim)
+    return WanConfig(dim=dim, z_dim=z_dim, dim_mult=tuple(w // dim for w in widths), num_res_blocks=counts[0],
+                     temperal_downsample=tuple(temporal), in_channels=in_channels,
+                     out_channels=shape("decoder.head.2.weight")[0], latents_mean=mean, latents_std=std, name=name)
+
+
+def _model_shapes(config: WanConfig) -> dict[str, torch.Tensor]:
+    from vaecli.model.wan.modules import WanVAE
+
+    with torch.device("meta"):
+        return WanVAE(config).state_dict()
+
+
+def _stats(config_json: dict, z_dim: int) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """latents_mean/std of a diffusers config.json when they are z_dim finite numbers (std > 0), else None."""
+    def vector(key: str, positive: bool):
+        v = config_json.get(key)
+        if not isinstance(v, list) or len(v) != z_dim or not all(isinstance(x, (int, float)) for x in v):
+            return None
+        v = tuple(float(x) for x in v)
+        return v if all(math.isfinite(x) and (x > 0 or not positive) for x in v) else None
+
+    return vector("latents_mean", False), vector("latents_std", True)
+
+
+def read_state(path: Path, layout: Layout, header: dict, config_json: dict):
+    """-> (state in original naming, config, the file's dtypes of those tensors)."""
+    names = [k for k in header if k.startswith(layout.prefix) and k != "__metadata__"]
+    names = [k for k in names if re.match(r"(encoder|decoder|conv1|conv2|quant_conv|post_quant_conv)\b",
+                                          k[len(layout.prefix):])]
+    raw = read_tensors(path, header, names, layout.prefix)
+    stem = path.parent.name if path.name in DIFFUSERS_FILES else path.stem
+    if layout.naming == "diffusers":
+        raw = _from_diffusers(raw)
+    shapes = {k: tuple(v.shape) for k, v in raw.items()}
+    z_dim = shapes.get("conv2.weight", (16,))[0]
+    mean, std = _stats(config_json, z_dim) if layout.naming == "diffusers" else (None, None)
+    config = infer_config(shapes, stem, mean, std)
+    return raw, config, tuple(sorted({str(header[n]["dtype"]) for n in names}))
+
+
+def _from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers names -> original ones. The encoder is flat in both layouts, so the config (and with it the
+    decoder's grouping) is inferred from the encoder first."""
+    renamed = {"encoder.conv_in.": "encoder.conv1.", "quant_conv.": "conv1.", "post_quant_conv.": "conv2.",
+               "decoder.conv_out.": "decoder.head.2."}
+    shapes = {}
+    for k, v in state.items():
+        for old, new in renamed.items():
+            if k.startswith(old):
+                k = new + k[len(old):]
+        shapes[k] = tuple(v.shape)
+    # the encoder's flat list in original tails (conv1 -> residual.2) is all `structure` reads
+    down = "encoder.down_blocks."
+    probe = {("encoder.downsamples." + k[len(down):]).replace(".conv1.", ".residual.2.") if k.startswith(down)
+             else k: shape for k, shape in shapes.items()}
+    config = structure(probe, "probe")
+    mapping = {d: o for o, d in original_to_diffusers(_model_shapes(config).keys(), config).items()}
+    unknown = sorted(set(state) - set(mapping))
+    if unknown:
+        raise CheckpointError(f"unknown diffusers Wan key {unknown[0]!r}")
+    return {mapping[k]: v for k, v in state.items()}
+
+
+def diffusers_config(config: WanConfig) -> dict:
+    """config.json of an `AutoencoderKLWan` folder."""
+    return {"_class_name": "AutoencoderKLWan", "base_dim": config.dim, "z_dim": config.z_dim,
+            "dim_mult": list(config.dim_mult), "num_res_blocks": config.num_res_blocks, "attn_scales": [],
+            "temperal_downsample": list(config.temperal_downsample), "dropout": 0.0,
+            "latents_mean": list(config.latents_mean), "latents_std": list(config.latents_std)}
+
+
+def save_checkpoint(state: dict[str, torch.Tensor], config: WanConfig, out: str | os.PathLike, *, layout: str,
+                    overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write a Wan state (original naming) as `layout` ("original" or "diffusers"; a diffusers name without
+    .safetensors is a folder with config.json)."""
+    if layout == "diffusers":
+        mapping = original_to_diffusers(state.keys(), config)
+        state = {mapping[k]: v for k, v in state.items()}
+        return write_checkpoint(state, {"vaecli.family": "wan"}, out, layout=layout, overwrite=overwrite,
+                                dtype=dtype, config_json=diffusers_config(config))
+    return write_checkpoint(state, {"vaecli.family": "wan"}, out, layout=layout, overwrite=overwrite, dtype=dtype)
+
+
