@@ -172,3 +172,36 @@ def test_cli_refuses_lengths_off_the_frame_rule(wan_files, tmp_path):
     make_video(video, n=11, width=32, height=32)
     done = run("encode", video, "-m", root / "wan.safetensors", "-o", tmp_path / "x.latents.safetensors")
     assert done.exit_code == 1 and "take 9 or 13 frames" in done.output and not (tmp_path / "x.latents.safetensors").exists()
+
+
+def test_mutated_wan_checkpoints_give_one_error_line(wan_files, tmp_path):
+    """Generated bad Wan files (a tensor missing, one dimension dropped, added, resized or zero, NaN, a 2.2
+    shape): `info` exits 1 with one `error:` line, never a traceback."""
+    import random
+
+    from safetensors.torch import load_file, save_file
+
+    root, _ = wan_files
+    state = load_file(str(root / "wan.safetensors"))
+    rng = random.Random(11)
+    keys = sorted(state)
+
+    def mutations():
+        for key in rng.sample(keys, 12):
+            t = state[key]
+            yield f"drop {key}", {k: v for k, v in state.items() if k != key}
+            if t.dim() > 1:
+                yield f"flat {key}", {**state, key: t.reshape(-1)}
+            yield f"extra dim {key}", {**state, key: t[None]}
+            yield f"resized {key}", {**state, key: torch.zeros((t.shape[0] + 1, *t.shape[1:]))}
+            yield f"zero {key}", {**state, key: torch.zeros((0, *t.shape[1:]))}
+        yield "nan", {**state, keys[0]: torch.full_like(state[keys[0]], float("nan"))}
+        yield "wan 2.2 z", {**state, "model.conv2.weight": torch.zeros(48, 48, 1, 1, 1)}
+
+    for i, (what, mutated) in enumerate(mutations()):
+        path = tmp_path / f"m{i}.safetensors"
+        save_file({k: v.contiguous() for k, v in mutated.items()}, str(path))
+        done = run("info", path)
+        lines = done.stderr.strip().splitlines()
+        assert done.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (what, done.output)
+        assert "Traceback" not in done.output

@@ -79,8 +79,11 @@ def structure(shapes: dict[str, tuple[int, ...]], name: str, mean=None, std=None
     """The config implied by `encoder.conv1`, `conv2`, `decoder.head.2` and the encoder's flat layer list (levels,
     blocks per level, which downsamples halve time), in original naming; other tensors are not looked at."""
     def shape(key: str) -> tuple[int, ...]:
+        """A conv weight's shape (5-D, no zero sizes), else a CheckpointError naming the tensor."""
         if key not in shapes:
             raise CheckpointError(f"not a Wan VAE checkpoint: tensor {key} is missing")
+        if len(shapes[key]) != 5 or 0 in shapes[key]:
+            raise CheckpointError(f"tensor {key} has shape {list(shapes[key])}; a Wan VAE's is a 5-D conv weight")
         return shapes[key]
 
     dim, in_channels = shape("encoder.conv1.weight")[:2]
