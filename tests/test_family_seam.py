@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,6 +217,27 @@ def test_frame_rule_values():
     assert pairs.nearest(1) == (None, 2) and pairs.latent_frames(6) == 3 and pairs.anchors(6) == [0, 2, 4]
     with pytest.raises(InputError, match="take 13 or 17 frames"):
         causal.check(15, "x")
+
+
+def test_frames_fit_trims_or_pads_every_length_to_a_valid_one():
+    """For every length and rule, --frames-fit keeps a prefix of the input in order, trims fewer than `factor`
+    frames or repeats the last one fewer than `factor` times, and says what it did."""
+    from vaecli.pipeline.runner import fit_frames
+
+    for rule in (FrameRule(4, causal=True), FrameRule(2), FrameRule(1)):
+        for n in range(1, 15):
+            for mode in ("trim", "pad"):
+                frames = [(i, np.full((1, 1, 3), i, np.uint8)) for i in range(n)]
+                report: dict = {}
+                if mode == "trim" and rule.nearest(n)[0] is None and not rule.valid(n):
+                    with pytest.raises(InputError, match="--frames-fit pad"):
+                        list(fit_frames(iter(frames), rule, mode, "x", report))
+                    continue
+                out = [i for i, _ in fit_frames(iter(frames), rule, mode, "x", report)]
+                assert rule.valid(len(out)) and report == {"mode": mode, "read": n, "coded": len(out)}
+                assert out[:min(n, len(out))] == list(range(min(n, len(out))))
+                assert abs(len(out) - n) < rule.factor and (len(out) <= n if mode == "trim" else len(out) >= n)
+                assert out[n:] == [n - 1] * (len(out) - n)
 
 
 def test_normalization_round_trips_and_validates():

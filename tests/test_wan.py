@@ -205,3 +205,96 @@ def test_mutated_wan_checkpoints_give_one_error_line(wan_files, tmp_path):
         lines = done.stderr.strip().splitlines()
         assert done.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (what, done.output)
         assert "Traceback" not in done.output
+
+
+def diffusers_mean(theirs, frames) -> torch.Tensor:
+    """diffusers' posterior mean (t, C, h, w) of uint8 frames (n, H, W, 3)."""
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        return theirs.encode(x).latent_dist.mean[0].permute(1, 0, 2, 3)
+
+
+def test_frames_fit_trim_and_pad_are_stored_said_and_undone(wan_files, tmp_path):
+    """11 frames: trim codes the first 9 and says it dropped 2; pad codes 13 (the last frame repeated) and the
+    decode gives back exactly 11."""
+    import json
+
+    import numpy as np
+    from safetensors import safe_open
+
+    from helpers import make_video, read_video
+
+    root, theirs = wan_files
+    video = tmp_path / "clip.mp4"
+    make_video(video, n=11, width=32, height=32)
+    seen, _ = read_video(video)
+    for mode, coded, shown in (("trim", 9, 9), ("pad", 13, 11)):
+        out = tmp_path / f"{mode}.latents.safetensors"
+        done = run("encode", video, "-m", root / "wan.safetensors", "-o", out, "--frames-fit", mode, "--json",
+                   "--latent-space", "raw")
+        assert done.exit_code == 0, done.output
+        assert json.loads(done.stdout)["frames_fit"] == {"mode": mode, "read": 11, "coded": coded}
+        assert ("trimmed to 9" if mode == "trim" else "padded to 13") in done.stderr
+        with safe_open(str(out), "pt") as f:
+            stored, meta = f.get_tensor("latents"), f.metadata()
+        assert json.loads(meta["frames_fit"]) == {"mode": mode, "read": 11, "coded": coded}
+        assert meta["latents.space"] == "raw"
+        clip = seen[:9] if mode == "trim" else np.concatenate([seen, seen[-1:].repeat(2, 0)])
+        want = diffusers_mean(theirs, clip)  # raw: no normalisation
+        assert stored.shape == want.shape and torch.allclose(stored, want, atol=1e-4)
+        decoded = run("decode", out, "-m", root / "wan.safetensors", "-o", f"{tmp_path / mode}/", "--json")
+        assert decoded.exit_code == 0, decoded.output
+        assert json.loads(decoded.stdout)["frames"] == shown == len(list((tmp_path / mode).glob("*.png")))
+
+
+def test_latent_spaces_foreign_files_and_comfy_export(wan_files, tmp_path):
+    """Normalised (default) and raw files decode to the same frames; a foreign `latents` file needs
+    --latent-space; the ComfyUI export is raw and 5-D (1, C, T, h, w), and decodes too."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from helpers import make_video, read_video
+
+    root, theirs = wan_files
+    model = root / "wan.safetensors"
+    video = tmp_path / "clip.mp4"
+    make_video(video, n=9, width=32, height=32)
+    seen, _ = read_video(video)
+    norm = tmp_path / "norm.latents.safetensors"
+    assert run("encode", video, "-m", model, "-o", norm, "--export", "comfy").exit_code == 0
+    with safe_open(str(tmp_path / "norm.latent"), "pt") as f:
+        comfy = f.get_tensor("latent_tensor")
+    raw = diffusers_mean(theirs, seen)
+    assert comfy.shape == (1, 16, 3, 4, 4) and torch.allclose(comfy[0].transpose(0, 1), raw, atol=1e-4)
+    with safe_open(str(norm), "pt") as f:
+        normalised = f.get_tensor("latents")
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"latents": normalised.contiguous()}, str(foreign))
+    refused = run("decode", foreign, "-m", model, "--fps", "8", "-o", tmp_path / "f.mp4")
+    assert refused.exit_code == 1 and "--latent-space normalized or --latent-space raw" in refused.stderr
+    conflict = run("decode", norm, "-m", model, "--latent-space", "raw", "-o", tmp_path / "c.mp4")
+    assert conflict.exit_code == 1 and "the file says its latents are normalized" in conflict.stderr
+
+    runs = iter(range(100))
+
+    def frames(path, *extra):
+        folder = tmp_path / f"{Path(path).name}-{next(runs)}"
+        done = run("decode", path, "-m", model, "-o", f"{folder}/", "--json", *extra)
+        assert done.exit_code == 0, done.output
+        assert json.loads(done.stdout)["frames"] == 9
+        return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))]).astype(int)
+
+    reference = frames(norm)
+    for path, extra in ((tmp_path / "norm.latent", ["--fps", "8"]),
+                        (foreign, ["--fps", "8", "--latent-space", "normalized"])):
+        assert np.abs(frames(path, *extra) - reference).max() <= 1
+    save_file({"latents": raw.contiguous()}, str(foreign))
+    assert np.abs(frames(foreign, "--fps", "8", "--latent-space", "raw") - reference).max() <= 1
+    save_file({"latent_tensor": comfy.repeat(2, 1, 1, 1, 1), "latent_format_version_0": torch.zeros(0)},
+              str(tmp_path / "two.latent"))
+    two = run("decode", tmp_path / "two.latent", "-m", model, "--fps", "8", "-o", tmp_path / "two.mp4")
+    assert two.exit_code == 1 and "hold 2 clips" in two.stderr

@@ -19,6 +19,16 @@ from vaecli.pipeline.batch import (Worker, batch_progress, decoded_name, latents
                                    run_batch)
 from vaecli.pipeline.progress import Progress
 
+FramesFitOpt = Annotated[Optional[str], typer.Option(
+    "--frames-fit", help="Lengths off the model's frame rule (Wan: 1 + 4k): trim the last frames, or pad by "
+                         "repeating the last one (the decode gives back the input's length). Default: refuse.")]
+SPACES = ("normalized", "raw")
+
+
+def check_choice(option: str, value: str | None, choices: tuple[str, ...]) -> None:
+    if value is not None and value not in choices:
+        raise UsageError(f"{option} takes {' or '.join(choices)}, not {value!r}")
+
 
 @app.command()
 @handle_errors
@@ -44,7 +54,12 @@ def encode(
     max_memory: MaxMemoryOpt = None,
     save_moments: Annotated[bool, typer.Option("--save-moments",
                                                help="Also store the posterior mean and logvar.")] = False,
-    export: Annotated[Optional[str], typer.Option(help="Also write another format: comfy (.latent).")] = None,
+    frames_fit: FramesFitOpt = None,
+    export: Annotated[Optional[str], typer.Option(
+        help="Also write another format: comfy (.latent, raw latents; 5-D (1, C, T, h, w) for video VAEs).")] = None,
+    latent_space: Annotated[str, typer.Option(
+        help="What `latents` stores: normalized (what the diffusion model takes) or raw (the VAE's own).")
+    ] = "normalized",
     latent_dtype: Annotated[str, typer.Option(help="Stored dtype of the latents: fp32, fp16 or bf16.")] = "fp32",
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     dtype: DtypeOpt = "auto",
@@ -72,13 +87,15 @@ def encode(
     if seed is not None and not sample:
         raise UsageError("--seed only applies with --sample (the posterior mode needs no noise)")
     check_batch_flags(skip_existing, overwrite)
-    if export not in (None, "comfy"):
-        raise UsageError(f"--export takes comfy, not {export!r}")
+    check_choice("--export", export, ("comfy",))
+    check_choice("--frames-fit", frames_fit, ("trim", "pad"))
+    check_choice("--latent-space", latent_space, SPACES)
     if batch is not None and batch < 1:
         raise UsageError("--batch must be at least 1")
     opts = EncodeOptions(selection=Selection(start, frames, stride), size=parse_size(size), fit=fit, sample=sample,
                          seed=seed or 0, batch=batch, max_memory=parse_bytes(max_memory), attention=attention,
-                         save_moments=save_moments, export_comfy=export == "comfy",
+                         save_moments=save_moments, export_comfy=export == "comfy", frames_fit=frames_fit,
+                         latent_space=latent_space,
                          latent_dtype=parse_dtype(latent_dtype), overwrite=overwrite, max_pixels=max_pixels)
     if fit not in ("pad", "crop", "resize"):
         raise UsageError(f"--fit must be pad, crop or resize, not {fit!r}")
@@ -118,6 +135,8 @@ def decode(
     allow_nonfinite: Annotated[bool, typer.Option(
         "--allow-nonfinite",
         help="Decode latents holding NaN/inf anyway (refused by default: they decode to black).")] = False,
+    latent_space: Annotated[Optional[str], typer.Option(
+        help="For files that do not say: their latents are normalized or raw.")] = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
@@ -144,10 +163,11 @@ def decode(
         raise UsageError(f"--format must be mp4, webm, gif or png, not {fmt!r}")
     check_batch_flags(skip_existing, overwrite)
     check_windows(chunk, overlap, tile)
+    check_choice("--latent-space", latent_space, SPACES)
     opts = DecodeOptions(fmt=fmt, crf=crf, fps=parse_fps(fps), chunk=chunk, overlap=overlap, tile=tile,
                          max_memory=parse_bytes(max_memory), attention=attention, native_size=native_size,
                          allow_model_mismatch=allow_model_mismatch, overwrite=overwrite,
-                         allow_nonfinite=allow_nonfinite, max_pixels=max_pixels)
+                         allow_nonfinite=allow_nonfinite, max_pixels=max_pixels, latent_space=latent_space)
     # target stays a str when it ends in "/" (a PNG folder)
     progress = batch_progress(quiet)
     work = Worker(model_source(model, revision), config, device, dtype, attention, progress,
@@ -173,6 +193,7 @@ def roundtrip(
     frames: Annotated[Optional[int], typer.Option("--frames", help="How many frames to take.")] = None,
     stride: Annotated[int, typer.Option(help="Take every K-th frame.")] = 1,
     fit: Annotated[str, typer.Option(help="pad, crop or resize.")] = "pad",
+    frames_fit: FramesFitOpt = None,
     chunk: ChunkOpt = None,
     overlap: OverlapOpt = None,
     tile: TileOpt = None,
@@ -201,6 +222,7 @@ def roundtrip(
     from vaecli.pipeline.video_io import FrameSource, Selection
 
     check_windows(chunk, overlap, tile)
+    check_choice("--frames-fit", frames_fit, ("trim", "pad"))
     budget = parse_bytes(max_memory)
     video = output_kind(out, None)[1]
     if report is not None and not report.name.endswith(".json"):
@@ -212,7 +234,10 @@ def roundtrip(
     with tempfile.TemporaryDirectory(prefix="vaecli-roundtrip-") as tmp:
         latents = Path(tmp) / "roundtrip.latents.safetensors"
         enc = encode_file(m, input, latents, EncodeOptions(selection=selection, fit=fit, max_memory=budget,
-                                                           attention=attention, max_pixels=max_pixels), progress)
+                                                           attention=attention, max_pixels=max_pixels,
+                                                           frames_fit=frames_fit), progress)
+        if (enc["frames_fit"] or {}).get("mode") == "trim":  # measured on the frames that were coded
+            selection = Selection(start, enc["frames_fit"]["coded"], stride)
         meter = RoundtripMeter(FrameSource(input, max_pixels).frames(selection), clip_frames)
         dec = decode_file(m, latents, out, DecodeOptions(chunk=chunk, overlap=overlap, tile=tile, crf=crf,
                                                          max_memory=budget, attention=attention, overwrite=overwrite,

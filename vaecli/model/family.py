@@ -76,7 +76,20 @@ class FrameRule:
         below, above = self.nearest(frames)
         near = f"{below} or {above}" if below else str(above)
         raise InputError(f"{where}: {frames} frames do not fit the model's frame rule ({self.describe()}); take "
-                         f"{near} frames (--frames)")
+                         f"{near} frames (--frames), or pass --frames-fit trim|pad")
+
+    def fit(self, frames: int, mode: str, where: str) -> int:
+        """The valid length `--frames-fit mode` makes of `frames` frames: "trim" the one below, "pad" the one
+        above (the input's last frame repeated)."""
+        if self.valid(frames):
+            return frames
+        below, above = self.nearest(frames)
+        if mode == "pad":
+            return above
+        if below is None:
+            raise InputError(f"{where}: {frames} frames are fewer than the model's frame rule takes "
+                             f"({self.describe()}); pass --frames-fit pad")
+        return below
 
     def anchors(self, frames: int, starts_clip: bool = True) -> list[int]:
         """For a batch of `frames` frames (1 + factor·k at a causal clip's start, else factor·k), the position of
@@ -167,7 +180,7 @@ class Codec:
 
     Attributes: family (its name), name (the model's), hash (of the stored weights), config (the family's frozen
     config; only the family reads it), device (the compute device, also for a model priced on the meta device),
-    dtype, spatial_factor, frame_rule, latent_channels, in_channels, normalization, resident.
+    dtype, spatial_factor, frame_rule, latent_channels, in_channels, normalization, resident, video_latents.
     """
 
     family: str
@@ -182,6 +195,7 @@ class Codec:
     in_channels: int
     normalization: Normalization
     resident: bool = True  # False for a model built on the meta device to price plans (its weights not in memory)
+    video_latents: bool = False  # ComfyUI and diffusers hold this family's latents 5-D, (1, C, T, h, w)
 
     def check_size(self, width: int, height: int, where: str) -> None:
         """Refuse frames of width x height (the model's processed size) it cannot code, with one line."""

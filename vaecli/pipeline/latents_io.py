@@ -15,10 +15,11 @@ import json
 import os
 import shutil
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -40,21 +41,21 @@ METADATA_KEYS = (
     "vaecli.format", "vaecli.version", "model.name", "model.hash", "scaling_factor", "latent_channels",
     "time_mode", "fps", "source", "frame_start", "frame_stride", "frame_count", "geometry", "dtype",
     "latents_dtype", "posterior", "seed", "model.family", "frame_rule", "normalization", "normalization.hash",
-    "latents.space",
+    "latents.space", "frames_fit",
 )
 SPACES = ("normalized", "raw")
 
 
-def latent_metadata(codec: Codec, **facts: str) -> dict[str, str]:
+def latent_metadata(codec: Codec, space: str = "normalized", **facts: str) -> dict[str, str]:
     """The metadata of a latent file written by `codec` (format 2): the model, its family, frame rule and latent
-    normalisation (the stored `latents` are normalised), the family's own facts, then `facts` (source, fps,
-    frames, geometry, dtypes, posterior, seed; all strings)."""
+    normalisation, the space the stored `latents` are in (normalised, or raw), the family's own facts, then
+    `facts` (source, fps, frames, geometry, dtypes, posterior, seed, frames_fit; all strings)."""
     norm = codec.normalization
     meta = {"vaecli.format": FORMAT_VERSION, "vaecli.version": __version__, "model.name": codec.name,
             "model.hash": codec.hash, "model.family": codec.family, "latent_channels": str(codec.latent_channels),
             "frame_rule": json.dumps(codec.frame_rule.to_dict(), sort_keys=True),
             "normalization": json.dumps(norm.to_dict(), sort_keys=True), "normalization.hash": norm.hash(),
-            "latents.space": "normalized", **codec.metadata()}
+            "latents.space": space, **codec.metadata()}
     if norm.kind == "scale":
         meta["scaling_factor"] = repr(norm.factor)  # what format-1 readers use
     return {**meta, **facts}
@@ -101,13 +102,17 @@ class LatentFileWriter:
         except OSError as e:
             raise write_error(self.beside, e) from None
 
-    def finish(self, path: Path, metadata: dict[str, str], empty: tuple[str, ...] = ()) -> None:
-        """Write the safetensors file at `path`; `empty` names zero-length F32 marker tensors to add."""
+    def finish(self, path: Path, metadata: dict[str, str], empty: tuple[str, ...] = (),
+               video: bool = False) -> None:
+        """Write the safetensors file at `path`; `empty` names zero-length F32 marker tensors to add. video: store
+        each tensor 5-D as (1, C, T, h, w) (ComfyUI's and diffusers' layout of video latents), not (T, C, h, w)."""
         header, offset = {}, 0
         for n in self.names:
             self.files[n].flush()
             size = self.paths[n].stat().st_size
-            header[n] = {"dtype": SAFETENSORS_DTYPES[self.dtype], "shape": self.shapes[n], "data_offsets": [offset, offset + size]}
+            t, c, h, w = self.shapes[n]
+            shape = [1, c, t, h, w] if video else [t, c, h, w]
+            header[n] = {"dtype": SAFETENSORS_DTYPES[self.dtype], "shape": shape, "data_offsets": [offset, offset + size]}
             offset += size
         for n in empty:
             header[n] = {"dtype": "F32", "shape": [0], "data_offsets": [offset, offset]}
@@ -119,10 +124,23 @@ class LatentFileWriter:
                 out.write(struct.pack("<Q", len(raw)))
                 out.write(raw)
                 for n in self.names:
+                    if video:
+                        self._copy_channels_first(n, out)
+                        continue
                     with open(self.paths[n], "rb") as f:
                         shutil.copyfileobj(f, out, 16 << 20)
         except OSError as e:
             raise write_error(self.beside, e) from None
+
+    def _copy_channels_first(self, name: str, out) -> None:
+        """The side file's (T, C, h·w) data written channel by channel: (C, T, h·w)."""
+        t, c, h, w = self.shapes[name]
+        if self.paths[name].stat().st_size == 0:
+            return
+        data = np.memmap(self.paths[name], dtype=np.uint8, mode="r").reshape(t, c, -1)  # bytes of (h, w) per frame
+        for channel in range(c):
+            out.write(np.ascontiguousarray(data[:, channel]).tobytes())
+        del data
 
     def close(self) -> None:
         for f in self.files.values():
@@ -135,10 +153,12 @@ class LatentFileWriter:
 class LatentFile:
     """A latent file opened for reading, its header and metadata validated (`open_latents`).
 
-    key: the tensor holding latents; scaled: True when normalised (vaecli, diffusers convention), False for raw
-    latents (ComfyUI's `latent_tensor`, `latents.space` raw); metadata: the file's string metadata; fps,
-    scaling_factor, geometry, normalization (how the stored latents were normalised), family, frame_rule:
-    parsed from it (None when absent).
+    key: the tensor holding latents; shape: (T, C, h, w) whatever the stored layout; video: stored 5-D as
+    (1, C, T, h, w) (ComfyUI's and diffusers' video latents); scaled: True when normalised (vaecli, diffusers
+    convention), False for raw latents (ComfyUI's `latent_tensor`, `latents.space` raw); space_stated: the file
+    says which (metadata, or ComfyUI's format); metadata: the file's string metadata; fps, scaling_factor,
+    geometry, normalization (how the stored latents were normalised), family, frame_rule: parsed from it (None
+    when absent); padded: frames `--frames-fit pad` added at the end (the decode drops them again).
     """
 
     path: Path
@@ -153,6 +173,9 @@ class LatentFile:
     normalization: Normalization | None = None
     family: str | None = None
     frame_rule: FrameRule | None = None
+    video: bool = False
+    space_stated: bool = True
+    padded: int = 0
 
     def to_raw(self, z: torch.Tensor, codec: Codec) -> torch.Tensor:
         """Stored latents (t, C, h, w) -> the model's raw latents (fp32): undo the file's normalisation (a foreign
@@ -170,10 +193,28 @@ class LatentFile:
     def has_vaecli_metadata(self) -> bool:
         return "vaecli.format" in self.metadata
 
+    def with_space(self, space: str | None, codec: Codec) -> "LatentFile":
+        """This file with the space of its latents settled: `--latent-space` (normalized or raw) for files that
+        do not say; a per-channel model's latents without it are refused (both spaces are common)."""
+        where = printable(self.path)
+        if self.space_stated:
+            if space is not None and (space == "normalized") != self.scaled:
+                said = "normalized" if self.scaled else "raw"
+                raise InputError(f"{where}: the file says its latents are {said}, not {space}; drop --latent-space")
+            return self
+        if space is not None:
+            return replace(self, scaled=space == "normalized", space_stated=True)
+        if codec.normalization.kind == "per-channel":
+            raise InputError(f"{where}: nothing says whether these latents are normalised, (x - mean) / std, or "
+                             "raw; pass --latent-space normalized or --latent-space raw")
+        return self
+
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Frames [start, stop) of the latents as stored (no rescaling), (t, C, h, w)."""
         try:
             with safe_open(str(self.path), framework="pt") as f:
+                if self.video:  # (1, C, T, h, w) -> (t, C, h, w)
+                    return f.get_slice(self.key)[:, :, start:stop][0].transpose(0, 1).contiguous()
                 return f.get_slice(self.key)[start:stop]
         except (SafetensorError, OSError, RuntimeError) as e:
             raise InputError(f"{printable(self.path)}: cannot read latents ({printable(e)})") from None
@@ -213,8 +254,15 @@ def open_latents(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
         raise InputError(f"{where}: no `latents` tensor (found {some}); is it a checkpoint? try `vaecli info`")
     entry = header[key]
     shape = tuple(entry["shape"])
+    video = len(shape) == 5
+    if video and min(shape) >= 1 and shape[0] != 1:
+        raise InputError(f"{where}: latents hold {shape[0]} clips (B, C, T, h, w); vaecli decodes one clip per "
+                         "file: save each clip alone")
+    if video:
+        shape = (shape[2], shape[1], shape[3], shape[4])  # (1, C, T, h, w) -> (T, C, h, w)
     if len(shape) != 4 or min(shape) < 1:
-        raise InputError(f"{where}: latents must be (T, C, h, w) with no empty axis, found shape {list(shape)}")
+        raise InputError(f"{where}: latents must be (T, C, h, w) or (1, C, T, h, w) with no empty axis, found "
+                         f"shape {list(entry['shape'])}")
     if entry["dtype"] not in FLOAT_DTYPES:
         raise InputError(f"{where}: latents are {entry['dtype']}; they must be floating point")
     t, _, h, w = shape
@@ -225,15 +273,18 @@ def open_latents(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
         geometry = Geometry(**validate_geometry(metadata["geometry"], where, (h, w), max_pixels))
     scaling = (number(metadata["scaling_factor"], where, "scaling_factor", 1e-6, 1e6)
                if metadata.get("scaling_factor") else None)
+    space_stated = bool(metadata.get("latents.space")) or not scaled
     space = metadata.get("latents.space") or ("normalized" if scaled else "raw")
     if space not in SPACES:
         raise InputError(f"{where}: latents.space must be normalized or raw, not {printable(space)[:40]!r}")
     norm = _normalization(metadata, where, shape[1]) or (Normalization("scale", scaling) if scaling else None)
+    rule = _frame_rule(metadata, where)
     return LatentFile(
         path, key, shape, entry["dtype"], scaled and space == "normalized", dict(metadata),
         fps=validate_fps(metadata["fps"], where) if metadata.get("fps") else None, scaling_factor=scaling,
         geometry=geometry, normalization=norm, family=metadata.get("model.family") or None,
-        frame_rule=_frame_rule(metadata, where))
+        frame_rule=rule, video=video, space_stated=space_stated,
+        padded=_padded(metadata, where, (rule or FrameRule()).pixel_frames(t)))
 
 
 def _normalization(metadata: dict[str, str], where: str, channels: int) -> Normalization | None:
@@ -257,6 +308,21 @@ def _frame_rule(metadata: dict[str, str], where: str) -> FrameRule | None:
             or not isinstance(d.get("causal", False), bool):
         raise InputError(f"{where}: bad frame_rule metadata")
     return FrameRule(d["factor"], d.get("causal", False))
+
+
+def _padded(metadata: dict[str, str], where: str, pixel_frames: int) -> int:
+    """Frames `--frames-fit pad` added (the `frames_fit` metadata: mode, frames read, frames coded), validated."""
+    if not metadata.get("frames_fit"):
+        return 0
+    d = parse_json(metadata["frames_fit"].encode(), where, InputError)
+    if not isinstance(d, dict) or d.get("mode") not in ("pad", "trim") or \
+            not all(isinstance(d.get(k), int) and not isinstance(d.get(k), bool) for k in ("read", "coded")):
+        raise InputError(f"{where}: bad frames_fit metadata")
+    padded = d["coded"] - d["read"] if d["mode"] == "pad" else 0
+    if d["coded"] != pixel_frames or not 0 <= padded < pixel_frames:
+        raise InputError(f"{where}: frames_fit metadata ({d['read']} frames read, {d['coded']} coded) does not "
+                         f"match the {pixel_frames} frames the latents decode to")
+    return padded
 
 
 def describe_latents(path: str | os.PathLike) -> dict:

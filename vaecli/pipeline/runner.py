@@ -10,6 +10,7 @@ same functions `vaecli plan` prints; the runner only re-plans after an out-of-me
 from __future__ import annotations
 
 import gc
+import json
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -49,6 +50,8 @@ class EncodeOptions:
     attention: str = "auto"
     save_moments: bool = False
     export_comfy: bool = False
+    frames_fit: str | None = None  # "trim" or "pad" a length off the model's frame rule; None: refuse it
+    latent_space: str = "normalized"  # or "raw": what the `latents` tensor stores
     latent_dtype: torch.dtype = torch.float32
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS  # per source frame
@@ -67,6 +70,7 @@ class DecodeOptions:
     native_size: bool = False
     allow_model_mismatch: bool = False
     allow_nonfinite: bool = False  # decode latents holding NaN/inf anyway (they come out black)
+    latent_space: str | None = None  # "normalized" or "raw" for files that do not say
     max_pixels: int = DEFAULT_MAX_PIXELS  # per decoded frame
     overwrite: bool = False
 
@@ -82,6 +86,26 @@ def batches(frames: Iterator[tuple[int, np.ndarray]], size: int,
             batch, want = [], size
     if batch:
         yield batch
+
+
+def fit_frames(frames: Iterator[tuple[int, np.ndarray]], rule, mode: str, where: str,
+               report: dict) -> Iterator[tuple[int, np.ndarray]]:
+    """The frames, the last few dropped ("trim") or the last one repeated ("pad") so that their count is valid
+    for the frame rule (`FrameRule.fit`); `report` gets mode, frames read and coded once the source ends."""
+    tail: list[tuple[int, np.ndarray]] = []  # the last `factor` frames: all that a fit can change
+    read = 0
+    for item in frames:
+        read += 1
+        tail.append(item)
+        if len(tail) > rule.factor:
+            yield tail.pop(0)
+    if not read:
+        return
+    coded = rule.fit(read, mode, where)
+    report.update(mode=mode, read=read, coded=coded)
+    yield from tail[:len(tail) - max(0, read - coded)]
+    for _ in range(coded - read):
+        yield tail[-1]
 
 
 def frame_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
@@ -128,7 +152,9 @@ def prepare_encode(codec: Codec, source_spec: str, opts: EncodeOptions) -> Encod
         pixels(*size, printable(source_spec), opts.max_pixels)
     codec.check_size(*geometry.processed, printable(source_spec))
     frames = expected_frames(opts.selection, source.count)
-    if frames is not None:
+    if frames is not None and opts.frames_fit:
+        frames = codec.frame_rule.fit(frames, opts.frames_fit, printable(source_spec))
+    elif frames is not None:
         codec.frame_rule.check(frames, printable(source_spec))
     return EncodeJob(codec, source, source_spec, geometry, frames or 16, opts)
 
@@ -177,6 +203,9 @@ def _encode_run(job: EncodeJob, out: Path, outputs, plan: Plan, progress: Progre
     source_size = geometry.source
     fps = job.source.fps / opts.selection.stride  # every stride-th frame: plays them at the source's speed
     frames = background(job.source.frames(opts.selection))
+    fitted: dict = {}  # what --frames-fit did
+    stream = fit_frames(frames, codec.frame_rule, opts.frames_fit, printable(spec), fitted) if opts.frames_fit \
+        else frames
     names = ("latents", "mean", "logvar") if opts.save_moments else ("latents",)
     writer = LatentFileWriter(out, names, opts.latent_dtype)
     comfy = LatentFileWriter(comfy_path(out), ("latent_tensor",), torch.float32) if opts.export_comfy else None
@@ -187,7 +216,7 @@ def _encode_run(job: EncodeJob, out: Path, outputs, plan: Plan, progress: Progre
     try:
         clip: dict = {}  # what a causal model carries from one batch of this clip to the next
         rule = codec.frame_rule
-        for batch in batches(frames, plan.chunk_frames, 1 + plan.chunk_frames if rule.causal else None):
+        for batch in batches(stream, plan.chunk_frames, 1 + plan.chunk_frames if rule.causal else None):
             for _, image in batch:
                 if (image.shape[1], image.shape[0]) != source_size:
                     raise InputError(f"{spec}: frame size changes from {source_size[0]}x{source_size[1]} "
@@ -200,7 +229,8 @@ def _encode_run(job: EncodeJob, out: Path, outputs, plan: Plan, progress: Progre
                 if bad is not None:  # even in fp32: never written
                     raise InputError(f"{printable(spec)}: the encoder gave NaN or inf for latent frame "
                                      f"{latent_count + bad} (in fp32 too); the checkpoint is broken")
-            writer.append("latents", codec.normalization.normalize(z.float()))
+            writer.append("latents", codec.normalization.normalize(z.float()) if opts.latent_space == "normalized"
+                          else z.float())
             if opts.save_moments:
                 writer.append("mean", posterior.mean.float())
                 writer.append("logvar", posterior.logvar.float())
@@ -209,17 +239,19 @@ def _encode_run(job: EncodeJob, out: Path, outputs, plan: Plan, progress: Progre
             indices.extend(i for i, _ in batch)
             latent_count += z.shape[0]
             bar.update(len(batch))
+        fit_note(fitted, spec, progress)
         metadata = latent_metadata(
-            codec, fps=f"{fps.numerator}/{fps.denominator}",
+            codec, opts.latent_space, fps=f"{fps.numerator}/{fps.denominator}",
             source=Path(spec).name, frame_start=str(indices[0]), frame_stride=str(opts.selection.stride),
             frame_count=str(latent_count), source_frames=str(len(indices)), geometry=geometry.to_json(),
             dtype=dtype_name(codec.dtype), latents_dtype=dtype_name(opts.latent_dtype),
-            posterior="sample" if opts.sample else "mode", seed=str(opts.seed) if opts.sample else "")
+            posterior="sample" if opts.sample else "mode", seed=str(opts.seed) if opts.sample else "",
+            frames_fit=json.dumps(fitted, sort_keys=True) if fitted.get("read", 0) != fitted.get("coded", 0) else "")
         with atomic_outputs(outputs, opts.overwrite) as temps:  # both files or neither
             writer.finish(temps[0], metadata)
             if comfy is not None:
                 # ComfyUI's .latent: raw `latent_tensor` plus an empty `latent_format_version_0`
-                comfy.finish(temps[1], {"format": "pt"}, empty=("latent_format_version_0",))
+                comfy.finish(temps[1], {"format": "pt"}, empty=("latent_format_version_0",), video=codec.video_latents)
     finally:
         bar.close()
         writer.close()
@@ -229,9 +261,20 @@ def _encode_run(job: EncodeJob, out: Path, outputs, plan: Plan, progress: Progre
     f = codec.spatial_factor
     shape = [latent_count, codec.latent_channels, geometry.processed[1] // f, geometry.processed[0] // f]
     return {"input": spec, "output": str(out), "outputs": [str(o.path) for o in outputs], "frames": len(indices),
-            "latent_frames": latent_count, "shape": shape, "fps": f"{fps.numerator}/{fps.denominator}",
+            "frames_fit": fitted or None, "latent_space": opts.latent_space, "latent_frames": latent_count, "shape": shape, "fps": f"{fps.numerator}/{fps.denominator}",
             "family": codec.family, "attention": plan.attention.name,
             "geometry": {"source": list(geometry.source), "processed": list(geometry.processed), "fit": geometry.fit}}
+
+
+def fit_note(fitted: dict, spec: str, progress: Progress) -> None:
+    """Say on stderr what --frames-fit did (frames are never dropped or added silently)."""
+    read, coded = fitted.get("read", 0), fitted.get("coded", 0)
+    if read > coded:
+        progress.note(f"vaecli: {printable(spec)}: {read} frames trimmed to {coded} (--frames-fit trim dropped the "
+                      f"last {read - coded})")
+    elif coded > read:
+        progress.note(f"vaecli: {printable(spec)}: {read} frames padded to {coded} (the last frame repeated; the "
+                      f"decode gives back {read})")
 
 
 def encode_batch(model: Codec, batch: list[tuple[int, np.ndarray]], geometry, opts: EncodeOptions,
@@ -325,8 +368,8 @@ class DecodeJob:
 
     @property
     def frames(self) -> int:
-        """Output frames."""
-        return self.codec.frame_rule.pixel_frames(self.latents.frames)
+        """Output frames (those `--frames-fit pad` added at encode are dropped again)."""
+        return self.codec.frame_rule.pixel_frames(self.latents.frames) - self.latents.padded
 
     def plan(self, budget: Budget | None = None) -> Plan:
         o = self.opts
@@ -336,7 +379,7 @@ class DecodeJob:
 
 def prepare_decode(codec: Codec, latents_path: Path | str, opts: DecodeOptions) -> DecodeJob:
     """Open and validate the latent file against the model (family, channels, frame rule, hash, geometry, size)."""
-    lf = open_latents(latents_path, opts.max_pixels)
+    lf = open_latents(latents_path, opts.max_pixels).with_space(opts.latent_space, codec)
     check_model(lf, codec, opts.allow_model_mismatch)
     h, w = lf.shape[2], lf.shape[3]
     f = codec.spatial_factor
@@ -428,8 +471,10 @@ def decode_frames(model: Codec, lf: LatentFile, plan: Plan, geometry, guard: Pre
     blender = WindowBlender(plan_windows)
     guard = guard or PrecisionGuard(model)
     done = 0
+    keep = model.frame_rule.pixel_frames(lf.frames) - lf.padded  # the padding of --frames-fit pad is not given back
 
     def final(x: torch.Tensor) -> np.ndarray:
+        x = x[:keep - done]
         bad = None if allow_nonfinite else first_nonfinite(x)
         if bad is not None:  # even in fp32: never written as black frames
             raise InputError(f"{printable(lf.path)}: the model gave NaN or inf for frame {done + bad} (in fp32 too); "
@@ -442,11 +487,12 @@ def decode_frames(model: Codec, lf: LatentFile, plan: Plan, geometry, guard: Pre
         parts = guard.run(lambda codec, check: codec.decode(z, plan, check_finite=check), what)
         if len(plan_windows) == 1:  # one clip: its frames are final as they come
             for x in parts:
-                yield final(x)
+                if done < keep:
+                    yield final(x)
                 done += x.shape[0]
             return
         with torch.inference_mode():
             blended = blender.push(torch.cat(list(parts)))  # a window is cross-faded whole
-        if blended.shape[0]:
+        if blended.shape[0] and done < keep:
             yield final(blended)
-            done += blended.shape[0]
+        done += blended.shape[0]

@@ -47,6 +47,7 @@ class WanCodec(Codec):
     """A loaded Wan VAE (`vae`, on `device` in `dtype`), or one on the meta device that prices plans."""
 
     family = "wan"
+    video_latents = True
 
     def __init__(self, vae: WanVAE, name: str, hash: str, device: torch.device | None = None):
         self.vae, self.config = vae, vae.config
