@@ -151,10 +151,10 @@ def test_outputs_fail_together(tmp_path, corpus, monkeypatch):
     out = tmp_path / "z.latents.safetensors"
     original = latents_io.LatentFileWriter.finish
 
-    def finish(self, path, metadata, empty=()):
+    def finish(self, path, metadata, empty=(), **kwargs):
         if empty:  # the ComfyUI .latent: the disk fills up
             raise files.write_error(path, OSError(28, "No space left on device"))
-        return original(self, path, metadata, empty)
+        return original(self, path, metadata, empty, **kwargs)
 
     monkeypatch.setattr(latents_io.LatentFileWriter, "finish", finish)
     one_error(run("encode", corpus.video, "-m", corpus.model, "-o", out, "--export", "comfy", "-q"), 1,

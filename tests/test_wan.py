@@ -1,6 +1,6 @@
-"""The Wan 2.1 VAE against diffusers' `AutoencoderKLWan` with every parameter randomised (γ included), fp32:
-posterior moments and decoded frames within 1e-4, for the tiny oracle config and one with the released block
-structure at a narrow width; chunked encodes and decodes equal the one-call results."""
+"""The Wan 2.1 and 2.2 5B VAEs against diffusers' `AutoencoderKLWan` with every parameter randomised (γ included),
+fp32: posterior moments and decoded frames within 1e-4, for the tiny oracle configs and ones with the released
+block structures at a narrow width; chunked encodes and decodes equal the one-call results."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ CONFIGS = {
     "tiny": WanConfig(dim=3, z_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1, name="tiny"),
     # the released 2.1 structure (widths ×1,2,4,4; two blocks per level), narrow
     "narrow": WanConfig(dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2, name="narrow"),
+    # Wan 2.2 5B: the tiny oracle, and the released structure (decoder wider than the encoder) narrow
+    "tiny22": WanConfig(dim=3, z_dim=48, dim_mult=(1, 1, 1, 1), num_res_blocks=1, in_channels=12, out_channels=12,
+                        residual=True, patch_size=2, latents_mean=(0.0,) * 48, latents_std=(1.0,) * 48,
+                        name="tiny22"),
+    "narrow22": WanConfig(dim=4, decoder_dim=6, z_dim=48, dim_mult=(1, 2, 4, 4), num_res_blocks=2, in_channels=12,
+                          out_channels=12, residual=True, patch_size=2, latents_mean=(0.0,) * 48,
+                          latents_std=(1.0,) * 48, name="narrow22"),
 }
 
 
@@ -42,11 +49,12 @@ def pair(config: WanConfig, seed: int = 0):
     """(vaecli's WanVAE, diffusers' AutoencoderKLWan) with the same random weights."""
     from diffusers import AutoencoderKLWan
 
+    from vaecli.model.wan.layout import diffusers_config
+
     ours = WanVAE(config).eval()
     randomise(ours, seed)
-    theirs = AutoencoderKLWan(base_dim=config.dim, z_dim=config.z_dim, dim_mult=list(config.dim_mult),
-                              num_res_blocks=config.num_res_blocks,
-                              temperal_downsample=list(config.temperal_downsample)).eval()
+    kwargs = {k: v for k, v in diffusers_config(config).items() if k != "_class_name"}
+    theirs = AutoencoderKLWan(**kwargs).eval()
     mapping = original_to_diffusers(ours.state_dict().keys(), config)
     theirs.load_state_dict({mapping[k]: v for k, v in ours.state_dict().items()}, strict=True)
     return ours, theirs
@@ -64,15 +72,16 @@ def clip(frames: int, size: int, seed: int = 1) -> torch.Tensor:
 
 def test_encode_and_decode_match_diffusers(models):
     name, ours, theirs = models
+    z_dim, f = ours.config.z_dim, ours.config.spatial_factor
     x = clip(9, 32)
     with torch.no_grad():
         dist = theirs.encode(x).latent_dist
         moments = ours.moments(x)
         mean, logvar = moments.chunk(2, dim=1)
-        assert mean.shape == (1, 16, 3, 4, 4)
+        assert mean.shape == (1, z_dim, 3, 32 // f, 32 // f)
         assert torch.allclose(mean, dist.mean, atol=1e-4), (mean - dist.mean).abs().max()
         assert torch.allclose(logvar.clamp(-30, 20), dist.logvar, atol=1e-4)
-        z = torch.randn(1, 16, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+        z = torch.randn(1, z_dim, 4, 32 // f, 32 // f, generator=torch.Generator().manual_seed(2))
         frames = ours.decode(z)
         reference = theirs.decode(z).sample
     assert frames.shape == reference.shape == (1, 3, 13, 32, 32)
@@ -81,16 +90,19 @@ def test_encode_and_decode_match_diffusers(models):
 
 
 def test_every_chunking_equals_one_call(models):
+    """Encode: first chunks of 1 + 4k frames, then multiples of 4; decode: every chunk size 1..T-1. (2.2's
+    shortcuts make activations larger, so float rounding is larger in absolute terms: 1e-4 there.)"""
     name, ours, _ = models
-    x = clip(13, 16, seed=3)
-    z = torch.randn(1, 16, 5, 2, 2, generator=torch.Generator().manual_seed(4))
+    atol = 1e-4 if ours.config.residual else 1e-5
+    x = clip(13, 32, seed=3)
+    z = torch.randn(1, ours.config.z_dim, 5, 2, 2, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         whole = ours.moments(x, first=13)
         for first, chunk in ((1, 4), (1, 8), (1, 12), (5, 4), (9, 4)):
-            assert torch.allclose(ours.moments(x, chunk=chunk, first=first), whole, atol=1e-5), (first, chunk)
+            assert torch.allclose(ours.moments(x, chunk=chunk, first=first), whole, atol=atol), (first, chunk)
         one = ours.decode(z, chunk=5)
         for chunk in range(1, 5):
-            assert torch.allclose(ours.decode(z, chunk=chunk), one, atol=1e-5), chunk
+            assert torch.allclose(ours.decode(z, chunk=chunk), one, atol=atol), chunk
 
 
 # ------------------------------------------------------------------------------------------ through the CLI
@@ -174,20 +186,18 @@ def test_cli_refuses_lengths_off_the_frame_rule(wan_files, tmp_path):
     assert done.exit_code == 1 and "take 9 or 13 frames" in done.output and not (tmp_path / "x.latents.safetensors").exists()
 
 
-def test_mutated_wan_checkpoints_give_one_error_line(wan_files, tmp_path):
-    """Generated bad Wan files (a tensor missing, one dimension dropped, added, resized or zero, NaN, a 2.2
-    shape): `info` exits 1 with one `error:` line, never a traceback."""
+def test_mutated_wan_checkpoints_give_one_error_line(wan_files, wan22_files, tmp_path):
+    """Generated bad Wan 2.1 and 2.2 files (a tensor missing, one dimension dropped, added, resized or zero, NaN,
+    the other version's channels): `info` exits 1 with one `error:` line, never a traceback."""
     import random
 
     from safetensors.torch import load_file, save_file
 
-    root, _ = wan_files
-    state = load_file(str(root / "wan.safetensors"))
     rng = random.Random(11)
-    keys = sorted(state)
 
-    def mutations():
-        for key in rng.sample(keys, 12):
+    def mutations(state, prefix):
+        keys = sorted(state)
+        for key in rng.sample(keys, 10):
             t = state[key]
             yield f"drop {key}", {k: v for k, v in state.items() if k != key}
             if t.dim() > 1:
@@ -196,15 +206,21 @@ def test_mutated_wan_checkpoints_give_one_error_line(wan_files, tmp_path):
             yield f"resized {key}", {**state, key: torch.zeros((t.shape[0] + 1, *t.shape[1:]))}
             yield f"zero {key}", {**state, key: torch.zeros((0, *t.shape[1:]))}
         yield "nan", {**state, keys[0]: torch.full_like(state[keys[0]], float("nan"))}
-        yield "wan 2.2 z", {**state, "model.conv2.weight": torch.zeros(48, 48, 1, 1, 1)}
+        z, pixels = state[prefix + "conv2.weight"].shape[0], state[prefix + "encoder.conv1.weight"].shape[1]
+        other_z, other_pixels = (16, 3) if z == 48 else (48, 12)  # the other version's latent and input channels
+        yield f"{other_z} channels", {**state, prefix + "conv2.weight": torch.zeros(other_z, other_z, 1, 1, 1)}
+        yield f"{other_pixels} channels in", {**state,
+                                              prefix + "encoder.conv1.weight": torch.zeros(3, other_pixels, 3, 3, 3)}
 
-    for i, (what, mutated) in enumerate(mutations()):
-        path = tmp_path / f"m{i}.safetensors"
-        save_file({k: v.contiguous() for k, v in mutated.items()}, str(path))
-        done = run("info", path)
-        lines = done.stderr.strip().splitlines()
-        assert done.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (what, done.output)
-        assert "Traceback" not in done.output
+    files = ((wan_files[0] / "wan.safetensors", "model."), (wan22_files[0] / "wan2.2_vae.safetensors", ""))
+    for n, (source, prefix) in enumerate(files):
+        for i, (what, mutated) in enumerate(mutations(load_file(str(source)), prefix)):
+            path = tmp_path / f"m{n}-{i}.safetensors"
+            save_file({k: v.contiguous() for k, v in mutated.items()}, str(path))
+            done = run("info", path)
+            lines = done.stderr.strip().splitlines()
+            assert done.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (what, done.output)
+            assert "Traceback" not in done.output
 
 
 def diffusers_mean(theirs, frames) -> torch.Tensor:
@@ -298,3 +314,73 @@ def test_latent_spaces_foreign_files_and_comfy_export(wan_files, tmp_path):
               str(tmp_path / "two.latent"))
     two = run("decode", tmp_path / "two.latent", "-m", model, "--fps", "8", "-o", tmp_path / "two.mp4")
     assert two.exit_code == 1 and "hold 2 clips" in two.stderr
+
+
+@pytest.fixture(scope="module")
+def wan22_files(tmp_path_factory):
+    """The tiny Wan 2.2 5B model (the released latent statistics) in the original layout and as a diffusers
+    folder, and the diffusers model with the same weights."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from vaecli.model.wan.config import WAN22_MEAN, WAN22_STD
+
+    root = tmp_path_factory.mktemp("wan22")
+    ours, theirs = pair(replace(CONFIGS["tiny22"], latents_mean=WAN22_MEAN, latents_std=WAN22_STD), seed=9)
+    save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, str(root / "wan2.2_vae.safetensors"))
+    theirs.save_pretrained(root / "diffusers" / "vae")
+    return root, theirs
+
+
+def test_wan22_through_the_cli_matches_diffusers(wan22_files, tmp_path):
+    """Wan 2.2 5B in both layouts: detected from shapes (`info`: version 2.2, 48 channels, 16×), encode equal to
+    diffusers' normalised posterior mean, decode equal to its frames, sizes off the 16 grid fitted and given
+    back, convert lossless both ways."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+
+    from helpers import make_video, read_video
+
+    root, theirs = wan22_files
+    model = root / "wan2.2_vae.safetensors"
+    info = json.loads(run("info", model, "--json").stdout)
+    assert (info["family"], info["version"], info["latent_channels"], info["spatial_factor"]) == ("wan", "2.2", 48, 16)
+    video = tmp_path / "clip.mp4"
+    make_video(video, n=9, width=32, height=32)
+    seen, _ = read_video(video)
+    m = torch.tensor(theirs.config.latents_mean).view(1, -1, 1, 1)
+    s = torch.tensor(theirs.config.latents_std).view(1, -1, 1, 1)
+    want = (diffusers_mean(theirs, seen) - m) / s
+    for source in (model, root / "diffusers"):
+        out = tmp_path / f"{source.stem}.latents.safetensors"
+        done = run("encode", video, "-m", source, "-o", out)
+        assert done.exit_code == 0, done.output
+        with safe_open(str(out), "pt") as f:
+            stored = f.get_tensor("latents")
+        assert stored.shape == (3, 48, 2, 2) and torch.allclose(stored, want, atol=1e-4)
+    frames_dir = tmp_path / "frames"
+    assert run("decode", out, "-m", model, "-o", f"{frames_dir}/").exit_code == 0
+    got = np.stack([np.asarray(Image.open(p)) for p in sorted(frames_dir.glob("*.png"))]).astype(int)
+    with torch.no_grad():
+        ref = theirs.decode((stored * s + m).permute(1, 0, 2, 3)[None]).sample[0].permute(1, 2, 3, 0)
+    assert got.shape == (9, 32, 32, 3)
+    assert np.abs(got - ((ref + 1) * 127.5).round().clamp(0, 255).numpy().astype(int)).max() <= 1
+    odd = tmp_path / "odd.mp4"
+    make_video(odd, n=5, width=40, height=24)
+    assert run("encode", odd, "-m", model, "-o", tmp_path / "odd.latents.safetensors").exit_code == 0
+    back = run("decode", tmp_path / "odd.latents.safetensors", "-m", model, "-o", f"{tmp_path / 'odd'}/", "--json")
+    assert back.exit_code == 0 and json.loads(back.stdout)["frames"] == 5
+    assert Image.open(sorted((tmp_path / "odd").glob("*.png"))[0]).size == (40, 24)
+    assert run("convert", model, "--to", "diffusers", "-o", tmp_path / "conv").exit_code == 0
+    assert run("convert", tmp_path / "conv", "-o", tmp_path / "back.safetensors").exit_code == 0
+    with safe_open(str(model), "pt") as a, safe_open(str(tmp_path / "back.safetensors"), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in b.keys())
+    from diffusers import AutoencoderKLWan
+
+    reloaded = AutoencoderKLWan.from_pretrained(tmp_path / "conv")  # our diffusers folder loads in diffusers
+    assert reloaded.config.is_residual and reloaded.config.patch_size == 2

@@ -1,7 +1,8 @@
-"""The Wan family behind the family seam: the Wan 2.1 VAE (Wan 2.1, Wan 2.2 14B, Qwen-Image, Cosmos-Predict2).
+"""The Wan family behind the family seam: the Wan 2.1 VAE (Wan 2.1, Wan 2.2 14B, Qwen-Image, Cosmos-Predict2) and
+the Wan 2.2 5B VAE (48 channels, 16× in space).
 
-`WanCodec` is the loaded model as the pipeline sees it: 8× in space, 4× causal in time (1 + 4k frames <-> 1 + k
-latent frames), latents stored normalised per channel, (μ − mean) / std. Decoding streams latent frames in
+`WanCodec` is the loaded model as the pipeline sees it: 8× (2.1) or 16× (2.2) in space, 4× causal in time
+(1 + 4k frames <-> 1 + k latent frames), latents stored normalised per channel, (μ − mean) / std. Decoding streams latent frames in
 chunks carrying the causal cache (exact, memory constant in the clip's length); encoding takes the clip's first
 1 + 4k frames, then 4k at a time, carrying the cache between the runner's batches (`clip`).
 """
@@ -58,21 +59,25 @@ class WanCodec(Codec):
         self.spatial_factor = self.config.spatial_factor
         self.frame_rule = RULE
         self.latent_channels = self.config.z_dim
-        self.in_channels = self.config.in_channels
+        self.in_channels = self.config.pixel_channels
         self.normalization = Normalization("per-channel", mean=self.config.latents_mean, std=self.config.latents_std)
 
     def weights_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.vae.parameters())
 
     def metadata(self) -> dict[str, str]:
-        return {"wan.version": "2.1"}
+        return {"wan.version": self.config.version}
 
     # -- prices: activations of one call of n output frames at full resolution, plus the causal cache ---------
 
     def _frame_bytes(self, pixels: int) -> int:
-        """One frame of the widest full-resolution activation."""
-        widest = self.config.dim * max(self.config.dim_mult[0], self.config.dim_mult[1] // 2 or 1)
-        return pixels * widest * torch.empty((), dtype=self.dtype).element_size()
+        """One frame of the widest full-resolution activation (2.2: at half resolution, after the pixel patches)."""
+        c = self.config
+        if c.residual:
+            widest = max(c.dim, c.dec_dim) * max(c.dim_mult[0], c.dim_mult[1] / 4) / c.patch_size ** 2
+        else:
+            widest = c.dim * max(c.dim_mult[0], c.dim_mult[1] // 2 or 1)
+        return int(pixels * widest * torch.empty((), dtype=self.dtype).element_size())
 
     def _cache_bytes(self, pixels: int) -> int:
         """Two frames per causal convolution, at most the full-resolution width (an upper bound)."""
@@ -156,7 +161,7 @@ class WanCodec(Codec):
 
 class WanFamily(Family):
     name = "wan"
-    title = "Wan 2.1 video VAE"
+    title = "Wan 2.1 / 2.2 video VAE"
     layouts = wan_layout.LAYOUTS_TRIED
 
     def claims(self, keys: frozenset[str]):
@@ -186,11 +191,12 @@ class WanFamily(Family):
     def describe(self, ckpt: Checkpoint) -> tuple[dict, list[str]]:
         cfg: WanConfig = ckpt.config
         norm = Normalization("per-channel", mean=cfg.latents_mean, std=cfg.latents_std)
-        fields = {"layout": ckpt.layout.naming, "prefix": ckpt.layout.prefix, "version": "2.1",
+        fields = {"layout": ckpt.layout.naming, "prefix": ckpt.layout.prefix, "version": cfg.version,
                   "latent_channels": cfg.z_dim, "spatial_factor": cfg.spatial_factor,
                   "frame_rule": RULE.to_dict(), "normalization": norm.to_dict()}
-        lines = [f"config:      {cfg.name}  (Wan 2.1: dim {cfg.dim}, dim_mult {list(cfg.dim_mult)}, "
-                 f"{cfg.num_res_blocks} res blocks, time halved at {list(cfg.temperal_downsample)})",
+        extra = f", decoder dim {cfg.dec_dim}, {cfg.patch_size}×{cfg.patch_size} pixel patches" if cfg.residual else ""
+        lines = [f"config:      {cfg.name}  (Wan {cfg.version}: dim {cfg.dim}, dim_mult {list(cfg.dim_mult)}, "
+                 f"{cfg.num_res_blocks} res blocks, time halved at {list(cfg.temperal_downsample)}{extra})",
                  f"latents:     {cfg.z_dim} channels, 1/{cfg.spatial_factor} size, {RULE.describe()}, "
                  "normalised per channel (mean/std)"]
         return fields, lines

@@ -2,7 +2,9 @@
 
 The original decoder numbers its layers flat (`decoder.upsamples.N`); diffusers groups them per level
 (`decoder.up_blocks.i.resnets.j`, `...upsamplers.0`). The flat numbering follows from the config (num_res_blocks,
-dim_mult, attn_scales), so the map is built from it, never hard-coded.
+dim_mult, attn_scales), so the map is built from it, never hard-coded. In Wan 2.2 both layouts group by level:
+`encoder.downsamples.i.downsamples.j` <-> `encoder.down_blocks.i.resnets.j` (the last j: `...downsampler`),
+`decoder.upsamples.i.upsamples.j` <-> `decoder.up_blocks.i.resnets.j` (the last j: `...upsampler`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,20 @@ def decoder_groups(config: WanConfig) -> list[str]:
     return groups
 
 
+def _level(config: WanConfig, part: str, inner: str) -> str:
+    """A Wan 2.2 level's tail `i.<downsamples|upsamples>.j.rest` -> diffusers' `i.resnets.j.rest` or
+    `i.<downsampler|upsampler>.rest`."""
+    i, _, rest = inner.partition(".")
+    seq, _, rest = rest.partition(".")
+    j, _, rest = rest.partition(".")
+    blocks = config.num_res_blocks + (part == "decoder")
+    if seq != ("downsamples" if part == "encoder" else "upsamples") or not j.isdigit():
+        raise KeyError(inner)
+    if int(j) < blocks:
+        return f"{i}.resnets.{j}.{_rename_block(rest)}"
+    return f"{i}.{'downsampler' if part == 'encoder' else 'upsampler'}.{rest}"
+
+
 def _rename_block(rest: str) -> str:
     for old, new in _RESIDUAL.items():
         if rest.startswith(old):
@@ -49,6 +65,9 @@ def to_diffusers(key: str, config: WanConfig) -> str:
     for old, new in _MIDDLE.items():
         if rest.startswith(old):
             return f"{part}.{new}{_rename_block(rest[len(old):])}"
+    if config.residual and rest.startswith(("downsamples.", "upsamples.")):
+        inner = rest.partition(".")[2]
+        return f"{part}.{'down_blocks' if part == 'encoder' else 'up_blocks'}.{_level(config, part, inner)}"
     if rest.startswith("downsamples."):  # the encoder is flat in both layouts
         n, _, inner = rest[len("downsamples."):].partition(".")
         return f"encoder.down_blocks.{n}.{_rename_block(inner)}"

@@ -5,7 +5,7 @@ Layouts read:
   without a `model.` prefix);
 - `diffusers`: `AutoencoderKLWan` (a file, or a folder with `diffusion_pytorch_model.safetensors` directly or
   in `vae/`, its `config.json` giving `latents_mean`/`latents_std`).
-The Wan 2.2 5B VAE (z = 48, pixel patches of 2) is recognised and refused with a line saying so.
+Both hold the Wan 2.1 VAE or the Wan 2.2 5B one (z = 48, residual levels, pixel patches of 2), told apart by shapes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from vaecli.errors import CheckpointError
 from vaecli.model.checkpoint import DIFFUSERS_FILES, read_tensors, write_checkpoint
-from vaecli.model.wan.config import WAN21_MEAN, WAN21_STD, WanConfig
+from vaecli.model.wan.config import WanConfig, released_stats
 from vaecli.model.wan.keymap import original_to_diffusers
 
 PREFIXES = ("model.", "vae.", "")
@@ -75,25 +75,17 @@ def infer_config(shapes: dict[str, tuple[int, ...]], name: str, mean=None, std=N
     return config
 
 
-def structure(shapes: dict[str, tuple[int, ...]], name: str, mean=None, std=None) -> WanConfig:
-    """The config implied by `encoder.conv1`, `conv2`, `decoder.head.2` and the encoder's flat layer list (levels,
-    blocks per level, which downsamples halve time), in original naming; other tensors are not looked at."""
-    def shape(key: str) -> tuple[int, ...]:
-        """A conv weight's shape (5-D, no zero sizes), else a CheckpointError naming the tensor."""
-        if key not in shapes:
-            raise CheckpointError(f"not a Wan VAE checkpoint: tensor {key} is missing")
-        if len(shapes[key]) != 5 or 0 in shapes[key]:
-            raise CheckpointError(f"tensor {key} has shape {list(shapes[key])}; a Wan VAE's is a 5-D conv weight")
-        return shapes[key]
+def _conv_shape(shapes: dict[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
+    """A conv weight's shape (5-D, no zero sizes), else a CheckpointError naming the tensor."""
+    if key not in shapes:
+        raise CheckpointError(f"not a Wan VAE checkpoint: tensor {key} is missing")
+    if len(shapes[key]) != 5 or 0 in shapes[key]:
+        raise CheckpointError(f"tensor {key} has shape {list(shapes[key])}; a Wan VAE's is a 5-D conv weight")
+    return shapes[key]
 
-    dim, in_channels = shape("encoder.conv1.weight")[:2]
-    z_dim = shape("conv2.weight")[0]
-    if z_dim == 48 or in_channels == 12:
-        raise CheckpointError("this is the Wan 2.2 5B VAE (48 latent channels, 2×2 pixel patches); vaecli reads "
-                              "the Wan 2.1 VAE (also used by Wan 2.2 14B) so far")
-    layers = _indexed(shapes, "encoder.downsamples.")
-    if sorted(layers) != list(range(len(layers))) or not layers:
-        raise CheckpointError("not a Wan VAE checkpoint: encoder.downsamples is not numbered 0..N-1")
+
+def _flat_levels(shapes, layers: dict[int, set[str]]) -> tuple[list[int], list[int], list[bool]]:
+    """Wan 2.1's flat `encoder.downsamples.N` -> (widths, blocks per level, which downsamples halve time)."""
     if any("to_qkv.weight" in tails for tails in layers.values()):
         raise CheckpointError("a Wan VAE with attention inside the encoder levels is not supported")
     widths, blocks, temporal = [], [], []
@@ -101,7 +93,7 @@ def structure(shapes: dict[str, tuple[int, ...]], name: str, mean=None, std=None
         tails = layers[n]
         if "residual.2.weight" in tails:
             if not blocks or blocks[-1] == "closed":
-                widths.append(shape(f"encoder.downsamples.{n}.residual.2.weight")[0])
+                widths.append(_conv_shape(shapes, f"encoder.downsamples.{n}.residual.2.weight")[0])
                 blocks.append(0)
             blocks[-1] += 1
         elif "resample.1.weight" in tails:
@@ -110,14 +102,72 @@ def structure(shapes: dict[str, tuple[int, ...]], name: str, mean=None, std=None
         else:
             raise CheckpointError(f"not a Wan VAE checkpoint: encoder.downsamples.{n} is neither a block nor a "
                                   "resample")
-    counts = [b for b in blocks if b != "closed"]
+    return widths, [b for b in blocks if b != "closed"], temporal
+
+
+def _residual_levels(shapes) -> tuple[list[int], list[int], list[bool]]:
+    """Wan 2.2's `encoder.downsamples.N.downsamples.M` -> (widths, blocks per level, which levels halve time)."""
+    widths, counts, temporal = [], [], []
+    levels = _indexed(shapes, "encoder.downsamples.")
+    for n in sorted(levels):
+        inner = _indexed(shapes, f"encoder.downsamples.{n}.downsamples.")
+        blocks = [m for m in sorted(inner) if "residual.2.weight" in inner[m]]
+        if not blocks or blocks != list(range(len(blocks))) or sorted(inner) != list(range(len(inner))):
+            raise CheckpointError(f"not a Wan VAE checkpoint: encoder.downsamples.{n} is not a level")
+        widths.append(_conv_shape(shapes, f"encoder.downsamples.{n}.downsamples.0.residual.2.weight")[0])
+        counts.append(len(blocks))
+        resample = [m for m in inner if m not in blocks]
+        if n != len(levels) - 1:
+            if resample != [len(blocks)] or "resample.1.weight" not in inner[resample[0]]:
+                raise CheckpointError(f"not a Wan VAE checkpoint: encoder.downsamples.{n} has no downsample")
+            temporal.append("time_conv.weight" in inner[resample[0]])
+        elif resample:
+            raise CheckpointError("not a Wan VAE checkpoint: the last encoder level has a downsample")
+    return widths, counts, temporal
+
+
+def _shortcuts_fit(dim: int, decoder_dim: int, dim_mult: tuple[int, ...], temporal: list[bool]) -> bool:
+    """Whether every Wan 2.2 shortcut splits channels evenly (each down level averages in·f/out values per output
+    channel, each up level repeats every input channel out·f/in times; f = 4 in space, 8 with time), with widths
+    dim·(1, *dim_mult) in the encoder and decoder_dim·dim_mult reversed in the decoder."""
+    if decoder_dim < 1:
+        return False
+    enc = [dim * u for u in (1, *dim_mult)]
+    dec = [decoder_dim * u for u in (dim_mult[-1], *dim_mult[::-1])]
+    down = [4 * (2 if t else 1) for t in temporal] + [1]
+    up = [4 * (2 if t else 1) for t in temporal[::-1]]
+    return (all(a * f % b == 0 for a, b, f in zip(enc[:-1], enc[1:], down))
+            and all(b * f % a == 0 for a, b, f in zip(dec[:-2], dec[1:-1], up)))
+
+
+def structure(shapes: dict[str, tuple[int, ...]], name: str, mean=None, std=None) -> WanConfig:
+    """The config implied by `encoder.conv1`, `conv2`, `decoder.conv1`, `decoder.head.2` and the encoder's levels
+    (widths, blocks per level, which downsamples halve time; flat in 2.1, grouped in 2.2), in original naming;
+    other tensors are not looked at."""
+    dim, in_channels = _conv_shape(shapes, "encoder.conv1.weight")[:2]
+    z_dim = _conv_shape(shapes, "conv2.weight")[0]
+    layers = _indexed(shapes, "encoder.downsamples.")
+    if sorted(layers) != list(range(len(layers))) or not layers:
+        raise CheckpointError("not a Wan VAE checkpoint: encoder.downsamples is not numbered 0..N-1")
+    residual = any(t.startswith("downsamples.") for tails in layers.values() for t in tails)
+    widths, counts, temporal = _residual_levels(shapes) if residual else _flat_levels(shapes, layers)
     if not counts or len(set(counts)) != 1 or len(temporal) != len(counts) - 1 or any(w % dim for w in widths):
         raise CheckpointError("not a Wan VAE checkpoint: the encoder levels do not have one structure")
-    mean = tuple(mean) if mean is not None else (WAN21_MEAN if z_dim == 16 else (0.0,) * z_dim)
-    std = tuple(std) if std is not None else (WAN21_STD if z_dim == 16 else (1.0,) * z_dim)
-    return WanConfig(dim=dim, z_dim=z_dim, dim_mult=tuple(w // dim for w in widths), num_res_blocks=counts[0],
-                     temperal_downsample=tuple(temporal), in_channels=in_channels,
-                     out_channels=shape("decoder.head.2.weight")[0], latents_mean=mean, latents_std=std, name=name)
+    patch = math.isqrt(in_channels // 3)
+    out_channels = _conv_shape(shapes, "decoder.head.2.weight")[0]
+    if 3 * patch * patch != in_channels or out_channels != in_channels or (patch > 1) != residual:
+        raise CheckpointError(f"not a Wan VAE checkpoint: {in_channels} channels in and {out_channels} out are "
+                              "not RGB pixels (3) or 2×2 patches of them (12, Wan 2.2)")
+    dim_mult = tuple(w // dim for w in widths)
+    decoder_dim = _conv_shape(shapes, "decoder.conv1.weight")[0] // dim_mult[-1]
+    if residual and not _shortcuts_fit(dim, decoder_dim, dim_mult, temporal):
+        raise CheckpointError("not a Wan 2.2 VAE checkpoint: its level widths do not fit its shortcuts")
+    released = released_stats(z_dim)
+    return WanConfig(dim=dim, z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=counts[0],
+                     temperal_downsample=tuple(temporal), in_channels=in_channels, out_channels=out_channels,
+                     latents_mean=tuple(mean) if mean is not None else released[0],
+                     latents_std=tuple(std) if std is not None else released[1], name=name, residual=residual,
+                     patch_size=patch, decoder_dim=0 if decoder_dim == dim else decoder_dim)
 
 
 def _model_shapes(config: WanConfig) -> dict[str, torch.Tensor]:
@@ -155,22 +205,39 @@ def read_state(path: Path, layout: Layout, header: dict, config_json: dict):
     return raw, config, tuple(sorted({str(header[n]["dtype"]) for n in names}))
 
 
+def _probe(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The encoder's diffusers names in original tails (conv1 -> residual.2), all `structure` reads: flat in 2.1
+    (`down_blocks.N` -> `downsamples.N`), per level in 2.2 (`down_blocks.N.resnets.M` ->
+    `downsamples.N.downsamples.M`, the level's `downsampler` after its last block)."""
+    blocks: dict[str, int] = {}
+    for k in shapes:
+        found = re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", k)
+        if found:
+            blocks[found[1]] = max(blocks.get(found[1], 0), int(found[2]) + 1)
+    probe = {}
+    for k, shape in shapes.items():
+        level = re.match(r"encoder\.down_blocks\.(\d+)\.(resnets\.(\d+)|downsampler)\.(.*)", k)
+        if level:
+            n, inner = level[1], level[3] if level[3] is not None else str(blocks.get(level[1], 0))
+            k = f"encoder.downsamples.{n}.downsamples.{inner}.{level[4]}".replace(".conv1.", ".residual.2.")
+        elif k.startswith("encoder.down_blocks."):
+            k = "encoder.downsamples." + k[len("encoder.down_blocks."):].replace(".conv1.", ".residual.2.")
+        probe[k] = shape
+    return probe
+
+
 def _from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers names -> original ones. The encoder is flat in both layouts, so the config (and with it the
-    decoder's grouping) is inferred from the encoder first."""
+    """diffusers names -> original ones. The config (and with it the decoder's grouping) is inferred from the
+    encoder, the latent convs and the decoder's first and last conv first."""
     renamed = {"encoder.conv_in.": "encoder.conv1.", "quant_conv.": "conv1.", "post_quant_conv.": "conv2.",
-               "decoder.conv_out.": "decoder.head.2."}
+               "decoder.conv_in.": "decoder.conv1.", "decoder.conv_out.": "decoder.head.2."}
     shapes = {}
     for k, v in state.items():
         for old, new in renamed.items():
             if k.startswith(old):
                 k = new + k[len(old):]
         shapes[k] = tuple(v.shape)
-    # the encoder's flat list in original tails (conv1 -> residual.2) is all `structure` reads
-    down = "encoder.down_blocks."
-    probe = {("encoder.downsamples." + k[len(down):]).replace(".conv1.", ".residual.2.") if k.startswith(down)
-             else k: shape for k, shape in shapes.items()}
-    config = structure(probe, "probe")
+    config = structure(_probe(shapes), "probe")
     mapping = {d: o for o, d in original_to_diffusers(_model_shapes(config).keys(), config).items()}
     unknown = sorted(set(state) - set(mapping))
     if unknown:
@@ -180,10 +247,15 @@ def _from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def diffusers_config(config: WanConfig) -> dict:
     """config.json of an `AutoencoderKLWan` folder."""
-    return {"_class_name": "AutoencoderKLWan", "base_dim": config.dim, "z_dim": config.z_dim,
-            "dim_mult": list(config.dim_mult), "num_res_blocks": config.num_res_blocks, "attn_scales": [],
-            "temperal_downsample": list(config.temperal_downsample), "dropout": 0.0,
-            "latents_mean": list(config.latents_mean), "latents_std": list(config.latents_std)}
+    out = {"_class_name": "AutoencoderKLWan", "base_dim": config.dim, "z_dim": config.z_dim,
+           "dim_mult": list(config.dim_mult), "num_res_blocks": config.num_res_blocks, "attn_scales": [],
+           "temperal_downsample": list(config.temperal_downsample), "dropout": 0.0,
+           "latents_mean": list(config.latents_mean), "latents_std": list(config.latents_std)}
+    if config.residual:
+        out.update(decoder_base_dim=config.dec_dim, is_residual=True, in_channels=config.in_channels,
+                   out_channels=config.out_channels, patch_size=config.patch_size,
+                   scale_factor_spatial=config.spatial_factor, scale_factor_temporal=config.temporal_factor)
+    return out
 
 
 def save_checkpoint(state: dict[str, torch.Tensor], config: WanConfig, out: str | os.PathLike, *, layout: str,

@@ -1,6 +1,8 @@
-"""The Wan 2.1 video VAE as plain modules (attribute names follow the original release's checkpoint keys:
-`encoder.conv1`, `encoder.downsamples.N`, `encoder.middle.{0,1,2}`, `encoder.head.{0,2}`, `conv1`, `conv2`,
-`decoder.conv1`, `decoder.middle`, `decoder.upsamples.N`, `decoder.head`).
+"""The Wan 2.1 and Wan 2.2 5B video VAEs as plain modules (attribute names follow the original releases'
+checkpoint keys: `encoder.conv1`, `encoder.downsamples.N`, `encoder.middle.{0,1,2}`, `encoder.head.{0,2}`,
+`conv1`, `conv2`, `decoder.conv1`, `decoder.middle`, `decoder.upsamples.N`, `decoder.head`; in 2.2 every level is
+one block, `encoder.downsamples.N.downsamples.M` / `decoder.upsamples.N.upsamples.M`, beside a parameter-free
+`avg_shortcut`).
 
 Layouts: video tensors are (B, C, T, H, W); pixels in [-1, 1]. Time is causal: every 3-D convolution sees only
 the current and earlier frames, so a clip can be run in chunks of frames that carry a `Cache` (the last input
@@ -121,11 +123,11 @@ class Resample(nn.Module):
     The clip's first frame passes the time step untouched (it is coded alone).
     """
 
-    def __init__(self, dim: int, mode: str):
+    def __init__(self, dim: int, mode: str, out_dim: int | None = None):
         super().__init__()
         self.mode = mode
-        if mode.startswith("upsample"):
-            self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        if mode.startswith("upsample"):  # out_dim: C/2 in Wan 2.1, C in 2.2
+            self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, out_dim or dim // 2, 3, padding=1))
             if mode == "upsample3d":
                 self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
         elif mode.startswith("downsample"):
@@ -172,24 +174,107 @@ class Resample(nn.Module):
         return self.time_conv(torch.cat([before, x], dim=2))
 
 
+class AvgDown3D(nn.Module):
+    """Wan 2.2's parameter-free down shortcut: (B, C, T, H, W) -> (B, C', T/ft, H/fs, W/fs), every output channel
+    the mean of C·ft·fs²/C' values (the space-to-channel folding of an ft×fs×fs block). A chunk of odd length
+    (only the clip's first one: 1 + 2k frames at this level) gets a zero frame in front of its first."""
+
+    def __init__(self, in_dim: int, out_dim: int, factor_t: int, factor_s: int):
+        super().__init__()
+        self.out_dim, self.factor_t, self.factor_s = out_dim, factor_t, factor_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ft, fs = self.factor_t, self.factor_s
+        x = F.pad(x, (0, 0, 0, 0, (-x.shape[2]) % ft, 0))
+        x = rearrange(x, "b c (t ft) (h fh) (w fw) -> b (c ft fh fw) t h w", ft=ft, fh=fs, fw=fs)
+        return rearrange(x, "b (o g) t h w -> b o g t h w", o=self.out_dim).mean(dim=2)
+
+
+class DupUp3D(nn.Module):
+    """Wan 2.2's parameter-free up shortcut: (B, C, T, H, W) -> (B, C', ft·T, fs·H, fs·W), every input channel
+    repeated C'·ft·fs²/C times and unfolded into an ft×fs×fs block; the clip's first frame gives one frame, not
+    ft (its first ft − 1 are dropped), as the main path's upsampler does."""
+
+    def __init__(self, in_dim: int, out_dim: int, factor_t: int, factor_s: int):
+        super().__init__()
+        self.out_dim, self.factor_t, self.factor_s = out_dim, factor_t, factor_s
+        self.repeats = out_dim * factor_t * factor_s * factor_s // in_dim
+
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        ft, fs = self.factor_t, self.factor_s
+        x = rearrange(x.repeat_interleave(self.repeats, dim=1), "b (o ft fh fw) t h w -> b o (t ft) (h fh) (w fw)",
+                      o=self.out_dim, ft=ft, fh=fs, fw=fs)
+        if cache.get(self) is None:
+            cache[self] = _STARTED
+            x = x[:, :, ft - 1:]
+        return x
+
+
+class DownResidualBlock(nn.Module):
+    """A Wan 2.2 encoder level on (B, C, T, H, W): `downsamples` (residual blocks, then the level's Resample unless
+    it is the last level) plus `avg_shortcut` of the level's input."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, down: bool):
+        super().__init__()
+        self.avg_shortcut = AvgDown3D(in_dim, out_dim, 2 if temporal else 1, 2 if down else 1)
+        layers: list[nn.Module] = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim)
+                                   for i in range(num_res_blocks)]
+        if down:
+            layers.append(Resample(out_dim, "downsample3d" if temporal else "downsample2d"))
+        self.downsamples = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        h = x
+        for layer in self.downsamples:
+            h = layer(h, cache)
+        return h + self.avg_shortcut(x)
+
+
+class UpResidualBlock(nn.Module):
+    """A Wan 2.2 decoder level on (B, C, T, H, W): `upsamples` (num_res_blocks + 1 residual blocks, then a
+    width-keeping upsampler unless it is the last level) plus `avg_shortcut` (`DupUp3D`) of the level's input."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, up: bool):
+        super().__init__()
+        self.avg_shortcut = DupUp3D(in_dim, out_dim, 2 if temporal else 1, 2) if up else None
+        layers: list[nn.Module] = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim)
+                                   for i in range(num_res_blocks + 1)]
+        if up:
+            layers.append(Resample(out_dim, "upsample3d" if temporal else "upsample2d", out_dim=out_dim))
+        self.upsamples = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        h = x
+        for layer in self.upsamples:
+            h = layer(h, cache)
+        return h if self.avg_shortcut is None else h + self.avg_shortcut(x, cache)
+
+
 class Encoder3d(nn.Module):
-    """Frames (B, in_channels, T, H, W) in [-1, 1] -> (B, z_channels, t, H/8, W/8) (the moments: mean, log-variance)."""
+    """Frames (B, in_channels, T, H, W) in [-1, 1] -> (B, z_channels, t, H/2^(L-1), W/2^(L-1)) (the moments:
+    mean, log-variance). `residual`: Wan 2.2's levels (one `DownResidualBlock` each)."""
 
     def __init__(self, dim: int, z_channels: int, dim_mult: tuple[int, ...], num_res_blocks: int,
-                 attn_scales: tuple[float, ...], temperal_downsample: tuple[bool, ...], in_channels: int = 3):
+                 attn_scales: tuple[float, ...], temperal_downsample: tuple[bool, ...], in_channels: int = 3,
+                 residual: bool = False):
         super().__init__()
         dims = [dim * u for u in (1, *dim_mult)]
         self.conv1 = CausalConv3d(in_channels, dims[0], 3, padding=1)
         layers: list[nn.Module] = []
         scale = 1.0
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            last = i == len(dim_mult) - 1
+            temporal = not last and temperal_downsample[i]
+            if residual:
+                layers.append(DownResidualBlock(in_dim, out_dim, num_res_blocks, temporal, not last))
+                continue
             for _ in range(num_res_blocks):
                 layers.append(ResidualBlock(in_dim, out_dim))
                 if scale in attn_scales:
                     layers.append(AttentionBlock(out_dim))
                 in_dim = out_dim
-            if i != len(dim_mult) - 1:
-                layers.append(Resample(out_dim, "downsample3d" if temperal_downsample[i] else "downsample2d"))
+            if not last:
+                layers.append(Resample(out_dim, "downsample3d" if temporal else "downsample2d"))
                 scale /= 2.0
         self.downsamples = nn.Sequential(*layers)
         self.middle = nn.Sequential(ResidualBlock(dims[-1], dims[-1]), AttentionBlock(dims[-1]),
@@ -205,10 +290,12 @@ class Encoder3d(nn.Module):
 
 
 class Decoder3d(nn.Module):
-    """Latents (B, z_dim, t, h, w) -> frames (B, out_channels, T, 8h, 8w), ≈[-1, 1] (unclamped)."""
+    """Latents (B, z_dim, t, h, w) -> frames (B, out_channels, T, 2^(L-1)h, 2^(L-1)w), ≈[-1, 1] (unclamped).
+    `residual`: Wan 2.2's levels (one `UpResidualBlock` each, the width kept by the upsamplers)."""
 
     def __init__(self, dim: int, z_dim: int, dim_mult: tuple[int, ...], num_res_blocks: int,
-                 attn_scales: tuple[float, ...], temperal_upsample: tuple[bool, ...], out_channels: int = 3):
+                 attn_scales: tuple[float, ...], temperal_upsample: tuple[bool, ...], out_channels: int = 3,
+                 residual: bool = False):
         super().__init__()
         dims = [dim * u for u in (dim_mult[-1], *dim_mult[::-1])]
         self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
@@ -217,6 +304,11 @@ class Decoder3d(nn.Module):
         layers: list[nn.Module] = []
         scale = 1.0 / 2 ** (len(dim_mult) - 2)
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            last = i == len(dim_mult) - 1
+            temporal = not last and temperal_upsample[i]
+            if residual:
+                layers.append(UpResidualBlock(in_dim, out_dim, num_res_blocks, temporal, not last))
+                continue
             if i > 0:
                 in_dim //= 2  # the upsampler before halved the channels
             for _ in range(num_res_blocks + 1):
@@ -224,8 +316,8 @@ class Decoder3d(nn.Module):
                 if scale in attn_scales:
                     layers.append(AttentionBlock(out_dim))
                 in_dim = out_dim
-            if i != len(dim_mult) - 1:
-                layers.append(Resample(out_dim, "upsample3d" if temperal_upsample[i] else "upsample2d"))
+            if not last:
+                layers.append(Resample(out_dim, "upsample3d" if temporal else "upsample2d"))
                 scale *= 2.0
         self.upsamples = nn.Sequential(*layers)
         self.head = nn.Sequential(RMSNorm(dims[-1], images=False), nn.SiLU(),
@@ -239,10 +331,13 @@ class Decoder3d(nn.Module):
 
 
 class WanVAE(nn.Module):
-    """The Wan 2.1 VAE: `encoder` + `conv1` (moments -> moments, 1×1×1) and `conv2` (latents -> latents) +
-    `decoder`. Latents here are raw (the model's own space; files normalise them per channel).
+    """The Wan 2.1 or 2.2 5B VAE: `encoder` + `conv1` (moments -> moments, 1×1×1) and `conv2` (latents ->
+    latents) + `decoder`. Latents here are raw (the model's own space; files normalise them per channel). With
+    `patch_size` p > 1 (2.2) frames are folded into p×p pixel patches (3p² channels) before the encoder and
+    unfolded after the decoder.
 
-    config: a `WanConfig` (dim, z_dim, dim_mult, num_res_blocks, attn_scales, temperal_downsample).
+    config: a `WanConfig` (dim, z_dim, dim_mult, num_res_blocks, attn_scales, temperal_downsample, residual,
+    patch_size, decoder_dim).
     """
 
     def __init__(self, config: Any):
@@ -250,19 +345,27 @@ class WanVAE(nn.Module):
         c = config
         self.config = c
         self.encoder = Encoder3d(c.dim, c.z_dim * 2, c.dim_mult, c.num_res_blocks, c.attn_scales,
-                                 c.temperal_downsample, c.in_channels)
+                                 c.temperal_downsample, c.in_channels, c.residual)
         self.conv1 = CausalConv3d(c.z_dim * 2, c.z_dim * 2, 1)
         self.conv2 = CausalConv3d(c.z_dim, c.z_dim, 1)
-        self.decoder = Decoder3d(c.dim, c.z_dim, c.dim_mult, c.num_res_blocks, c.attn_scales,
-                                 c.temperal_downsample[::-1], c.out_channels)
+        self.decoder = Decoder3d(c.dec_dim, c.z_dim, c.dim_mult, c.num_res_blocks, c.attn_scales,
+                                 c.temperal_downsample[::-1], c.out_channels, c.residual)
 
     def encode_chunk(self, x: torch.Tensor, cache: Cache, attention: AttentionBackend) -> torch.Tensor:
-        """Frames (B, C, T, H, W) of one chunk (1 + 4k at the clip's start, then 4k) -> moments (B, 2z, t, h, w)."""
+        """Frames (B, 3, T, H, W) of one chunk (1 + 4k at the clip's start, then 4k) -> moments (B, 2z, t, h, w)."""
+        p = self.config.patch_size
+        if p > 1:  # pixel patches: channel c·p² + pw·p + ph holds pixel (p·y + ph, p·x + pw) of colour c
+            x = rearrange(x, "b c t (h ph) (w pw) -> b (c pw ph) t h w", ph=p, pw=p)
         return self.conv1(self.encoder(x, cache, attention))
 
     def decode_chunk(self, z: torch.Tensor, cache: Cache, attention: AttentionBackend) -> torch.Tensor:
-        """Raw latents (B, z, t, h, w) of one chunk -> frames (B, C, T, 8h, 8w) clamped to [-1, 1]."""
-        return self.decoder(self.conv2(z), cache, attention).clamp_(-1.0, 1.0)
+        """Raw latents (B, z, t, h, w) of one chunk -> frames (B, 3, T, fh, fw) clamped to [-1, 1] (f: the
+        spatial factor, 8 or 16)."""
+        x = self.decoder(self.conv2(z), cache, attention)
+        p = self.config.patch_size
+        if p > 1:
+            x = rearrange(x, "b (c pw ph) t h w -> b c t (h ph) (w pw)", ph=p, pw=p)
+        return x.clamp_(-1.0, 1.0)
 
     def moments(self, x: torch.Tensor, attention: AttentionBackend | None = None, chunk: int = 4,
                 first: int = 1) -> torch.Tensor:
@@ -276,7 +379,7 @@ class WanVAE(nn.Module):
         return torch.cat(parts, dim=2)
 
     def decode(self, z: torch.Tensor, attention: AttentionBackend | None = None, chunk: int = 1) -> torch.Tensor:
-        """Raw latents of a whole clip (B, z, t, h, w) -> frames (B, C, 1 + 4(t - 1), 8h, 8w) in [-1, 1]."""
+        """Raw latents of a whole clip (B, z, t, h, w) -> frames (B, 3, 1 + 4(t - 1), fh, fw) in [-1, 1]."""
         attention = attention or AttentionBackend("sdpa")
         cache: Cache = {}
         return torch.cat([self.decode_chunk(z[:, :, s:s + chunk], cache, attention)
