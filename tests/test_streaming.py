@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from helpers import latents, random_vae, tiny_config
 from vaecli.cli import app
-from vaecli.model.svd.store import FrameStore, Moments, spans
+from vaecli.model.svd.store import FrameStore, Moments
+from vaecli.ops.tiles import spans
 from vaecli.model.svd.streaming import Pieces
 from vaecli.model.svd.vae import VAE
 

@@ -105,6 +105,32 @@ def test_every_chunking_equals_one_call(models):
             assert torch.allclose(ours.decode(z, chunk=chunk), one, atol=atol), chunk
 
 
+def test_tiles_down_to_8_latent_px_equal_one_call(models):
+    """Exact spatial tiles (the stem on whole frames, the tail per tile with the decoder's halo, a cache per
+    tile), streamed one latent frame at a time: fp64 equal to one call; fp32 equal to the untiled stream within
+    1e-5; a halo too small differs, so the comparison can fail."""
+    from vaecli.model.wan.tiles import decode_tiled
+    from vaecli.ops.attention import AttentionBackend
+
+    name, ours, _ = models
+    attention = AttentionBackend("math")
+    z = torch.randn(1, ours.config.z_dim, 2, 19, 10, generator=torch.Generator().manual_seed(5))
+
+    def tiled(vae, latents, tile, halo=None):
+        state: dict = {}
+        return torch.cat([decode_tiled(vae, latents[:, :, t:t + 1], state, attention, tile, halo)
+                          for t in range(latents.shape[2])], dim=2)
+
+    with torch.no_grad():
+        wide = WanVAE(ours.config).double().eval()
+        wide.load_state_dict(ours.state_dict())
+        one = wide.decode(z.double(), attention, chunk=2)
+        assert torch.allclose(tiled(wide, z.double(), 8), one, atol=1e-9, rtol=0)  # tiles of 8, 8, 3 × 8, 2
+        stream = ours.decode(z, attention, chunk=1)
+        assert torch.allclose(tiled(ours, z, 8), stream, atol=1e-5)
+        assert (tiled(ours, z, 8, halo=1) - stream).abs().max() > 1e-2
+
+
 # ------------------------------------------------------------------------------------------ through the CLI
 
 
@@ -206,7 +232,7 @@ def test_mutated_wan_checkpoints_give_one_error_line(wan_files, wan22_files, tmp
             yield f"resized {key}", {**state, key: torch.zeros((t.shape[0] + 1, *t.shape[1:]))}
             yield f"zero {key}", {**state, key: torch.zeros((0, *t.shape[1:]))}
         yield "nan", {**state, keys[0]: torch.full_like(state[keys[0]], float("nan"))}
-        z, pixels = state[prefix + "conv2.weight"].shape[0], state[prefix + "encoder.conv1.weight"].shape[1]
+        z = state[prefix + "conv2.weight"].shape[0]
         other_z, other_pixels = (16, 3) if z == 48 else (48, 12)  # the other version's latent and input channels
         yield f"{other_z} channels", {**state, prefix + "conv2.weight": torch.zeros(other_z, other_z, 1, 1, 1)}
         yield f"{other_pixels} channels in", {**state,
@@ -384,3 +410,59 @@ def test_wan22_through_the_cli_matches_diffusers(wan22_files, tmp_path):
 
     reloaded = AutoencoderKLWan.from_pretrained(tmp_path / "conv")  # our diffusers folder loads in diffusers
     assert reloaded.config.is_residual and reloaded.config.patch_size == 2
+
+
+def test_planner_tiles_only_when_whole_frames_do_not_fit():
+    """Released 2.1 and 2.2 structures on the meta device, a 720p clip: a large budget streams whole frames
+    (several latent frames per call), a smaller one tiles (exact, halo 13): the largest tiles that fit; small
+    tiles cost more than large ones (every tile's causal caches hold its halo); --tile forces tiles and
+    --overlap is refused."""
+    from vaecli.errors import UsageError
+    from vaecli.model.plan import Budget
+    from vaecli.model.wan.family import FAMILY, TILES
+
+    released = {"2.1": (WanConfig(), (90, 160)),
+                "2.2": (WanConfig(dim=160, decoder_dim=256, z_dim=48, in_channels=12, out_channels=12, residual=True,
+                                  patch_size=2), (45, 80))}
+    cpu = torch.device("cpu")
+    for version, (config, hw) in released.items():
+        codec = FAMILY.build(None, device=cpu, dtype=torch.float32, config=config)
+        whole = codec.plan_decode(21, hw, Budget(cpu, 1 << 40))
+        assert whole.pieces.tile is None and whole.pieces.latent == 16 and whole.exact and whole.fits
+        one = codec._decode_price(1, hw, None, 0)
+        tiled = {t: codec._decode_price(1, hw, t, 13) for t in TILES if t < max(hw)}
+        assert min(tiled.values()) < one, version  # tiles pay at this size (the caches' halos limit it)
+        budget = (one + min(tiled.values())) // 2
+        plan = codec.plan_decode(21, hw, Budget(cpu, budget))
+        assert plan.fits and plan.exact and plan.pieces.halo == 13, version
+        assert plan.pieces.tile == max(t for t, price in tiled.items() if price <= budget)
+        assert plan.activation_bytes == tiled[plan.pieces.tile]
+        assert tiled[8] > tiled[32] > min(tiled.values())  # small tiles pay for their halos
+        forced = codec.plan_decode(21, hw, Budget(cpu, 1 << 40), tile=16)
+        assert forced.pieces.tile == 16 and forced.pieces.latent == 16
+        with pytest.raises(UsageError):
+            codec.plan_decode(21, hw, Budget(cpu, 1 << 40), overlap=2)
+
+
+def test_cli_decode_in_forced_tiles_gives_the_same_frames(wan_files, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from helpers import make_video
+
+    root, _ = wan_files
+    model = root / "wan.safetensors"
+    video = tmp_path / "clip.mp4"
+    make_video(video, n=5, width=80, height=48)
+    latents = tmp_path / "clip.latents.safetensors"
+    assert run("encode", video, "-m", model, "-o", latents).exit_code == 0
+    got = {}
+    for name, extra in (("whole", []), ("tiles", ["--tile", "4"])):
+        done = run("decode", latents, "-m", model, "-o", f"{tmp_path / name}/", "--json", *extra)
+        assert done.exit_code == 0, done.output
+        result = json.loads(done.stdout)
+        got[name] = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / name).glob("*.png"))])
+        assert result["plan"]["pieces"]["tile"] == (4 if extra else None), result["plan"]
+    assert got["whole"].shape == (5, 48, 80, 3) and np.array_equal(got["whole"], got["tiles"])

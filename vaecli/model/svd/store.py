@@ -4,7 +4,6 @@
   or parked in host memory; reads of frames written together are views.
 - `Moments`: GroupNorm statistics gathered piece by piece (count, mean, M2; fp64), merged exactly (Chan et al.),
   per frame (spatial norms) or over the clip (temporal norms); `affine_silu` applies them.
-- `spans`, `grown`: the 1-D geometry of chunks, tiles and halos.
 """
 
 from __future__ import annotations
@@ -221,18 +220,3 @@ def affine_silu(x: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor]) -> t
     y = torch.addcmul(shift, x, scale) if x.dtype == torch.float32 else torch.addcmul(shift, x.float(), scale)
     y = F.silu(y, inplace=True)
     return y if y.dtype == x.dtype else y.to(x.dtype)
-
-
-# ----------------------------------------------------------------------------------------------- geometry
-
-
-def spans(length: int, size: int | None) -> list[tuple[int, int]]:
-    """[start, end) pieces of `size` covering [0, length) without overlap (the whole length when size is None)."""
-    if size is None or size >= length:
-        return [(0, length)]
-    return [(s, min(s + size, length)) for s in range(0, length, size)]
-
-
-def grown(start: int, end: int, halo: int, length: int) -> tuple[int, int]:
-    """[start - halo, end + halo) clipped to [0, length)."""
-    return max(0, start - halo), min(length, end + halo)

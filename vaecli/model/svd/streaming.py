@@ -43,8 +43,9 @@ from torch import nn
 from vaecli.model.svd.blocks import Clips, Stage, pointwise, stage_groups
 from vaecli.model.svd.temporal import blend_alpha, frame_embedding, image_frames_alpha
 from vaecli.model.family import NonFiniteActivation
+from vaecli.ops.tiles import grown, spans
 from vaecli.ops.attention import AttentionBackend
-from vaecli.model.svd.store import CL, FrameStore, Moments, affine_silu, grown, spans
+from vaecli.model.svd.store import CL, FrameStore, Moments, affine_silu
 from vaecli.ops.conv import temporal_conv
 
 

@@ -23,6 +23,7 @@ from vaecli.model.plan import COST_MODELS, Budget, Plan, format_bytes
 from vaecli.model.wan import layout as wan_layout
 from vaecli.model.wan.config import WanConfig
 from vaecli.model.wan.modules import WanVAE
+from vaecli.model.wan.tiles import decode_tiled, tile_regions
 from vaecli.ops.attention import resolve_attention
 from vaecli.ops.device import dtype_name
 
@@ -31,17 +32,24 @@ LIVE_TENSORS = 6  # full-resolution tensors alive at once in a chunk (input, nor
 MAX_ENCODE_FRAMES = 32
 
 
+TILES = (128, 96, 64, 48, 32, 24, 16, 12, 8)  # latent px, tried largest first when whole frames do not fit
+
+
 @dataclass(frozen=True)
 class Chunks:
-    """A Wan decode's cut: `latent` latent frames per decoder call (the causal cache carried between calls)."""
+    """A Wan decode's cut: `latent` latent frames per decoder call (the causal cache carried between calls);
+    with `tile`, the decoder's tail in square tiles of that many latent px, each grown by `halo` (exact)."""
 
     latent: int
+    tile: int | None = None
+    halo: int = 0
 
     def describe(self) -> str:
-        return f"{self.latent} latent frame(s) per call, the causal cache carried (exact)"
+        where = f", in tiles of {self.tile} latent px (halo {self.halo})" if self.tile else ""
+        return f"{self.latent} latent frame(s) per call{where}, the causal cache carried (exact)"
 
     def to_dict(self) -> dict:
-        return {"latent_frames": self.latent}
+        return {"latent_frames": self.latent, "tile": self.tile, "halo": self.halo}
 
 
 class WanCodec(Codec):
@@ -77,7 +85,7 @@ class WanCodec(Codec):
             widest = max(c.dim, c.dec_dim) * max(c.dim_mult[0], c.dim_mult[1] / 4) / c.patch_size ** 2
         else:
             widest = c.dim * max(c.dim_mult[0], c.dim_mult[1] // 2 or 1)
-        return int(pixels * widest * torch.empty((), dtype=self.dtype).element_size())
+        return int(pixels * widest * self._element_size())
 
     def _cache_bytes(self, pixels: int) -> int:
         """Two frames per causal convolution, at most the full-resolution width (an upper bound)."""
@@ -85,8 +93,36 @@ class WanCodec(Codec):
         return 2 * convs * self._frame_bytes(pixels)
 
     def _price(self, frames_out: int, pixels: int) -> int:
+        """An encode call of `frames_out` frames of `pixels` pixels, with the causal caches (an estimate)."""
         cost = COST_MODELS.get(self.device.type, COST_MODELS["cpu"])
         return cost.predict(LIVE_TENSORS * frames_out * self._frame_bytes(pixels) + self._cache_bytes(pixels))
+
+    def _tail_footprint(self) -> tuple[int, int]:
+        """Per latent pixel of a decoder tail region, in elements: (its causal caches: two input frames of every
+        temporal conv at that conv's resolution; the widest conv's input plus output for one latent frame)."""
+        cache = live = 0
+        for m, scale, frames in self.vae.decoder.tail_layers():
+            if isinstance(m, torch.nn.Conv3d) and getattr(m, "time_pad", 0):
+                cache += 2 * m.in_channels * scale * scale
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                live = max(live, (m.in_channels + m.out_channels) * scale * scale * frames)
+        return cache, live
+
+    def _decode_price(self, chunk: int, latent_hw: tuple[int, int], tile: int | None, halo: int) -> int:
+        """A decode of `chunk` latent frames per call, whole frames or tiles of `tile` latent px grown by `halo`:
+        the stem on whole latent frames, the largest region's activations (LIVE_TENSORS / 2 conv inputs and
+        outputs alive), every region's caches."""
+        h, w = latent_hw
+        regions = [h * w] if tile is None else [(ry1 - ry0) * (rx1 - rx0)
+                                                for _, (ry0, ry1, rx0, rx1) in tile_regions(h, w, tile, halo)]
+        cache, live = self._tail_footprint()
+        stem = LIVE_TENSORS * chunk * h * w * self.vae.decoder.conv1.out_channels
+        elements = LIVE_TENSORS // 2 * chunk * live * max(regions) + cache * sum(regions) + stem
+        cost = COST_MODELS.get(self.device.type, COST_MODELS["cpu"])
+        return cost.predict(elements * self._element_size())
+
+    def _element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
 
     def _plan(self, stage, budget, backend, strategy, chunk, act, reasons, pieces=None) -> Plan:
         return Plan(stage, str(budget.device), dtype_name(self.dtype), backend, strategy, chunk, 0, act,
@@ -94,18 +130,34 @@ class WanCodec(Codec):
 
     def plan_decode(self, frames: int, latent_hw: tuple[int, int], budget: Budget, *, attention: str = "auto",
                     chunk: int | None = None, overlap: int | None = None, tile: int | None = None) -> Plan:
-        if tile is not None or overlap:
-            raise UsageError("a Wan decode streams latent frames exactly; --tile and --overlap are not for it yet")
+        """Whole frames, as many latent frames per call as fit (up to 16); else one latent frame per call in the
+        largest tiles that fit (down to 8 latent px). `--chunk` / `--tile` force either; all of them exact."""
+        if overlap:
+            raise UsageError("a Wan decode streams latent frames exactly; --overlap is not for it")
         backend = resolve_attention(attention, budget.device, self.dtype)
-        pixels = latent_hw[0] * latent_hw[1] * self.spatial_factor ** 2
-        sizes = [chunk] if chunk else range(min(frames, 16), 0, -1)
-        c = next((c for c in sizes if self._price(4 * c, pixels) <= budget.activation_bytes), sizes[-1] if chunk
-                 else 1)
-        act = self._price(4 * c, pixels)
+        halo = self.vae.decoder.halo()
+        if tile is not None and halo is None:
+            raise UsageError("this Wan decoder has attention in its levels; it decodes whole frames (drop --tile)")
+
+        def fits(c: int, t: int | None) -> bool:
+            return self._decode_price(c, latent_hw, t, halo or 0) <= budget.activation_bytes
+
+        sizes = [chunk] if chunk else list(range(min(frames, 16), 0, -1))
+        if tile is not None:
+            c, t = next((c for c in sizes if fits(c, tile)), sizes[-1]), tile
+        else:
+            whole = next((c for c in sizes if fits(c, None)), None)
+            tiles = [t for t in TILES if t < max(latent_hw)] if halo is not None else []
+            cuts = [(sizes[-1], None)] + [(sizes[-1], t) for t in tiles]
+            # whole frames when they fit, else the largest tiles that do, else the cheapest cut
+            c, t = (whole, None) if whole is not None else next(
+                (cut for cut in cuts[1:] if fits(*cut)),
+                min(cuts, key=lambda cut: self._decode_price(cut[0], latent_hw, cut[1], halo or 0)))
+        act = self._decode_price(c, latent_hw, t, halo or 0)
+        pieces = Chunks(c, t, (halo or 0) if t else 0)
         why = [f"budget {format_bytes(max(budget.activation_bytes, 0))} for activations on {budget.device}",
-               f"{c} latent frame(s) per call ({4 * c} frames), the causal cache carried: exact, memory constant "
-               "in the clip's length", f"attention {backend.name}"]
-        return self._plan("decode", budget, backend, "stream", c, act, why, Chunks(c))
+               pieces.describe() + ": memory constant in the clip's length", f"attention {backend.name}"]
+        return self._plan("decode", budget, backend, "stream", c, act, why, pieces)
 
     def plan_encode(self, frames: int, size_hw: tuple[int, int], budget: Budget, *, attention: str = "auto",
                     batch: int | None = None) -> Plan:
@@ -144,13 +196,18 @@ class WanCodec(Codec):
         return {mine[names[m]]: (v.to(self.dtype) if isinstance(v, torch.Tensor) else v) for m, v in cache.items()}
 
     def decode(self, z: torch.Tensor, plan: Plan, *, check_finite: bool = False) -> Iterator[torch.Tensor]:
-        """Raw latents of one clip (t, z, h, w) -> frames (n, 3, H, W) in [-1, 1], one block per decoder call."""
-        step = plan.pieces.latent if plan.pieces is not None else z.shape[0]
+        """Raw latents of one clip (t, z, h, w) -> frames (n, 3, H, W) in [-1, 1], one block per decoder call
+        (whole frames, or the plan's tiles)."""
+        pieces = plan.pieces if plan.pieces is not None else Chunks(z.shape[0])
         video = rearrange(z.to(self.device, self.dtype), "t c h w -> 1 c t h w")
-        cache: dict = {}
+        state: dict = {}
         with torch.inference_mode():
-            for start in range(0, video.shape[2], step):
-                out = self.vae.decode_chunk(video[:, :, start:start + step], cache, plan.attention)
+            for start in range(0, video.shape[2], pieces.latent):
+                part = video[:, :, start:start + pieces.latent]
+                if pieces.tile:
+                    out = decode_tiled(self.vae, part, state, plan.attention, pieces.tile, pieces.halo)
+                else:
+                    out = self.vae.decode_chunk(part, state, plan.attention)
                 yield rearrange(out, "1 c t h w -> t c h w")
 
     def in_dtype(self, dtype: torch.dtype) -> "WanCodec":

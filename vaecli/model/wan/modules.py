@@ -16,6 +16,7 @@ takes any number of latent frames in any chunk.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -323,11 +324,49 @@ class Decoder3d(nn.Module):
         self.head = nn.Sequential(RMSNorm(dims[-1], images=False), nn.SiLU(),
                                   CausalConv3d(dims[-1], out_channels, 3, padding=1))
 
-    def forward(self, z: torch.Tensor, cache: Cache, attention: AttentionBackend) -> torch.Tensor:
+    def stem(self, z: torch.Tensor, cache: Cache, attention: AttentionBackend) -> torch.Tensor:
+        """conv1 and the middle (with its whole-frame attention), at latent resolution: (B, z_dim, t, h, w) ->
+        (B, dims[0], t, h, w)."""
         x = self.conv1(z, cache)
-        for layer in (*self.middle, *self.upsamples):
+        for layer in self.middle:
+            x = layer(x, attention) if isinstance(layer, AttentionBlock) else layer(x, cache)
+        return x
+
+    def tail(self, x: torch.Tensor, cache: Cache, attention: AttentionBackend | None = None) -> torch.Tensor:
+        """The levels and the head: (B, dims[0], t, h, w) -> (B, out_channels, T, 2^(L-1)h, 2^(L-1)w). Local in
+        space (no attention in the released models), so a tile with `halo()` latent pixels around it gives the
+        tile's frames exactly."""
+        for layer in self.upsamples:
             x = layer(x, attention) if isinstance(layer, AttentionBlock) else layer(x, cache)
         return self.head[2](F.silu(self.head[0](x)), cache)
+
+    def forward(self, z: torch.Tensor, cache: Cache, attention: AttentionBackend) -> torch.Tensor:
+        return self.tail(self.stem(z, cache, attention), cache, attention)
+
+    def tail_layers(self):
+        """(module, scale, frames) for every module of `tail` in the order it runs: `scale` its resolution over
+        the latent size, `frames` its frames per latent frame (after the clip's first), as the upsamplers set
+        them (an upsampler's spatial conv runs at its output scale, its `time_conv` before the upsampling)."""
+        scale, frames, before = 1, 1, {}
+        for m in (*self.upsamples.modules(), *self.head.modules()):
+            if isinstance(m, Resample) and m.mode.startswith("upsample"):
+                if m.mode == "upsample3d":
+                    before[m.time_conv] = (scale, frames)
+                scale *= 2
+                frames *= 2 if m.mode == "upsample3d" else 1
+            yield (m, *before.get(m, (scale, frames)))
+
+    def halo(self) -> int | None:
+        """Latent pixels a tile of `tail` needs on each side so that its own pixels are exact: every 'same'
+        convolution of kernel k at 2^j× the latent resolution reaches (k // 2) / 2^j latent pixels further
+        (nearest upsampling and the shortcuts are local); None when the tail has attention (whole frames)."""
+        reach = Fraction(0)
+        for m, scale, _ in self.tail_layers():
+            if isinstance(m, AttentionBlock):
+                return None
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                reach += Fraction(m.kernel_size[-1] // 2, scale)
+        return math.ceil(reach)
 
 
 class WanVAE(nn.Module):
@@ -361,7 +400,15 @@ class WanVAE(nn.Module):
     def decode_chunk(self, z: torch.Tensor, cache: Cache, attention: AttentionBackend) -> torch.Tensor:
         """Raw latents (B, z, t, h, w) of one chunk -> frames (B, 3, T, fh, fw) clamped to [-1, 1] (f: the
         spatial factor, 8 or 16)."""
-        x = self.decoder(self.conv2(z), cache, attention)
+        return self.decode_tail(self.decode_stem(z, cache, attention), cache)
+
+    def decode_stem(self, z: torch.Tensor, cache: Cache, attention: AttentionBackend) -> torch.Tensor:
+        """Raw latents (B, z, t, h, w) -> the decoder's stem output (B, C, t, h, w): whole frames, latent size."""
+        return self.decoder.stem(self.conv2(z), cache, attention)
+
+    def decode_tail(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """A stem output (B, C, t, h, w), whole or a tile of it -> frames (B, 3, T, fh, fw) in [-1, 1]."""
+        x = self.decoder.tail(x, cache)
         p = self.config.patch_size
         if p > 1:
             x = rearrange(x, "b (c pw ph) t h w -> b c t (h ph) (w pw)", ph=p, pw=p)

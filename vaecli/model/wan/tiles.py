@@ -1,0 +1,42 @@
+"""Exact spatial tiles for the Wan decoder: the stem (conv1 and the middle with its whole-frame attention) runs
+on whole frames at latent size, where it is cheap; the tail (the levels and the head, local in space) runs tile
+by tile, each tile grown by the tail's halo and cropped back, each with a causal cache of its own, so frames of
+any size decode in memory set by the tile and equal the one-call decode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vaecli.model.wan.modules import WanVAE
+from vaecli.ops.attention import AttentionBackend
+from vaecli.ops.tiles import grown, spans
+
+
+def tile_regions(height: int, width: int, tile: int, halo: int):
+    """For a (height, width) latent plane cut in tiles of `tile` latent px: ((y0, y1, x0, x1), the tile's
+    region grown by `halo` and clipped to the plane (ry0, ry1, rx0, rx1)) for every tile, row by row."""
+    for y0, y1 in spans(height, tile):
+        for x0, x1 in spans(width, tile):
+            yield (y0, y1, x0, x1), (*grown(y0, y1, halo, height), *grown(x0, x1, halo, width))
+
+
+def decode_tiled(vae: WanVAE, z: torch.Tensor, state: dict, attention: AttentionBackend, tile: int,
+                 halo: int | None = None) -> torch.Tensor:
+    """Raw latents (B, z, t, h, w) of one chunk -> frames (B, 3, T, fh, fw) in [-1, 1], equal to
+    `vae.decode_chunk`. `state` carries the causal caches between the chunks of one clip ("stem": the stem's;
+    one per tile); `halo` (latent px; default the decoder's own) is for tests that show it is needed."""
+    halo = vae.decoder.halo() if halo is None else halo
+    if halo is None:
+        raise ValueError("this Wan decoder has attention in its levels; it decodes whole frames only")
+    x = vae.decode_stem(z, state.setdefault("stem", {}), attention)
+    f = vae.config.spatial_factor
+    height, width = x.shape[-2:]
+    out = None
+    for (y0, y1, x0, x1), (ry0, ry1, rx0, rx1) in tile_regions(height, width, tile, halo):
+        part = vae.decode_tail(x[..., ry0:ry1, rx0:rx1], state.setdefault((y0, x0), {}))
+        if out is None:
+            out = part.new_empty((*part.shape[:3], height * f, width * f))
+        out[..., y0 * f:y1 * f, x0 * f:x1 * f] = part[..., (y0 - ry0) * f:(y1 - ry0) * f,
+                                                      (x0 - rx0) * f:(x1 - rx0) * f]
+    return out
