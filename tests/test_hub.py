@@ -3,7 +3,6 @@ network), and the bundled model's name."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_video, random_vae, tiny_config
+from helpers import add_snapshot, make_video, random_vae, tiny_config
 from vaecli.errors import CheckpointError, InputError
 from vaecli.model.checkpoint import bundled_model_path, read_checkpoint
 from vaecli.model.svd.layout import save_checkpoint, to_layout
@@ -21,22 +20,6 @@ from vaecli.model.hub import choose_files, is_repo_id, resolve_model
 
 MAIN = "a" * 40
 V1 = "b" * 40
-
-
-def add_snapshot(cache: Path, repo_id: str, commit: str, files: dict[str, bytes], refs: tuple[str, ...] = ("main",)):
-    """Lay files out as huggingface_hub's cache does: blobs named by hash, snapshot entries linking to them, and
-    refs naming the commit."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    for name, data in files.items():
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        entry = repo / "snapshots" / commit / name
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        entry.symlink_to(os.path.relpath(blob, entry.parent))
-    for ref in refs:
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
 
 
 @pytest.fixture(scope="module")

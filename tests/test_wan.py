@@ -466,3 +466,37 @@ def test_cli_decode_in_forced_tiles_gives_the_same_frames(wan_files, tmp_path):
         got[name] = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / name).glob("*.png"))])
         assert result["plan"]["pieces"]["tile"] == (4 if extra else None), result["plan"]
     assert got["whole"].shape == (5, 48, 80, 3) and np.array_equal(got["whole"], got["tiles"])
+
+
+def test_wan_models_by_hugging_face_name(wan_files, wan22_files, tmp_path, monkeypatch):
+    """`-m Wan-AI/Wan2.1-T2V-1.3B-Diffusers` and the 2.2 5B repository from a Hugging Face cache (offline): the
+    VAE in `vae/` is found (never the transformer), its family and version told, and it encodes."""
+    import json
+
+    from huggingface_hub import constants
+
+    from helpers import add_snapshot, make_video
+
+    cache = tmp_path / "hub"
+    for repo, (root, _) in (("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", wan_files),
+                            ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", wan22_files)):
+        vae = root / "diffusers" / "vae"
+        add_snapshot(cache, repo, "c" * 40, {
+            "vae/config.json": (vae / "config.json").read_bytes(),
+            "vae/diffusion_pytorch_model.safetensors": (vae / "diffusion_pytorch_model.safetensors").read_bytes(),
+            "transformer/config.json": b"{}", "model_index.json": b"{}"})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    video = tmp_path / "clip.mp4"
+    make_video(video, n=5, width=32, height=32)
+    for repo, version, channels in (("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "2.1", 16),
+                                    ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "2.2", 48)):
+        info = run("info", repo, "--json")
+        assert info.exit_code == 0, info.output
+        described = json.loads(info.stdout)
+        assert (described["family"], described["version"], described["layout"]) == ("wan", version, "diffusers")
+        done = run("encode", video, "-m", repo, "-o", tmp_path / f"{version}.latents.safetensors", "--json")
+        assert done.exit_code == 0, done.output
+        assert json.loads(done.stdout)["shape"][:2] == [2, channels]
+    missing = run("info", "Wan-AI/Wan2.1-T2V-14B-Diffusers")
+    assert missing.exit_code == 1 and "HF_HUB_OFFLINE" in missing.stderr
