@@ -11,8 +11,10 @@ and in both cases leave nothing in its folder but its inputs and, on success, it
 Families (each mutates a valid file made once per corpus): latent files (metadata values, header JSON, shapes,
 offsets, dtypes, truncation, NaN/inf data), checkpoints (header, tensors with NaN/inf, shapes, diffusers
 config.json, pickles, non-regular files), videos and images (tiny sizes, truncation, bit flips, playlists,
-decompression bombs, FIFOs) and option values (numbers out of range, wrong types, unknown options, outputs that
-name folders, patterns or protected paths).
+decompression bombs, FIFOs), option values (numbers out of range, wrong types, unknown options, outputs that
+name folders, patterns or protected paths) and the Wan family (frame counts off the 1 + 4k rule with and without
+`--frames-fit`, latent spaces, mutated Wan checkpoints, latent files with damaged `frames_fit` / `latents.space`
+metadata or 5-D shapes).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from helpers import make_video, random_vae, tiny_config
+from helpers import make_video, random_vae, randomise, tiny_config
 
 CONFIG = tiny_config(ch_mult=(1, 1), num_res_blocks=2, name="fuzz")  # downscale 2: tiny and fast
 TIME_LIMIT = 30.0  # seconds per case: a hang fails the case
@@ -88,6 +90,25 @@ class Corpus:
         iio.imwrite(gif, np.random.default_rng(1).integers(0, 255, (3, 12, 16, 3), dtype=np.uint8),
                     extension=".gif", duration=100, loop=0)
         self.gif_bytes = gif.read_bytes()
+        self._wan(CliRunner(), app)
+
+    def _wan(self, runner, app) -> None:
+        """A tiny random Wan 2.1 model (Kijai's `model.` prefix), a 7-frame clip and its 5-frame latent file."""
+        from vaecli.model.wan.config import WanConfig
+        from vaecli.model.wan.modules import WanVAE
+
+        vae = WanVAE(WanConfig(dim=3, dim_mult=(1, 1, 1, 1), num_res_blocks=1, name="fuzz-wan"))
+        randomise(vae, 6)
+        self.wan_state = {f"model.{k}": v.contiguous() for k, v in vae.state_dict().items()}
+        self.wan_model = self.root / "wan.safetensors"
+        save_file(self.wan_state, str(self.wan_model))
+        self.wan_video = self.root / "wan.mp4"
+        make_video(self.wan_video, n=7, width=16, height=16)
+        self.wan_latents = self.root / "wan.latents.safetensors"
+        done = runner.invoke(app, ["encode", str(self.wan_video), "-m", str(self.wan_model), "-o",
+                                   str(self.wan_latents), "--frames-fit", "pad", "-q"])
+        assert done.exit_code == 0, done.stderr
+        self.wan_latents_bytes = self.wan_latents.read_bytes()
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -394,11 +415,81 @@ DECODE_OUTPUTS = ["out.mp4", "out.webm", "out.gif", "one.png", "frames/", "img_%
                   "out.mkv", "x_%d_%d.png", "missing/dir/out.mp4"]
 
 
+WAN_FRAMES_FIT = [None, None, "trim", "pad", "", "crop", "PAD", "trim pad"]
+WAN_SPACES = [None, None, "normalized", "raw", "", "scaled", "Raw"]
+
+
+def wan_case(rng: random.Random, corpus: Corpus, folder: Path) -> Case:
+    """A Wan case: an encode of some frame count (with or without --frames-fit, a latent space, the ComfyUI
+    export), a mutated Wan checkpoint, or a Wan latent file with damaged metadata or shape."""
+    model = str(corpus.wan_model)
+    kind = rng.choice(["frames", "frames", "checkpoint", "latents-meta", "latents-shape"])
+    if kind == "frames":
+        opts = ["--frames", str(rng.randint(1, 9))] if rng.random() < 0.8 else []
+        fit = rng.choice(WAN_FRAMES_FIT)
+        opts += ["--frames-fit", fit] if fit is not None else []
+        if rng.random() < 0.3:  # roundtrip takes --frames-fit, not --latent-space
+            return Case("wan", f"roundtrip {' '.join(opts)}", folder, ["roundtrip", str(corpus.wan_video), "-m", model,
+                        "-o", str(folder / "r.mp4"), "-q"] + opts, ["r.mp4"], "video")
+        space = rng.choice(WAN_SPACES)
+        opts += ["--latent-space", space] if space is not None else []
+        opts += ["--export", "comfy"] if rng.random() < 0.3 else []
+        return Case("wan", f"encode {' '.join(opts)}", folder, ["encode", str(corpus.wan_video), "-m", model, "-o",
+                    str(folder / "z.latents.safetensors"), "-q"] + opts, ["z.latents.safetensors", "z.latent"],
+                    "latents")
+    if kind == "checkpoint":
+        state = dict(corpus.wan_state)
+        key = rng.choice(sorted(state))
+        t = state[key]
+        change = rng.choice(["drop", "grow", "flat", "extra-dim", "nan", "int", "z48", "patches"])
+        if change == "drop":
+            del state[key]
+        elif change in ("grow", "flat", "extra-dim"):
+            state[key] = {"grow": torch.zeros(t.shape[0] + 1, *t.shape[1:]), "flat": t.reshape(-1),
+                          "extra-dim": t[None]}[change]
+        elif change == "nan":
+            state[key] = torch.full_like(t, float("nan"))
+        elif change == "int":
+            state[key] = t.to(torch.int8)
+        elif change == "z48":
+            state["model.conv2.weight"] = torch.zeros(48, 48, 1, 1, 1)
+        else:
+            state["model.encoder.conv1.weight"] = torch.zeros(3, 12, 3, 3, 3)
+        save_file(state, str(folder / "wan.safetensors"))
+        arg = str(folder / "wan.safetensors")
+        if rng.random() < 0.5:
+            return Case("wan", f"checkpoint {change} {key}", folder, ["info", arg], [], "text")
+        return Case("wan", f"checkpoint {change} {key}", folder, ["encode", str(corpus.wan_video), "-m", arg,
+                    "--frames", "5", "-o", str(folder / "z.latents.safetensors"), "-q"], ["z.latents.safetensors"],
+                    "latents")
+    header, body = split_safetensors(corpus.wan_latents_bytes)
+    meta = header["__metadata__"]
+    if kind == "latents-meta":
+        key = rng.choice(["frames_fit", "frames_fit", "latents.space", "frame_rule", "normalization", "model.family"])
+        meta[key] = rng.choice([weird_json(rng), *CONTROL, json.dumps({"mode": "pad", "read": -1, "coded": 9}),
+                                json.dumps({"mode": "pad", "read": 99, "coded": 9}),
+                                json.dumps({"mode": "trim", "read": 3, "coded": 9}),
+                                json.dumps({"mode": "pad", "read": 7, "coded": 5}), "raw", "normalized"])
+        what = f"latents {key}={meta[key][:30]!r}"
+    else:
+        t, c, h, w = header["latents"]["shape"]
+        header["latents"]["shape"] = rng.choice([[1, c, t, h, w], [2, c, t // 2 or 1, h, w], [1, c, t, h],
+                                                 [1, 1, c, t, h, w], [t, c, w, h], [c, t, h, w]])
+        what = f"latents shape {header['latents']['shape']}"
+    path = folder / "in.latents.safetensors"
+    path.write_bytes(join_safetensors(header, body))
+    extra = ["--latent-space", rng.choice(["raw", "normalized"])] if rng.random() < 0.3 else []
+    return Case("wan", what, folder, ["decode", str(path), "-m", model, "-o", str(folder / "frames/"), "-q"] + extra,
+                ["frames"], "frames")
+
+
 def make_case(i: int, rng: random.Random, corpus: Corpus, root: Path) -> Case:
     folder = root / f"case{i:05d}"
     folder.mkdir(parents=True)
     model = str(corpus.model)
-    family = rng.choice(["latents", "latents", "checkpoint", "media", "media", "options", "outputs"])
+    family = rng.choice(["latents", "latents", "checkpoint", "media", "media", "options", "outputs", "wan"])
+    if family == "wan":
+        return wan_case(rng, corpus, folder)
     if family == "latents":
         what, data = mutate_latents(rng, corpus)
         path = folder / "in.latents.safetensors"

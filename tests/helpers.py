@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -113,3 +114,17 @@ def add_snapshot(cache: Path, repo_id: str, commit: str, files: dict[str, bytes]
     for ref in refs:
         (repo / "refs").mkdir(parents=True, exist_ok=True)
         (repo / "refs" / ref).write_text(commit)
+
+
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    """Every parameter random: weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1²), γ ~ 1 + N(0, 0.3²)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.3 * noise)
+            elif p.dim() > 1:
+                p.copy_(noise / math.sqrt(p[0].numel()))
+            else:
+                p.copy_(0.1 * noise)

@@ -14,6 +14,8 @@ from vaecli.model.wan.config import WanConfig
 from vaecli.model.wan.keymap import original_to_diffusers
 from vaecli.model.wan.modules import WanVAE
 
+from helpers import randomise
+
 diffusers = pytest.importorskip("diffusers")
 
 CONFIGS = {
@@ -29,20 +31,6 @@ CONFIGS = {
                           out_channels=12, residual=True, patch_size=2, latents_mean=(0.0,) * 48,
                           latents_std=(1.0,) * 48, name="narrow22"),
 }
-
-
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter random: weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1²), γ ~ 1 + N(0, 0.3²)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.3 * noise)
-            elif p.dim() > 1:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(0.1 * noise)
 
 
 def pair(config: WanConfig, seed: int = 0):
