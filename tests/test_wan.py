@@ -4,7 +4,6 @@ block structures at a narrow width; chunked encodes and decodes equal the one-ca
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
