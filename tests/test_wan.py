@@ -455,14 +455,18 @@ def test_cli_decode_in_forced_tiles_gives_the_same_frames(wan_files, tmp_path):
     assert got["whole"].shape == (5, 48, 80, 3) and np.array_equal(got["whole"], got["tiles"])
 
 
-def test_wan_models_by_hugging_face_name(wan_files, wan22_files, tmp_path, monkeypatch):
+def test_wan_models_by_hugging_face_name(wan_files, wan22_files, tmp_path):
     """`-m Wan-AI/Wan2.1-T2V-1.3B-Diffusers` and the 2.2 5B repository from a Hugging Face cache (offline): the
-    VAE in `vae/` is found (never the transformer), its family and version told, and it encodes."""
+    VAE in `vae/` is found (never the transformer), its family and version told, and it encodes. The 2.1 name
+    goes through the installed CLI (HF_HUB_CACHE and HF_HUB_OFFLINE are read when huggingface_hub is imported);
+    the 2.2 name through `resolve_model` with the same cache."""
     import json
-
-    from huggingface_hub import constants
+    import os
+    import subprocess
+    import sys
 
     from helpers import add_snapshot, make_video
+    from vaecli.model.hub import resolve_model
 
     cache = tmp_path / "hub"
     for repo, (root, _) in (("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", wan_files),
@@ -472,18 +476,20 @@ def test_wan_models_by_hugging_face_name(wan_files, wan22_files, tmp_path, monke
             "vae/config.json": (vae / "config.json").read_bytes(),
             "vae/diffusion_pytorch_model.safetensors": (vae / "diffusion_pytorch_model.safetensors").read_bytes(),
             "transformer/config.json": b"{}", "model_index.json": b"{}"})
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     video = tmp_path / "clip.mp4"
     make_video(video, n=5, width=32, height=32)
-    for repo, version, channels in (("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "2.1", 16),
-                                    ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "2.2", 48)):
-        info = run("info", repo, "--json")
-        assert info.exit_code == 0, info.output
-        described = json.loads(info.stdout)
-        assert (described["family"], described["version"], described["layout"]) == ("wan", version, "diffusers")
-        done = run("encode", video, "-m", repo, "-o", tmp_path / f"{version}.latents.safetensors", "--json")
-        assert done.exit_code == 0, done.output
-        assert json.loads(done.stdout)["shape"][:2] == [2, channels]
-    missing = run("info", "Wan-AI/Wan2.1-T2V-14B-Diffusers")
-    assert missing.exit_code == 1 and "HF_HUB_OFFLINE" in missing.stderr
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-m", "vaecli", "encode", str(video), "-m",
+                           "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "-o", str(tmp_path / "a.latents.safetensors"), "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["shape"][:2] == [2, 16] and json.loads(done.stdout)["family"] == "wan"
+    local = resolve_model("Wan-AI/Wan2.2-TI2V-5B-Diffusers", cache_dir=cache, offline=True)
+    assert local.name == "vae" and (local / "diffusion_pytorch_model.safetensors").is_file()  # the folder, not the transformer
+    described = json.loads(run("info", local, "--json").stdout)
+    assert (described["family"], described["version"], described["layout"]) == ("wan", "2.2", "diffusers")
+    done = run("encode", video, "-m", local, "-o", tmp_path / "b.latents.safetensors", "--json")
+    assert done.exit_code == 0 and json.loads(done.stdout)["shape"][:2] == [2, 48], done.output
+    missing = subprocess.run([sys.executable, "-m", "vaecli", "info", "Wan-AI/Wan2.1-T2V-14B-Diffusers"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert missing.returncode == 1 and "HF_HUB_OFFLINE" in missing.stderr
