@@ -22,7 +22,7 @@ from vaecli.pipeline.progress import Progress
 FramesFitOpt = Annotated[Optional[str], typer.Option(
     "--frames-fit", help="Lengths off the model's frame rule (Wan: 1 + 4k): trim the last frames, or pad by "
                          "repeating the last one (the decode gives back the input's length). Default: refuse.")]
-SPACES = ("normalized", "raw")
+FRAMES_FIT = ("trim", "pad")
 
 
 def check_choice(option: str, value: str | None, choices: tuple[str, ...]) -> None:
@@ -81,6 +81,7 @@ def encode(
     from vaecli.ops.device import parse_dtype
     from vaecli.pipeline.frames import parse_size
     from vaecli.pipeline.planner import parse_bytes
+    from vaecli.pipeline.latents_io import SPACES
     from vaecli.pipeline.runner import EncodeOptions, encode_file
     from vaecli.pipeline.video_io import Selection
 
@@ -88,7 +89,7 @@ def encode(
         raise UsageError("--seed only applies with --sample (the posterior mode needs no noise)")
     check_batch_flags(skip_existing, overwrite)
     check_choice("--export", export, ("comfy",))
-    check_choice("--frames-fit", frames_fit, ("trim", "pad"))
+    check_choice("--frames-fit", frames_fit, FRAMES_FIT)
     check_choice("--latent-space", latent_space, SPACES)
     if batch is not None and batch < 1:
         raise UsageError("--batch must be at least 1")
@@ -155,7 +156,7 @@ def decode(
       vaecli decode clip.latents.safetensors -o frames/          # lossless PNG sequence
       vaecli decode generated.safetensors --fps 7 -o out.mp4     # latents without vaecli metadata
     """
-    from vaecli.pipeline.latents_io import parse_fps
+    from vaecli.pipeline.latents_io import SPACES, parse_fps
     from vaecli.pipeline.planner import parse_bytes
     from vaecli.pipeline.runner import DecodeOptions, decode_file
 
@@ -222,7 +223,7 @@ def roundtrip(
     from vaecli.pipeline.video_io import FrameSource, Selection
 
     check_windows(chunk, overlap, tile)
-    check_choice("--frames-fit", frames_fit, ("trim", "pad"))
+    check_choice("--frames-fit", frames_fit, FRAMES_FIT)
     budget = parse_bytes(max_memory)
     video = output_kind(out, None)[1]
     if report is not None and not report.name.endswith(".json"):

@@ -193,6 +193,10 @@ class LatentFile:
     def has_vaecli_metadata(self) -> bool:
         return "vaecli.format" in self.metadata
 
+    def output_frames(self, rule: FrameRule) -> int:
+        """The frames a decode under `rule` gives back: those `--frames-fit pad` added at encode are dropped."""
+        return rule.pixel_frames(self.frames) - self.padded
+
     def with_space(self, space: str | None, codec: Codec) -> "LatentFile":
         """This file with the space of its latents settled: `--latent-space` (normalized or raw) for files that
         do not say; a per-channel model's latents without it are refused (both spaces are common)."""

@@ -261,7 +261,8 @@ def _encode_run(job: EncodeJob, out: Path, outputs, plan: Plan, progress: Progre
     f = codec.spatial_factor
     shape = [latent_count, codec.latent_channels, geometry.processed[1] // f, geometry.processed[0] // f]
     return {"input": spec, "output": str(out), "outputs": [str(o.path) for o in outputs], "frames": len(indices),
-            "frames_fit": fitted or None, "latent_space": opts.latent_space, "latent_frames": latent_count, "shape": shape, "fps": f"{fps.numerator}/{fps.denominator}",
+            "frames_fit": fitted or None, "latent_space": opts.latent_space, "latent_frames": latent_count,
+            "shape": shape, "fps": f"{fps.numerator}/{fps.denominator}",
             "family": codec.family, "attention": plan.attention.name,
             "geometry": {"source": list(geometry.source), "processed": list(geometry.processed), "fit": geometry.fit}}
 
@@ -369,7 +370,7 @@ class DecodeJob:
     @property
     def frames(self) -> int:
         """Output frames (those `--frames-fit pad` added at encode are dropped again)."""
-        return self.codec.frame_rule.pixel_frames(self.latents.frames) - self.latents.padded
+        return self.latents.output_frames(self.codec.frame_rule)
 
     def plan(self, budget: Budget | None = None) -> Plan:
         o = self.opts
@@ -471,7 +472,7 @@ def decode_frames(model: Codec, lf: LatentFile, plan: Plan, geometry, guard: Pre
     blender = WindowBlender(plan_windows)
     guard = guard or PrecisionGuard(model)
     done = 0
-    keep = model.frame_rule.pixel_frames(lf.frames) - lf.padded  # the padding of --frames-fit pad is not given back
+    keep = lf.output_frames(model.frame_rule)
 
     def final(x: torch.Tensor) -> np.ndarray:
         x = x[:keep - done]

@@ -43,7 +43,7 @@ from torch import nn
 from vaecli.model.svd.blocks import Clips, Stage, pointwise, stage_groups
 from vaecli.model.svd.temporal import blend_alpha, frame_embedding, image_frames_alpha
 from vaecli.model.family import NonFiniteActivation
-from vaecli.ops.tiles import grown, spans
+from vaecli.ops.tiles import grown, region, spans
 from vaecli.ops.attention import AttentionBackend
 from vaecli.model.svd.store import CL, FrameStore, Moments, affine_silu
 from vaecli.ops.conv import temporal_conv
@@ -99,14 +99,6 @@ def temporal(x: torch.Tensor, conv: nn.Conv3d, scale: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------- the executor
-
-
-def region(y0: int, y1: int, x0: int, x1: int, halo: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """The input rows and columns (y0, y1, x0, x1) for output [y0, y1) × [x0, x1) of a stride-1 stage, grown by
-    `halo` pixels and clipped to the height × width frame."""
-    ry0, ry1 = grown(y0, y1, halo, height)
-    rx0, rx1 = grown(x0, x1, halo, width)
-    return ry0, ry1, rx0, rx1
 
 
 class Streamer:

@@ -138,23 +138,22 @@ class WanCodec(Codec):
         halo = self.vae.decoder.halo()
         if tile is not None and halo is None:
             raise UsageError("this Wan decoder has attention in its levels; it decodes whole frames (drop --tile)")
+        reach = halo or 0
 
-        def fits(c: int, t: int | None) -> bool:
-            return self._decode_price(c, latent_hw, t, halo or 0) <= budget.activation_bytes
+        def price(c: int, t: int | None) -> int:
+            return self._decode_price(c, latent_hw, t, reach)
+
+        def first_fit(cuts: list[tuple[int, int | None]]) -> tuple[int, int | None] | None:
+            return next((ct for ct in cuts if price(*ct) <= budget.activation_bytes), None)
 
         sizes = [chunk] if chunk else list(range(min(frames, 16), 0, -1))
-        if tile is not None:
-            c, t = next((c for c in sizes if fits(c, tile)), sizes[-1]), tile
-        else:
-            whole = next((c for c in sizes if fits(c, None)), None)
-            tiles = [t for t in TILES if t < max(latent_hw)] if halo is not None else []
-            cuts = [(sizes[-1], None)] + [(sizes[-1], t) for t in tiles]
-            # whole frames when they fit, else the largest tiles that do, else the cheapest cut
-            c, t = (whole, None) if whole is not None else next(
-                (cut for cut in cuts[1:] if fits(*cut)),
-                min(cuts, key=lambda cut: self._decode_price(cut[0], latent_hw, cut[1], halo or 0)))
-        act = self._decode_price(c, latent_hw, t, halo or 0)
-        pieces = Chunks(c, t, (halo or 0) if t else 0)
+        cuts = [(c, tile) for c in sizes]  # forced tiles, or whole frames: the most latent frames per call that fit
+        c, t = first_fit(cuts) or cuts[-1]
+        tiles = [(sizes[-1], t) for t in TILES if t < max(latent_hw)] if tile is None and halo is not None else []
+        if tiles and price(c, t) > budget.activation_bytes:  # the largest tiles that fit, else the cheapest cut
+            c, t = first_fit(tiles) or min([(c, t), *tiles], key=lambda ct: price(*ct))
+        act = price(c, t)
+        pieces = Chunks(c, t, reach if t else 0)
         why = [f"budget {format_bytes(max(budget.activation_bytes, 0))} for activations on {budget.device}",
                pieces.describe() + ": memory constant in the clip's length", f"attention {backend.name}"]
         return self._plan("decode", budget, backend, "stream", c, act, why, pieces)

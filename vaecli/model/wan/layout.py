@@ -105,10 +105,9 @@ def _flat_levels(shapes, layers: dict[int, set[str]]) -> tuple[list[int], list[i
     return widths, [b for b in blocks if b != "closed"], temporal
 
 
-def _residual_levels(shapes) -> tuple[list[int], list[int], list[bool]]:
+def _residual_levels(shapes, levels: dict[int, set[str]]) -> tuple[list[int], list[int], list[bool]]:
     """Wan 2.2's `encoder.downsamples.N.downsamples.M` -> (widths, blocks per level, which levels halve time)."""
     widths, counts, temporal = [], [], []
-    levels = _indexed(shapes, "encoder.downsamples.")
     for n in sorted(levels):
         inner = _indexed(shapes, f"encoder.downsamples.{n}.downsamples.")
         blocks = [m for m in sorted(inner) if "residual.2.weight" in inner[m]]
@@ -150,7 +149,7 @@ def structure(shapes: dict[str, tuple[int, ...]], name: str, mean=None, std=None
     if sorted(layers) != list(range(len(layers))) or not layers:
         raise CheckpointError("not a Wan VAE checkpoint: encoder.downsamples is not numbered 0..N-1")
     residual = any(t.startswith("downsamples.") for tails in layers.values() for t in tails)
-    widths, counts, temporal = _residual_levels(shapes) if residual else _flat_levels(shapes, layers)
+    widths, counts, temporal = _residual_levels(shapes, layers) if residual else _flat_levels(shapes, layers)
     if not counts or len(set(counts)) != 1 or len(temporal) != len(counts) - 1 or any(w % dim for w in widths):
         raise CheckpointError("not a Wan VAE checkpoint: the encoder levels do not have one structure")
     patch = math.isqrt(in_channels // 3)

@@ -10,7 +10,7 @@ import torch
 
 from vaecli.model.wan.modules import WanVAE
 from vaecli.ops.attention import AttentionBackend
-from vaecli.ops.tiles import grown, spans
+from vaecli.ops.tiles import region, spans
 
 
 def tile_regions(height: int, width: int, tile: int, halo: int):
@@ -18,7 +18,7 @@ def tile_regions(height: int, width: int, tile: int, halo: int):
     region grown by `halo` and clipped to the plane (ry0, ry1, rx0, rx1)) for every tile, row by row."""
     for y0, y1 in spans(height, tile):
         for x0, x1 in spans(width, tile):
-            yield (y0, y1, x0, x1), (*grown(y0, y1, halo, height), *grown(x0, x1, halo, width))
+            yield (y0, y1, x0, x1), region(y0, y1, x0, x1, halo, height, width)
 
 
 def decode_tiled(vae: WanVAE, z: torch.Tensor, state: dict, attention: AttentionBackend, tile: int,
