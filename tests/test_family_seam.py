@@ -87,7 +87,7 @@ class ToyCodec(Codec):
         pairs = x.to(self.device, self.dtype).view(n // 2, 2, c, h, w).mean(1)  # (t, 3, H, W): frames pair-averaged
         return self.module.enc(F.avg_pool2d(pairs, 2))
 
-    def decode(self, z, plan, *, check_finite=False):
+    def decode(self, z, plan, *, check_finite=False, clip=None):
         x = F.interpolate(self.module.dec(z.to(self.device, self.dtype)), scale_factor=2.0, mode="nearest")
         yield torch.tanh(x).repeat_interleave(2, dim=0)
 

@@ -244,7 +244,7 @@ def roundtrip(
                                                          max_memory=budget, attention=attention, overwrite=overwrite,
                                                          max_pixels=max_pixels), progress, observer=meter)
     progress.close()
-    result = {"input": input, "output": dec["output"], "model": m.name, "device": str(m.device),
+    result = {"input": input, "output": dec["output"], "model": m.name, "family": m.family, "device": str(m.device),
               "dtype": dtype_name(m.dtype), "encode_seconds": enc["seconds"], "decode_seconds": dec["seconds"],
               "plan": dec["plan"], **meter.summary()}
     if report is not None:
@@ -325,8 +325,8 @@ def demo(
     metrics = meter.summary()
     pairs = zip(FrameSource(sample).frames(), FrameSource(decoded).frames())
     write_video(side, (np.concatenate([a, b], axis=1) for (_, a), (_, b) in pairs))
-    result = {"model": m.name, "device": str(m.device), "dtype": dtype_name(m.dtype), "frames": frames,
-              "size": [width, height], "psnr": metrics["psnr"], "ssim": metrics["ssim"], "flicker": metrics["flicker"],
+    result = {"model": m.name, "family": m.family, "device": str(m.device), "dtype": dtype_name(m.dtype),
+              "frames": frames, "size": [width, height], "psnr": metrics["psnr"], "ssim": metrics["ssim"], "flicker": metrics["flicker"],
               "load_seconds": round(load_seconds, 3), "encode_seconds": enc["seconds"], "decode_seconds": dec["seconds"],
               "outputs": [str(p) for p in (sample, latents, decoded, side)], "decode_plan": dec["plan"]}
     human = [f"model:   {m.name} on {m.device} ({dtype_name(m.dtype)}), loaded in {load_seconds:.2f} s",

@@ -232,9 +232,18 @@ class Codec:
         clip and passes to every batch of it in order (where a causal model keeps what later batches need)."""
         raise NotImplementedError
 
-    def decode(self, z: torch.Tensor, plan, *, check_finite: bool = False) -> Iterator[torch.Tensor]:
-        """Raw latents of one clip (t, C, h, w) -> its frames (n, C_out, H, W), ≈[-1, 1], a block at a time in
-        order. check_finite: raise `NonFiniteActivation` as soon as a half-precision piece holds inf/NaN."""
+    def decode_steps(self, plan, frames: int) -> list[tuple[int, int]]:
+        """The latent frame ranges [a, b) of a clip of `frames` latent frames that `decode` takes one call at a
+        time, in order, with the clip's state carried in `clip` (default: the whole clip in one call). Each step is
+        checked and, in half precision, redone wider on its own."""
+        return [(0, frames)]
+
+    def decode(self, z: torch.Tensor, plan, *, check_finite: bool = False,
+               clip: dict | None = None) -> Iterator[torch.Tensor]:
+        """Raw latents of one clip, or of one of its `decode_steps` (t, C, h, w) -> its frames (n, C_out, H, W),
+        ≈[-1, 1], a block at a time in order. check_finite: raise `NonFiniteActivation` as soon as a
+        half-precision piece holds inf/NaN. clip: a dict the runner makes per clip and passes to every step of it
+        in order (where a causal model keeps what later steps need; updated only by a step that succeeded)."""
         raise NotImplementedError
 
     def in_dtype(self, dtype: torch.dtype) -> "Codec":

@@ -482,16 +482,22 @@ def decode_frames(model: Codec, lf: LatentFile, plan: Plan, geometry, guard: Pre
                              "the checkpoint or the latents are broken")
         return from_model(x, geometry)
 
-    for window in plan_windows:
-        z = lf.to_raw(lf.read_checked(window.start, window.end, allow_nonfinite), model)
-        what = f"frames {window.start}-{window.end - 1}"
-        parts = guard.run(lambda codec, check: codec.decode(z, plan, check_finite=check), what)
-        if len(plan_windows) == 1:  # one clip: its frames are final as they come
-            for x in parts:
+    if len(plan_windows) == 1:  # one clip: its frames are final as they come, step by step
+        clip: dict = {}
+        unit = "frames" if model.frame_rule.factor == 1 else "latent frames"
+        for a, b in model.decode_steps(plan, lf.frames):
+            z = lf.to_raw(lf.read_checked(a, b, allow_nonfinite), model)
+            step = guard.run(lambda codec, check: codec.decode(z, plan, check_finite=check, clip=clip),
+                             f"{unit} {a}-{b - 1}")
+            for x in step:
                 if done < keep:
                     yield final(x)
                 done += x.shape[0]
-            return
+        return
+    for window in plan_windows:
+        z = lf.to_raw(lf.read_checked(window.start, window.end, allow_nonfinite), model)
+        parts = guard.run(lambda codec, check: codec.decode(z, plan, check_finite=check),
+                          f"frames {window.start}-{window.end - 1}")
         with torch.inference_mode():
             blended = blender.push(torch.cat(list(parts)))  # a window is cross-faded whole
         if blended.shape[0] and done < keep:

@@ -93,7 +93,8 @@ class SVDCodec(Codec):
         """Frames (n, 3, H, W) (on the device, or the host for parked tiles) -> moments (n, 2C, h, w) on the device."""
         return self.vae.moments(x.to(self.dtype), pieces=plan.pieces, attention=plan.attention).to(self.device)
 
-    def decode(self, z: torch.Tensor, plan: Plan, *, check_finite: bool = False) -> Iterator[torch.Tensor]:
+    def decode(self, z: torch.Tensor, plan: Plan, *, check_finite: bool = False,
+               clip: dict | None = None) -> Iterator[torch.Tensor]:
         """One clip of raw latents (t, C, h, w) -> its frames: one block (one-clip plans) or FRAME_OUT at a time."""
         z = z.to(self.input_device(plan), self.dtype)
         if plan.pieces is None:

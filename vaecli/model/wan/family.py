@@ -18,7 +18,8 @@ import torch
 from einops import rearrange
 
 from vaecli.errors import UsageError
-from vaecli.model.family import Checkpoint, Codec, Family, FrameRule, Normalization
+from vaecli.model.checkpoint import read_header
+from vaecli.model.family import Checkpoint, Codec, Family, FrameRule, NonFiniteActivation, Normalization
 from vaecli.model.plan import COST_MODELS, Budget, Plan, format_bytes
 from vaecli.model.wan import layout as wan_layout
 from vaecli.model.wan.config import WanConfig
@@ -58,8 +59,10 @@ class WanCodec(Codec):
     family = "wan"
     video_latents = True
 
-    def __init__(self, vae: WanVAE, name: str, hash: str, device: torch.device | None = None):
+    def __init__(self, vae: WanVAE, name: str, hash: str, device: torch.device | None = None,
+                 source: tuple[Path, wan_layout.Layout] | None = None):
         self.vae, self.config = vae, vae.config
+        self._source = source  # the file and layout it was read from, to read again in another dtype
         self.name, self.hash = name, hash
         param = next(vae.parameters())
         self.resident = param.device.type != "meta"
@@ -175,44 +178,85 @@ class WanCodec(Codec):
 
     def moments(self, x: torch.Tensor, plan: Plan, clip: dict | None = None) -> torch.Tensor:
         """Frames (n, 3, H, W) of one batch -> moments (t, 2z, h, w). `clip` keeps the causal cache between the
-        batches of a clip; it is updated only when the batch succeeded (a redo in another dtype starts from it)."""
+        batches of a clip; it is updated only by a batch that succeeded and is finite (a redo in another dtype starts
+        from it)."""
         clip = {} if clip is None else clip
         cache = self._cache(clip)
         video = rearrange(x.to(self.device, self.dtype), "t c h w -> 1 c t h w")
         with torch.inference_mode():
             out = self.vae.encode_chunk(video, cache, plan.attention)
-        clip.update(owner=self, cache=cache)
+        if self.dtype == torch.float32 or bool(torch.isfinite(out).all()):  # else the guard redoes it wider
+            clip.update(owner=self, cache=cache)
         return rearrange(out, "1 c t h w -> t c h w")
 
     def _cache(self, clip: dict) -> dict:
         """This codec's copy of the clip's cache (keys remapped and values cast when another codec, e.g. the
-        precision fallback's, made it)."""
+        precision fallback's, made it); nested per-tile caches are copied too, so a failed step leaves the clip's
+        cache as it was."""
         cache, owner = clip.get("cache", {}), clip.get("owner")
         if owner is None or owner is self:
-            return dict(cache)
+            return _copied(cache, lambda m: m, None)
         names = {m: n for n, m in owner.vae.named_modules()}
         mine = dict(self.vae.named_modules())
-        return {mine[names[m]]: (v.to(self.dtype) if isinstance(v, torch.Tensor) else v) for m, v in cache.items()}
+        return _copied(cache, lambda m: mine[names[m]], self.dtype)
 
-    def decode(self, z: torch.Tensor, plan: Plan, *, check_finite: bool = False) -> Iterator[torch.Tensor]:
-        """Raw latents of one clip (t, z, h, w) -> frames (n, 3, H, W) in [-1, 1], one block per decoder call
-        (whole frames, or the plan's tiles)."""
+    def decode_steps(self, plan: Plan, frames: int) -> list[tuple[int, int]]:
+        n = plan.pieces.latent if plan.pieces is not None else frames
+        return [(a, min(a + n, frames)) for a in range(0, frames, n)]
+
+    def decode(self, z: torch.Tensor, plan: Plan, *, check_finite: bool = False,
+               clip: dict | None = None) -> Iterator[torch.Tensor]:
+        """Raw latents of a clip or of its next steps (t, z, h, w) -> frames (n, 3, H, W) in [-1, 1], one block
+        per decoder call (whole frames, or the plan's tiles); `clip` carries the causal cache from step to step."""
         pieces = plan.pieces if plan.pieces is not None else Chunks(z.shape[0])
+        clip = {} if clip is None else clip
         video = rearrange(z.to(self.device, self.dtype), "t c h w -> 1 c t h w")
-        state: dict = {}
         with torch.inference_mode():
             for start in range(0, video.shape[2], pieces.latent):
-                part = video[:, :, start:start + pieces.latent]
+                part, state = video[:, :, start:start + pieces.latent], self._cache(clip)
                 if pieces.tile:
                     out = decode_tiled(self.vae, part, state, plan.attention, pieces.tile, pieces.halo)
                 else:
                     out = self.vae.decode_chunk(part, state, plan.attention)
+                if check_finite and self.dtype != torch.float32 and not bool(torch.isfinite(out).all()):
+                    raise NonFiniteActivation(f"inf/NaN in {dtype_name(self.dtype)}")
+                clip.update(owner=self, cache=state)
                 yield rearrange(out, "1 c t h w -> t c h w")
 
     def in_dtype(self, dtype: torch.dtype) -> "WanCodec":
+        """The same weights in `dtype`: the file read again (a bf16 redo of an fp16 model is the checkpoint in
+        bf16, not the fp16 weights re-rounded); a copy cast when there is no file."""
         if dtype == self.dtype:
             return self
-        return WanCodec(copy.deepcopy(self.vae).to(dtype), self.name, self.hash, self.device)
+        if self._source is None:
+            return WanCodec(copy.deepcopy(self.vae).to(dtype), self.name, self.hash, self.device)
+        path, layout = self._source
+        state, _, _ = wan_layout.read_state(path, layout, read_header(path)[0], {})
+        return WanCodec(build_vae(self.config, state, self.device, dtype), self.name, self.hash, self.device,
+                        self._source)
+
+
+def build_vae(config: WanConfig, state: dict[str, torch.Tensor] | None, device, dtype) -> WanVAE:
+    """The modules with `state` (strict) on `device` in `dtype`, or on the meta device without a state."""
+    with torch.device("meta"):
+        vae = WanVAE(config)
+    if state is None:
+        return vae.to(dtype).eval().requires_grad_(False)
+    vae.load_state_dict(state, strict=True, assign=True)
+    return vae.to(device, dtype).eval().requires_grad_(False)
+
+
+def _copied(cache: dict, module_of, dtype: torch.dtype | None) -> dict:
+    """A causal cache {module or tile key: tensor, marker or nested cache} with its dicts copied (the tensors are
+    replaced by the convolutions, never written in place), module keys mapped by `module_of`, tensors cast."""
+    out = {}
+    for key, value in cache.items():
+        if isinstance(value, dict):
+            value = _copied(value, module_of, dtype)
+        elif dtype is not None and isinstance(value, torch.Tensor):
+            value = value.to(dtype)
+        out[module_of(key) if isinstance(key, torch.nn.Module) else key] = value
+    return out
 
 
 class WanFamily(Family):
@@ -227,22 +271,15 @@ class WanFamily(Family):
         state, inferred, dtypes = wan_layout.read_state(path, layout, header, config_json)
         return Checkpoint(path, self, layout, state, inferred, dtypes, dict(metadata))
 
-    def _vae(self, config: WanConfig, state, device, dtype) -> WanVAE:
-        with torch.device("meta"):
-            vae = WanVAE(config)
-        if state is None:
-            return vae.to(dtype).eval().requires_grad_(False)
-        vae.load_state_dict(state, strict=True, assign=True)
-        return vae.to(device, dtype).eval().requires_grad_(False)
-
     def build(self, ckpt: Checkpoint | None, *, device: torch.device, dtype: torch.dtype, attention: str = "auto",
               config: WanConfig | None = None, name: str | None = None, hash: str | None = None) -> WanCodec:
         if ckpt is None:
-            return WanCodec(self._vae(config, None, device, dtype), name or config.name, hash or "", device)
-        return WanCodec(self._vae(ckpt.config, ckpt.state, device, dtype), name or ckpt.config.name, hash or "")
+            return WanCodec(build_vae(config, None, device, dtype), name or config.name, hash or "", device)
+        return WanCodec(build_vae(ckpt.config, ckpt.state, device, dtype), name or ckpt.config.name, hash or "",
+                        source=(ckpt.path, ckpt.layout))
 
     def module(self, ckpt: Checkpoint, *, device: torch.device, dtype: torch.dtype, attention) -> WanVAE:
-        return self._vae(ckpt.config, ckpt.state, device, dtype)
+        return build_vae(ckpt.config, ckpt.state, device, dtype)
 
     def describe(self, ckpt: Checkpoint) -> tuple[dict, list[str]]:
         cfg: WanConfig = ckpt.config
