@@ -28,16 +28,19 @@ from vaecli.model.wan.modules import WanVAE
 from vaecli.ops.attention import AttentionBackend
 
 
+def released(version: str, width: int | None = None) -> WanConfig:
+    """The released block structure of Wan 2.1 or 2.2 5B; `width` narrows the base width."""
+    if version == "2.1":
+        return WanConfig(dim=width or 96)
+    return WanConfig(dim=width or 160, decoder_dim=(width or 160) * 8 // 5, z_dim=48, in_channels=12,
+                     out_channels=12, residual=True, patch_size=2, latents_mean=(0.0,) * 48, latents_std=(1.0,) * 48)
+
+
 def models(version: str, width: int | None, seed: int):
     """(vaecli's WanVAE, diffusers' AutoencoderKLWan) of the released structure with the same random weights."""
     from diffusers import AutoencoderKLWan
 
-    if version == "2.1":
-        config = WanConfig(dim=width or 96)
-    else:
-        config = WanConfig(dim=width or 160, decoder_dim=(width or 160) * 8 // 5, z_dim=48, in_channels=12,
-                           out_channels=12, residual=True, patch_size=2, latents_mean=(0.0,) * 48,
-                           latents_std=(1.0,) * 48)
+    config = released(version, width)
     ours = WanVAE(config).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -148,7 +148,7 @@ def poison_second_fp16_call(monkeypatch, method: str) -> list[torch.dtype]:
     return calls
 
 
-def by_hand(model, method: str, pieces, dtypes) -> torch.Tensor:
+def by_hand(model, method: str, pieces, dtypes) -> list[torch.Tensor]:
     """WanVAE.<method> over `pieces` (B, C, t, H, W) in order, each in its dtype, the causal cache moved to the
     next dtype's model (cast) when the dtype changes: what the precision fallback must compute."""
     from safetensors.torch import load_file
@@ -169,13 +169,14 @@ def by_hand(model, method: str, pieces, dtypes) -> torch.Tensor:
                 cache = {mine[names[m]]: v.to(dtype) if isinstance(v, torch.Tensor) else v for m, v in cache.items()}
                 owner = dtype
             parts.append(getattr(vaes[dtype], method)(x.to(dtype), cache, AttentionBackend("sdpa")).float())
-    return torch.cat(parts, 2)
+    return parts
 
 
 def test_a_step_with_inf_in_half_precision_is_redone_wider(wan, tmp_path, monkeypatch):
     """fp16 gives inf in the second causal step only (a decode's second latent frame, an encode's second batch):
-    that step is redone in bf16 from the fp16 steps' cache (cast), the others stay fp16, and the results are
-    those of exactly that sequence computed by hand."""
+    that step is redone in bf16, the others stay fp16, and the results are those of exactly that sequence
+    computed by hand. The decode's bf16 model rebuilds the cache from the latents of the steps done (their frames
+    dropped) and hands it on cast to fp16; the encode's redo starts from the cache before the failed batch."""
     from helpers import read_video
 
     model, clip = wan / "w0.safetensors", wan / "c2.mp4"
@@ -188,11 +189,13 @@ def test_a_step_with_inf_in_half_precision_is_redone_wider(wan, tmp_path, monkey
     assert json.loads(done.stdout)["precision_fallbacks"] == [{"where": "latent frames 1-1", "from": "fp16",
                                                                 "to": "bf16"}]
     assert "fp16 gave inf/NaN in latent frames 1-1; redoing it in bf16" in done.stderr
-    assert calls == [half, half, bf16, half, half]
+    assert calls == [half, half, bf16, bf16, half, half]  # step 1 failed; bf16 replays step 0, then does step 1
     mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (TINY.latents_mean, TINY.latents_std))
     z = latents(lat).permute(1, 0, 2, 3)[None] * std + mean  # (1, C, t, h, w), raw
     monkeypatch.undo()
-    x = by_hand(model, "decode_chunk", [z[:, :, t:t + 1] for t in range(4)], [half, bf16, half, half])
+    steps = [z[:, :, t:t + 1] for t in range(4)]
+    x = torch.cat(by_hand(model, "decode_chunk", steps[:1], [half]) +
+                  by_hand(model, "decode_chunk", steps, [bf16, bf16, half, half])[1:], 2)
     want = ((x[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).numpy().astype(int)
     got = frames(tmp_path / "redo")
     assert len(got) == 13 and max(np.abs(a - b).max() for a, b in zip(got, want)) <= 1
@@ -206,6 +209,7 @@ def test_a_step_with_inf_in_half_precision_is_redone_wider(wan, tmp_path, monkey
     seen, _ = read_video(clip)
     video = torch.from_numpy(seen).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
     mu = by_hand(model, "encode_chunk", [video[:, :, a:a + n] for a, n in ((0, 5), (5, 4), (9, 4))],
-                 [half, bf16, half])[0, :16].permute(1, 0, 2, 3)
+                 [half, bf16, half])
+    mu = torch.cat(mu, 2)[0, :16].permute(1, 0, 2, 3)
     stored = (mu - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)  # (t, C, h, w), normalised
     assert torch.allclose(latents(tmp_path / "e.latents.safetensors"), stored, atol=1e-3)

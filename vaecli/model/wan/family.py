@@ -178,27 +178,33 @@ class WanCodec(Codec):
 
     def moments(self, x: torch.Tensor, plan: Plan, clip: dict | None = None) -> torch.Tensor:
         """Frames (n, 3, H, W) of one batch -> moments (t, 2z, h, w). `clip` keeps the causal cache between the
-        batches of a clip; it is updated only by a batch that succeeded and is finite (a redo in another dtype starts
-        from it)."""
+        batches of a clip. In half precision the batch works on a copy of the cache's dict (the replaced tensors
+        stay alive until it ends: one cache more) and commits it only when the moments are finite, so the
+        guard's redo in a wider dtype starts from the cache before the batch; in fp32 the cache is updated in
+        place."""
         clip = {} if clip is None else clip
-        cache = self._cache(clip)
+        cache = self._take(clip)
+        if self.dtype != torch.float32:
+            cache = _moved(cache, lambda m: m, None, keep=True)
         video = rearrange(x.to(self.device, self.dtype), "t c h w -> 1 c t h w")
         with torch.inference_mode():
             out = self.vae.encode_chunk(video, cache, plan.attention)
-        if self.dtype == torch.float32 or bool(torch.isfinite(out).all()):  # else the guard redoes it wider
+        if _finite(out):  # else the guard redoes it wider
             clip.update(owner=self, cache=cache)
         return rearrange(out, "1 c t h w -> t c h w")
 
-    def _cache(self, clip: dict) -> dict:
-        """This codec's copy of the clip's cache (keys remapped and values cast when another codec, e.g. the
-        precision fallback's, made it); nested per-tile caches are copied too, so a failed step leaves the clip's
-        cache as it was."""
-        cache, owner = clip.get("cache", {}), clip.get("owner")
+    def _take(self, clip: dict) -> dict:
+        """The clip's causal cache for this codec: its own, or another dtype's codec's (the precision fallback's)
+        moved over, keys remapped and tensors cast, entry by entry (the other's is emptied: one tensor more at a
+        time) and committed to the clip at once."""
+        cache, owner = clip.setdefault("cache", {}), clip.get("owner")
         if owner is None or owner is self:
-            return _copied(cache, lambda m: m, None)
+            return cache
         names = {m: n for n, m in owner.vae.named_modules()}
         mine = dict(self.vae.named_modules())
-        return _copied(cache, lambda m: mine[names[m]], self.dtype)
+        cache = _moved(cache, lambda m: mine[names[m]], self.dtype)
+        clip.update(owner=self, cache=cache)
+        return cache
 
     def decode_steps(self, plan: Plan, frames: int) -> list[tuple[int, int]]:
         n = plan.pieces.latent if plan.pieces is not None else frames
@@ -207,21 +213,36 @@ class WanCodec(Codec):
     def decode(self, z: torch.Tensor, plan: Plan, *, check_finite: bool = False,
                clip: dict | None = None) -> Iterator[torch.Tensor]:
         """Raw latents of a clip or of its next steps (t, z, h, w) -> frames (n, 3, H, W) in [-1, 1], one block
-        per decoder call (whole frames, or the plan's tiles); `clip` carries the causal cache from step to step."""
+        per decoder call (whole frames, or the plan's tiles). `clip` carries the causal cache from step to step,
+        updated in place; a step that fails (inf/NaN, raised when `check_finite`, or an error) leaves it dirty,
+        and the next decode rebuilds it from the raw latents of the steps done (kept in `clip`: a latent frame
+        is 1/48 of a frame or less), its frames dropped, so a redo in a wider dtype costs time, not memory."""
         pieces = plan.pieces if plan.pieces is not None else Chunks(z.shape[0])
         clip = {} if clip is None else clip
-        video = rearrange(z.to(self.device, self.dtype), "t c h w -> 1 c t h w")
         with torch.inference_mode():
-            for start in range(0, video.shape[2], pieces.latent):
-                part, state = video[:, :, start:start + pieces.latent], self._cache(clip)
-                if pieces.tile:
-                    out = decode_tiled(self.vae, part, state, plan.attention, pieces.tile, pieces.halo)
-                else:
-                    out = self.vae.decode_chunk(part, state, plan.attention)
-                if check_finite and self.dtype != torch.float32 and not bool(torch.isfinite(out).all()):
+            if clip.get("dirty"):
+                clip.update(owner=self, cache={}, dirty=False)
+                for done in clip.get("history", []):
+                    self._decode_part(done, clip["cache"], pieces, plan)
+            state = self._take(clip)
+            for start in range(0, z.shape[0], pieces.latent):
+                part = z[start:start + pieces.latent]
+                clip["dirty"] = True
+                out = self._decode_part(part, state, pieces, plan)
+                if check_finite and not _finite(out):
                     raise NonFiniteActivation(f"inf/NaN in {dtype_name(self.dtype)}")
-                clip.update(owner=self, cache=state)
-                yield rearrange(out, "1 c t h w -> t c h w")
+                clip["dirty"] = False
+                clip.setdefault("history", []).append(part)
+                yield out
+
+    def _decode_part(self, z: torch.Tensor, state: dict, pieces: Chunks, plan: Plan) -> torch.Tensor:
+        """Raw latents (t, z, h, w) of one decoder call -> frames (n, 3, H, W), the cache `state` updated."""
+        part = rearrange(z.to(self.device, self.dtype), "t c h w -> 1 c t h w")
+        if pieces.tile:
+            out = decode_tiled(self.vae, part, state, plan.attention, pieces.tile, pieces.halo)
+        else:
+            out = self.vae.decode_chunk(part, state, plan.attention)
+        return rearrange(out, "1 c t h w -> t c h w")
 
     def in_dtype(self, dtype: torch.dtype) -> "WanCodec":
         """The same weights in `dtype`: the file read again (a bf16 redo of an fp16 model is the checkpoint in
@@ -246,13 +267,20 @@ def build_vae(config: WanConfig, state: dict[str, torch.Tensor] | None, device, 
     return vae.to(device, dtype).eval().requires_grad_(False)
 
 
-def _copied(cache: dict, module_of, dtype: torch.dtype | None) -> dict:
-    """A causal cache {module or tile key: tensor, marker or nested cache} with its dicts copied (the tensors are
-    replaced by the convolutions, never written in place), module keys mapped by `module_of`, tensors cast."""
+def _finite(x: torch.Tensor) -> bool:
+    """No inf/NaN in a half-precision result (fp32 results and shape-only tensors pass unchecked)."""
+    return x.dtype == torch.float32 or x.device.type == "meta" or bool(torch.isfinite(x).all())
+
+
+def _moved(cache: dict, module_of, dtype: torch.dtype | None, keep: bool = False) -> dict:
+    """A causal cache {module or tile key: tensor, marker or nested cache} as a new dict, module keys mapped by
+    `module_of`, tensors cast to `dtype`. Entries leave `cache` as they are moved (one cast tensor more at a time)
+    unless `keep` (a copy of the dicts sharing the tensors, which the convolutions replace, never write into)."""
     out = {}
-    for key, value in cache.items():
+    for key in list(cache):
+        value = cache[key] if keep else cache.pop(key)
         if isinstance(value, dict):
-            value = _copied(value, module_of, dtype)
+            value = _moved(value, module_of, dtype, keep)
         elif dtype is not None and isinstance(value, torch.Tensor):
             value = value.to(dtype)
         out[module_of(key) if isinstance(key, torch.nn.Module) else key] = value
