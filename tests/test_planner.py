@@ -46,6 +46,13 @@ def test_trace_counts_live_tensors_exactly():
     assert traced_peak_bytes(fn) == 8004  # b and c, then the 4-byte sum while both are alive
 
 
+def test_trace_counts_no_view_of_a_tensor_made_before_it():
+    x = torch.empty(1000, device="meta")
+    assert traced_peak_bytes(lambda: x[:10].view(2, 5).to(torch.float32)) == 0  # views share x's storage
+    assert traced_peak_bytes(lambda: x[:10] + 1) == 40
+    assert traced_peak_bytes(lambda: x[:10].clone().transpose(0, 0)) == 40  # a view of a new tensor: counted once
+
+
 def test_traced_peak_is_linear_in_frames_and_math_attention_costs_its_scores():
     config = tiny_config()
     with torch.device("meta"):

@@ -20,7 +20,9 @@ from torch.utils._pytree import tree_leaves
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Counts the bytes of storages created inside the mode that are still referenced.
+    """Counts the bytes of storages created inside the mode that are still referenced (an operator's output that
+    shares an input's storage, a view or an in-place result, is not a new one: a slice of a tensor made before the
+    trace costs nothing).
 
     `current` may include storages freed since the last scan (an over-estimate); the live set is rescanned only
     when that over-estimate exceeds the peak so far, so the peak is exact at a fraction of the cost. Peaks are kept
@@ -47,11 +49,13 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {StorageWeakRef(t.untyped_storage()).cdata for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 ref = StorageWeakRef(storage)
-                if ref.cdata not in self.live:
+                if ref.cdata not in self.live and ref.cdata not in inputs:  # a view of an input is not new
                     size = storage.nbytes()
                     self.live[ref.cdata] = (ref, size)
                     self.current += size
