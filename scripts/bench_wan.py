@@ -7,9 +7,9 @@ alternating.
 
 Both models get one random state (every parameter randomised; `--width` narrows the released structure's base
 width, default the released 96 for 2.1 / 160 and 256 for 2.2), the same frames and latents. vaecli decodes as its
-planner would on CPU with a large budget (`--chunk`: latent frames per call, default the whole clip), diffusers
-one latent frame per call (its own loop); encode: vaecli the first frame then 4k frames per call, diffusers 1
-then 4. Reported: median seconds of each, the ratio diffusers / vaecli, and max |Δ| between the two outputs.
+planner does on CPU (`--chunk`: latent frames per call, default 1), diffusers one latent frame per call (its own
+loop); encode: vaecli the first frame then `--encode-chunk` frames per call (default 4, as its planner on CPU),
+diffusers 1 then 4. Reported: median seconds of each, the ratio diffusers / vaecli, and max |Δ| between the two outputs.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, help="base width (default: the released model's)")
     ap.add_argument("--frames", type=int, default=9, help="pixel frames, 1 + 4k")
     ap.add_argument("--size", default="64x64", help="WxH, multiples of 8 (2.1) or 16 (2.2)")
-    ap.add_argument("--chunk", type=int, help="vaecli's latent frames per decoder call (default: all)")
+    ap.add_argument("--chunk", type=int, default=1, help="vaecli's latent frames per decoder call")
+    ap.add_argument("--encode-chunk", type=int, default=4, help="vaecli's pixel frames per encoder call, 4k")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json", help="also write the results here")
@@ -82,11 +83,11 @@ def main() -> None:
     t = (args.frames - 1) // 4 + 1
     z = torch.randn((1, ours.config.z_dim, t, height // f, width // f), generator=g)
     attention = AttentionBackend("sdpa")
-    cases = {"decode": (lambda: ours.decode(z, attention, chunk=args.chunk or t), lambda: theirs.decode(z).sample),
-             "encode": (lambda: ours.moments(x, attention, chunk=4 * (t - 1) or 4),
+    cases = {"decode": (lambda: ours.decode(z, attention, chunk=args.chunk), lambda: theirs.decode(z).sample),
+             "encode": (lambda: ours.moments(x, attention, chunk=args.encode_chunk),
                         lambda: theirs.encode(x).latent_dist.parameters)}
     results = {"version": args.version, "width": ours.config.dim, "frames": args.frames, "size": [width, height],
-               "threads": torch.get_num_threads()}
+               "chunk": args.chunk, "encode_chunk": args.encode_chunk, "threads": torch.get_num_threads()}
     for stage, (mine, reference) in cases.items():
         timed(mine), timed(reference)  # warm-up
         times = {"vaecli": [], "diffusers": []}

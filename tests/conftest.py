@@ -8,6 +8,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
 
+os.environ["VAECLI_CPU_BF16"] = "0"  # default decodes in fp32 on every machine (the exact tests' reference);
+# tests of the bf16 default set it themselves (tests/test_precision.py)
+
+
 def pytest_configure(config):
     """Under pytest-xdist (`-n 2`, the README's command) each worker computes on one thread, and so do the
     subprocesses it starts: two workers with two threads each on two cores spin against each other and the tiny

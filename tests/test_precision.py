@@ -79,3 +79,66 @@ def test_finite_half_results_are_kept(setup):
     tmp, model = setup
     data = json.loads(run("encode", tmp / "v.mp4", "-m", model, "--dtype", "bf16", "--json").stdout)
     assert data["precision_fallbacks"] == []
+
+
+# ------------------------------------------------------------------------------ the dtype `auto` picks per stage
+
+CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n"
+
+
+@pytest.mark.parametrize("extra, feature", [("avx512_bf16", "avx512_bf16"), ("amx_bf16 amx_tile", "amx_bf16"),
+                                            ("avx512bw", None), ("", None)])
+def test_cpu_bf16_is_read_from_the_flags(monkeypatch, extra, feature):
+    from vaecli.ops.device import cpu_bf16_feature
+
+    monkeypatch.delenv("VAECLI_CPU_BF16")
+    assert cpu_bf16_feature(CPUINFO.format(extra=extra)) == feature
+    monkeypatch.setenv("VAECLI_CPU_BF16", "1")
+    assert cpu_bf16_feature(CPUINFO.format(extra="")) == "VAECLI_CPU_BF16=1"
+
+
+def test_auto_is_bf16_for_cpu_decodes_with_native_bf16_and_fp32_for_encodes(monkeypatch):
+    from vaecli.ops.device import choose_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("VAECLI_CPU_BF16")
+    native, plain = CPUINFO.format(extra="avx512_bf16"), CPUINFO.format(extra="")
+    dtype, why = choose_dtype("auto", cpu, "decode", native)
+    assert dtype == torch.bfloat16 and "native bf16 (avx512_bf16)" in why
+    dtype, why = choose_dtype("auto", cpu, "decode", plain)
+    assert dtype == torch.float32 and "without native bf16" in why
+    for info in (native, plain):
+        assert choose_dtype("auto", cpu, "encode", info)[0] == torch.float32
+    for stage in ("encode", "decode"):  # --dtype forces one dtype for both
+        dtype, why = choose_dtype("bf16", cpu, stage, plain)
+        assert dtype == torch.bfloat16 and "chosen by the user" in why
+        assert choose_dtype("fp32", cpu, stage, native)[0] == torch.float32
+
+
+def test_jobs_say_which_dtype_each_stage_ran_and_why(setup, monkeypatch):
+    """With native bf16 (mocked), decode and roundtrip decode in bf16 and encode in fp32, and the plans say why;
+    the bf16 decode's frames are those of the fp32 decode within bf16 rounding (a random model amplifies it)."""
+    tmp, model = setup
+    monkeypatch.setenv("VAECLI_CPU_BF16", "1")
+    lat = tmp / "v.latents.safetensors"
+    enc = json.loads(runner.invoke(app, ["encode", str(tmp / "v.mp4"), "-m", str(model), "-o", str(lat),
+                                         "--json"]).stdout)
+    assert enc["dtype"] == "fp32" and any("fp32: auto for encoding" in r for r in enc["plan"]["reasons"])
+    res = runner.invoke(app, ["decode", str(lat), "-m", str(model), "-o", f"{tmp}/bf/", "--format", "png", "--json"])
+    dec = json.loads(res.stdout)
+    assert dec["dtype"] == "bf16" and dec["plan"]["dtype"] == "bf16"
+    assert any("bf16: auto for decoding on a CPU with native bf16" in r for r in dec["plan"]["reasons"])
+    ref = json.loads(runner.invoke(app, ["decode", str(lat), "-m", str(model), "-o", f"{tmp}/fp/", "--format",
+                                         "png", "--dtype", "fp32", "--json"]).stdout)
+    assert ref["dtype"] == "fp32" and any("chosen by the user" in r for r in ref["plan"]["reasons"])
+    for name in sorted(p.name for p in (tmp / "fp").iterdir()):
+        a, b = (iio.imread(tmp / d / name).astype(int) for d in ("bf", "fp"))
+        assert np.abs(a - b).mean() < 3 and np.abs(a - b).max() <= 16, name  # a random model: bf16 rounding
+    rt = json.loads(runner.invoke(app, ["roundtrip", str(tmp / "v.mp4"), "-m", str(model), "-o",
+                                        str(tmp / "rt.mp4"), "--json"]).stdout)
+    assert rt["dtype"] == "fp32" and rt["decode_dtype"] == "bf16" and rt["plan"]["dtype"] == "bf16"
+    plan = json.loads(runner.invoke(app, ["plan", str(tmp / "v.mp4"), "-m", str(model), "--json"]).stdout)
+    assert plan["encode"]["dtype"] == "fp32" and plan["dtype"] == "bf16"
+    monkeypatch.setenv("VAECLI_CPU_BF16", "0")
+    plan = json.loads(runner.invoke(app, ["plan", str(lat), "-m", str(model), "--json"]).stdout)
+    assert plan["dtype"] == "fp32" and any("without native bf16" in r for r in plan["reasons"])

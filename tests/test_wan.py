@@ -415,7 +415,7 @@ def test_planner_tiles_only_when_whole_frames_do_not_fit():
     for version, (config, hw) in released.items():
         codec = FAMILY.build(None, device=cpu, dtype=torch.float32, config=config)
         whole = codec.plan_decode(21, hw, Budget(cpu, 1 << 40))
-        assert whole.pieces.tile is None and whole.pieces.latent == 16 and whole.exact and whole.fits
+        assert whole.pieces.tile is None and whole.pieces.latent == 1 and whole.exact and whole.fits  # CPU: fastest
         one = codec._decode_price(1, hw, None, 0)
         tiled = {t: codec._decode_price(1, hw, t, 13) for t in TILES if t < max(hw)}
         assert min(tiled.values()) < one, version  # tiles pay at this size (the caches' halos limit it)
@@ -426,7 +426,8 @@ def test_planner_tiles_only_when_whole_frames_do_not_fit():
         assert plan.activation_bytes == tiled[plan.pieces.tile]
         assert tiled[8] > tiled[32] > min(tiled.values())  # small tiles pay for their halos
         forced = codec.plan_decode(21, hw, Budget(cpu, 1 << 40), tile=16)
-        assert forced.pieces.tile == 16 and forced.pieces.latent == 16
+        assert forced.pieces.tile == 16 and forced.pieces.latent == 1
+        assert codec.plan_decode(21, hw, Budget(cpu, 1 << 40), chunk=5).pieces.latent == 5  # --chunk forces it
         with pytest.raises(UsageError):
             codec.plan_decode(21, hw, Budget(cpu, 1 << 40), overlap=2)
 

@@ -73,7 +73,8 @@ ModelOpt = Annotated[Optional[str], typer.Option(
 RevisionOpt = Annotated[Optional[str], typer.Option(
     help="Branch, tag or commit of a Hugging Face --model (default: main).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-DtypeOpt = Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on CUDA), fp32, fp16 or bf16.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (CUDA: bf16; CPU: fp32 to encode, bf16 to decode where the CPU has "
+                                             "native bf16, else fp32), fp32, fp16 or bf16 (both stages).")]
 AttentionOpt = Annotated[str, typer.Option(help="auto, math, sdpa, split, sub-quadratic or xformers.")]
 OutOpt = Annotated[Optional[str], typer.Option("-o", "--out", help="Output file (one input only).")]
 OutDirOpt = Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for the outputs of many inputs.")]
@@ -167,17 +168,21 @@ def file_kind(path: Path) -> str:
     return "video"
 
 
-def plan_model(source: str | None, config: str | None, device: str, dtype: str, attention: str):
-    """The model `plan` prices: loaded as encode and decode load it (so the plan is theirs), or with --config and
-    no --model, built from the named config on the meta device (no weights; plans only)."""
+def plan_model(source: str | None, config: str | None, device: str, dtype: str, attention: str,
+               stage: str = "decode"):
+    """The model `plan` prices for `stage`: loaded as encode and decode load it (so the plan is theirs), or with
+    --config and no --model, built from the named config on the meta device (no weights; plans only)."""
     if source is not None or config is None:
-        return load_model(source, config, device, dtype, attention)
+        return load_model(source, config, device, dtype, attention, stage=stage)
     from vaecli.model.family import load_config
-    from vaecli.ops.device import parse_device, resolve_dtype
+    from vaecli.ops.device import choose_dtype, parse_device
 
     family, cfg = load_config(config)
     dev = parse_device(device)
-    return family.build(None, device=dev, dtype=resolve_dtype(dtype, dev), attention=attention, config=cfg)
+    chosen, why = choose_dtype(dtype, dev, stage)
+    codec = family.build(None, device=dev, dtype=chosen, attention=attention, config=cfg)
+    codec.dtype_reason = why
+    return codec
 
 
 def model_source(model: str | None, revision: str | None) -> str | None:

@@ -135,6 +135,7 @@ def plan(
       vaecli plan clip.mp4 --config svd-vae --max-memory 8GiB
       vaecli plan clip.latents.safetensors -m svd_xt.safetensors --frames 25 --json
     """
+    from vaecli.pipeline.batch import for_stage
     from vaecli.pipeline.frames import parse_size
     from vaecli.pipeline.planner import parse_bytes
     from vaecli.pipeline.runner import (DecodeOptions, EncodeOptions, decode_plan, prepare_decode,
@@ -142,11 +143,13 @@ def plan(
     from vaecli.pipeline.video_io import Selection
 
     check_windows(chunk, overlap, tile)
-    codec = plan_model(model_source(model, revision), config, device, dtype, attention)
+    video = file_kind(Path(input)) != "latents"
+    codec = plan_model(model_source(model, revision), config, device, dtype, attention,
+                       stage="encode" if video else "decode")
     limit = parse_bytes(max_memory)
     result: dict = {"input": input, "model": codec.name, "family": codec.family}
     human = []
-    if file_kind(Path(input)) == "latents":  # exactly what decode prepares and plans
+    if not video:  # exactly what decode prepares and plans
         opts = DecodeOptions(chunk=chunk, overlap=overlap, tile=tile, max_memory=limit, attention=attention,
                              allow_model_mismatch=True, max_pixels=max_pixels)
         job = prepare_decode(codec, input, opts)
@@ -161,6 +164,7 @@ def plan(
         f = codec.spatial_factor
         count = codec.frame_rule.latent_frames(job.frames)
         latent_hw = (job.geometry.processed[1] // f, job.geometry.processed[0] // f)
+        codec = for_stage(codec, dtype, "decode")  # the decode of those latents, as roundtrip runs it
     dec = decode_plan(codec, count, latent_hw, max_memory=limit, attention=attention, chunk=chunk,
                       overlap=overlap, tile=tile)
     result.update(frames=count, latent_size=list(latent_hw), **dec.to_dict())

@@ -15,8 +15,8 @@ from vaecli.cli.common import (AttentionOpt, ChunkOpt, ConfigOpt, DeviceOpt, Dty
 from vaecli.errors import UsageError, VaecliError
 from vaecli.ops.device import dtype_name
 from vaecli.ops.validate import DEFAULT_MAX_PIXELS
-from vaecli.pipeline.batch import (Worker, batch_progress, decoded_name, latents_name, load_model, read_inputs,
-                                   run_batch)
+from vaecli.pipeline.batch import (Worker, batch_progress, decoded_name, for_stage, latents_name, load_model,
+                                   read_inputs, run_batch)
 from vaecli.pipeline.progress import Progress
 
 FramesFitOpt = Annotated[Optional[str], typer.Option(
@@ -102,7 +102,8 @@ def encode(
         raise UsageError(f"--fit must be pad, crop or resize, not {fit!r}")
     progress = batch_progress(quiet)
     work = Worker(model_source(model, revision), config, device, dtype, attention, progress,
-                   lambda m, item, target, guard: encode_file(m, item, target, opts, progress, guard=guard))
+                   lambda m, item, target, guard: encode_file(m, item, target, opts, progress, guard=guard),
+                   stage="encode")
     code = run_batch(read_inputs(inputs, manifest), out, out_dir, latents_name, work, skip_existing=skip_existing,
                      as_json=as_json, progress=progress, verb="encode")
     if code:
@@ -173,7 +174,7 @@ def decode(
     progress = batch_progress(quiet)
     work = Worker(model_source(model, revision), config, device, dtype, attention, progress,
                    lambda m, item, target, guard: decode_file(m, Path(item), target, opts, progress,
-                                                                guard=guard))
+                                                                guard=guard), stage="decode")
     code = run_batch(read_inputs(inputs, manifest), out, out_dir, decoded_name(fmt), work,
                      skip_existing=skip_existing, as_json=as_json, progress=progress, verb="decode")
     if code:
@@ -230,7 +231,8 @@ def roundtrip(
         raise UsageError(f"{report}: the report is JSON; end its name in .json")
     check_outputs([video] + ([Output(report)] if report is not None else []), overwrite)  # all before any work
     progress = Progress.terminal(quiet)
-    m = load_model(model_source(model, revision), config, device, dtype, attention, progress)
+    m = load_model(model_source(model, revision), config, device, dtype, attention, progress, stage="encode")
+    dm = for_stage(m, dtype, "decode")
     selection = Selection(start, frames, stride)
     with tempfile.TemporaryDirectory(prefix="vaecli-roundtrip-") as tmp:
         latents = Path(tmp) / "roundtrip.latents.safetensors"
@@ -240,13 +242,13 @@ def roundtrip(
         if (enc["frames_fit"] or {}).get("mode") == "trim":  # measured on the frames that were coded
             selection = Selection(start, enc["frames_fit"]["coded"], stride)
         meter = RoundtripMeter(FrameSource(input, max_pixels).frames(selection), clip_frames)
-        dec = decode_file(m, latents, out, DecodeOptions(chunk=chunk, overlap=overlap, tile=tile, crf=crf,
+        dec = decode_file(dm, latents, out, DecodeOptions(chunk=chunk, overlap=overlap, tile=tile, crf=crf,
                                                          max_memory=budget, attention=attention, overwrite=overwrite,
                                                          max_pixels=max_pixels), progress, observer=meter)
     progress.close()
     result = {"input": input, "output": dec["output"], "model": m.name, "family": m.family, "device": str(m.device),
-              "dtype": dtype_name(m.dtype), "encode_seconds": enc["seconds"], "decode_seconds": dec["seconds"],
-              "plan": dec["plan"], **meter.summary()}
+              "dtype": dtype_name(m.dtype), "decode_dtype": dtype_name(dm.dtype), "encode_seconds": enc["seconds"],
+              "decode_seconds": dec["seconds"], "plan": dec["plan"], **meter.summary()}
     if report is not None:
         try:
             with atomic_output(report, overwrite) as tmp_report:
@@ -303,7 +305,8 @@ def demo(
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     progress = Progress.terminal(quiet)
-    m = load_model(model_source(model, revision), None, device, dtype, "auto", progress)
+    m = load_model(model_source(model, revision), None, device, dtype, "auto", progress, stage="encode")
+    dm = for_stage(m, dtype, "decode")
     load_seconds = time.perf_counter() - started
     fps = Fraction(24)
     sample, latents = out_dir / "sample.mp4", out_dir / "sample.latents.safetensors"
@@ -320,16 +323,18 @@ def demo(
     write_video(sample, synthetic_clip(frames, height, width, seed=7, text="vaecli demo"))
     enc = encode_file(m, str(sample), latents, EncodeOptions(overwrite=overwrite), progress)
     meter = RoundtripMeter(FrameSource(sample).frames())
-    dec = decode_file(m, latents, decoded, DecodeOptions(overwrite=overwrite), progress, observer=meter)
+    dec = decode_file(dm, latents, decoded, DecodeOptions(overwrite=overwrite), progress, observer=meter)
     progress.close()
     metrics = meter.summary()
     pairs = zip(FrameSource(sample).frames(), FrameSource(decoded).frames())
     write_video(side, (np.concatenate([a, b], axis=1) for (_, a), (_, b) in pairs))
     result = {"model": m.name, "family": m.family, "device": str(m.device), "dtype": dtype_name(m.dtype),
+              "decode_dtype": dtype_name(dm.dtype),
               "frames": frames, "size": [width, height], "psnr": metrics["psnr"], "ssim": metrics["ssim"], "flicker": metrics["flicker"],
               "load_seconds": round(load_seconds, 3), "encode_seconds": enc["seconds"], "decode_seconds": dec["seconds"],
               "outputs": [str(p) for p in (sample, latents, decoded, side)], "decode_plan": dec["plan"]}
-    human = [f"model:   {m.name} on {m.device} ({dtype_name(m.dtype)}), loaded in {load_seconds:.2f} s",
+    human = [f"model:   {m.name} on {m.device} (encode {dtype_name(m.dtype)}, decode {dtype_name(dm.dtype)}), "
+             f"loaded in {load_seconds:.2f} s",
              f"clip:    {frames} frames of {width}x{height} -> latents {enc['shape']}",
              f"quality: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, flicker {metrics['flicker']:.2f}",
              f"time:    encode {enc['seconds']:.2f} s, decode {dec['seconds']:.2f} s",

@@ -196,6 +196,7 @@ class Codec:
     normalization: Normalization
     resident: bool = True  # False for a model built on the meta device to price plans (its weights not in memory)
     video_latents: bool = False  # ComfyUI and diffusers hold this family's latents 5-D, (1, C, T, h, w)
+    dtype_reason: str = ""  # why the loader chose `dtype` (`vaecli.ops.device.choose_dtype`), for the plan
 
     def check_size(self, width: int, height: int, where: str) -> None:
         """Refuse frames of width x height (the model's processed size) it cannot code, with one line."""

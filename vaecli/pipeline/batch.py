@@ -16,7 +16,7 @@ from typing import Callable
 
 from vaecli.errors import InputError, OutputError, UsageError, VaecliError, printable
 from vaecli.model.family import Codec
-from vaecli.ops.device import dtype_name, parse_device, resolve_dtype
+from vaecli.ops.device import choose_dtype, dtype_name, parse_device
 from vaecli.ops.validate import path_text
 from vaecli.pipeline.distributed import Workers, by_size, under_torchrun
 from vaecli.pipeline.precision import PrecisionGuard
@@ -25,15 +25,27 @@ from vaecli.pipeline.record import RECORD_NAME, BatchRecord, stale_reason
 
 
 def load_model(source: str | None, config: str | None, device: str, dtype: str, attention: str,
-               progress: Progress | None = None) -> Codec:
+               progress: Progress | None = None, stage: str = "decode") -> Codec:
     """source: a local checkpoint (resolved by the caller) or None for the bundled model; progress: says so
-    while it loads."""
+    while it loads. stage: "encode" or "decode", for the dtype `auto` picks (`choose_dtype`)."""
     from vaecli.model.checkpoint import load_codec
 
     if progress is not None:
         progress.stage(f"loading model {Path(source).name if source else 'vaecli-small'}")
     dev = parse_device(device)
-    return load_codec(source, device=dev, dtype=resolve_dtype(dtype, dev), attention=attention, config=config)
+    chosen, why = choose_dtype(dtype, dev, stage)
+    codec = load_codec(source, device=dev, dtype=chosen, attention=attention, config=config)
+    codec.dtype_reason = why
+    return codec
+
+
+def for_stage(codec: Codec, dtype: str, stage: str) -> Codec:
+    """The model for `stage` of a job that runs both (roundtrip, demo, plan of a video): `codec` itself, or the
+    same weights in the dtype `choose_dtype` picks for that stage."""
+    chosen, why = choose_dtype(dtype, codec.device, stage)
+    other = codec if chosen == codec.dtype else codec.in_dtype(chosen)
+    other.dtype_reason = why
+    return other
 
 
 class Worker:
@@ -41,8 +53,9 @@ class Worker:
     GPU (`--device auto` -> cuda:LOCAL_RANK). The result gets what ran: device, dtype, model, family."""
 
     def __init__(self, source: str | None, config: str | None, device: str, dtype: str, attention: str,
-                 progress: Progress, run: Callable[[Codec, str, object, PrecisionGuard], dict]):
+                 progress: Progress, run: Callable[[Codec, str, object, PrecisionGuard], dict], stage: str):
         self.workers = Workers.detect()
+        self.stage = stage
         self.source, self.config, self.dtype, self.attention = source, config, dtype, attention
         self.device = self.workers.device(device) if self.workers else device
         self.progress, self.run = progress, run
@@ -52,7 +65,7 @@ class Worker:
     def model(self) -> Codec:
         if self._model is None:
             self._model = load_model(self.source, self.config, self.device, self.dtype, self.attention,
-                                     self.progress)
+                                     self.progress, self.stage)
             self.guard = PrecisionGuard(self._model, self.progress)  # one per batch: its wider copies are kept
         return self._model
 

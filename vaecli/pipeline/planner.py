@@ -82,8 +82,10 @@ def enforce_max_memory(device: torch.device, max_memory: int | None) -> None:
 
 
 def with_runtime(codec: Codec, plan: Plan) -> Plan:
-    """The plan with the runtime allowance in its predicted peak (on CPU; the peak is then what a ceiling holds)."""
-    return dataclasses.replace(plan, runtime_bytes=overhead_bytes(codec) - codec.weights_bytes())
+    """The plan with the runtime allowance in its predicted peak (on CPU; the peak is then what a ceiling holds)
+    and the reason for its dtype among its reasons."""
+    reasons = plan.reasons + ((f"dtype {codec.dtype_reason}",) if codec.dtype_reason else ())
+    return dataclasses.replace(plan, runtime_bytes=overhead_bytes(codec) - codec.weights_bytes(), reasons=reasons)
 
 
 def needed_ceiling(plan: Plan) -> int:

@@ -30,7 +30,11 @@ from vaecli.ops.device import dtype_name
 
 RULE = FrameRule(4, causal=True)
 LIVE_TENSORS = 6  # full-resolution tensors alive at once in a chunk (input, norm, conv output, shortcut, cat, out)
-MAX_ENCODE_FRAMES = 32
+MAX_ENCODE_FRAMES = {"cpu": 4}  # pixel frames per encoder call after the first, at most; 32 elsewhere
+MAX_DECODE_FRAMES = {"cpu": 1}  # latent frames per decoder call, at most; 16 elsewhere
+# On CPU smaller calls are faster (oneDNN's convolutions stay in cache): released 2.1 width, 17 frames of 96x96,
+# fp32, 2 cores: decode 10.98 s one latent frame per call against 13.57 s for the whole clip in one call; encode
+# 4 frames per call faster than 16 (docs/performance.md).
 
 
 TILES = (128, 96, 64, 48, 32, 24, 16, 12, 8)  # latent px, tried largest first when whole frames do not fit
@@ -133,8 +137,9 @@ class WanCodec(Codec):
 
     def plan_decode(self, frames: int, latent_hw: tuple[int, int], budget: Budget, *, attention: str = "auto",
                     chunk: int | None = None, overlap: int | None = None, tile: int | None = None) -> Plan:
-        """Whole frames, as many latent frames per call as fit (up to 16); else one latent frame per call in the
-        largest tiles that fit (down to 8 latent px). `--chunk` / `--tile` force either; all of them exact."""
+        """Whole frames, as many latent frames per call as fit (up to 16; 1 on CPU, where that is fastest); else
+        one latent frame per call in the largest tiles that fit (down to 8 latent px). `--chunk` / `--tile` force
+        either; all of them exact."""
         if overlap:
             raise UsageError("a Wan decode streams latent frames exactly; --overlap is not for it")
         backend = resolve_attention(attention, budget.device, self.dtype)
@@ -149,7 +154,8 @@ class WanCodec(Codec):
         def first_fit(cuts: list[tuple[int, int | None]]) -> tuple[int, int | None] | None:
             return next((ct for ct in cuts if price(*ct) <= budget.activation_bytes), None)
 
-        sizes = [chunk] if chunk else list(range(min(frames, 16), 0, -1))
+        most = MAX_DECODE_FRAMES.get(budget.device.type, 16)
+        sizes = [chunk] if chunk else list(range(min(frames, most), 0, -1))
         cuts = [(c, tile) for c in sizes]  # forced tiles, or whole frames: the most latent frames per call that fit
         c, t = first_fit(cuts) or cuts[-1]
         tiles = [(sizes[-1], t) for t in TILES if t < max(latent_hw)] if tile is None and halo is not None else []
@@ -167,7 +173,8 @@ class WanCodec(Codec):
         pixels = size_hw[0] * size_hw[1]
         if batch is not None and batch % 4:
             raise UsageError(f"--batch {batch}: a Wan encode takes multiples of 4 frames per call")
-        sizes = [batch] if batch else range(min(MAX_ENCODE_FRAMES, max(4, frames - 1)) // 4 * 4, 0, -4)
+        most = MAX_ENCODE_FRAMES.get(budget.device.type, 32)
+        sizes = [batch] if batch else range(min(most, max(4, frames - 1)) // 4 * 4, 0, -4)
         n = next((n for n in sizes if self._price(n + 1, pixels) <= budget.activation_bytes), sizes[-1])
         why = [f"budget {format_bytes(max(budget.activation_bytes, 0))} for activations on {budget.device}",
                f"the first {n + 1} frames, then {n} per call, the causal cache carried (exact)",
