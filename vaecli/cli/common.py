@@ -91,6 +91,9 @@ OverlapOpt = Annotated[Optional[int], typer.Option(
     help="Frames shared by forced windows, cross-faded (0 = hard cuts as sgm's decoding_t).")]
 TileOpt = Annotated[Optional[int], typer.Option(
     help="Force exact streaming in square tiles of N latent pixels (default: planned).")]
+ScratchOpt = Annotated[Optional[Path], typer.Option(
+    "--scratch", file_okay=False, help="Folder for scratch files when a clip's activation fits nowhere in memory "
+                                       "(default: beside the output).")]
 MaxPixelsOpt = Annotated[int, typer.Option(
     min=1, show_default=False,
     help="Refuse frames of more pixels than this (decompression bombs); default 8192x8192.")]
@@ -198,6 +201,19 @@ def model_source(model: str | None, revision: str | None) -> str | None:
 def check_batch_flags(skip_existing: bool, overwrite: bool) -> None:
     if skip_existing and overwrite:
         raise UsageError("--skip-existing and --overwrite contradict each other; pass one of them")
+
+
+def check_scratch_dir(folder: Path | None) -> Path | None:
+    """--scratch: an existing folder this process can write to."""
+    import os
+
+    if folder is None:
+        return None
+    if str(folder) == "" or not folder.is_dir():
+        raise UsageError(f"--scratch {printable(folder)}: not a folder; create it or choose another")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--scratch {printable(folder)}: cannot write there; choose another folder")
+    return folder
 
 
 def check_windows(chunk: int | None, overlap: int | None, tile: int | None) -> None:

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from vaecli.cli.common import (AttentionOpt, ChunkOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxMemoryOpt,
-                               MaxPixelsOpt, ModelOpt, OverlapOpt, RevisionOpt, TileOpt, app, check_windows,
-                               file_kind, handle_errors, model_path, model_source, plan_model, print_result)
+                               MaxPixelsOpt, ModelOpt, OverlapOpt, RevisionOpt, ScratchOpt, TileOpt, app,
+                               check_scratch_dir, check_windows, file_kind, handle_errors, model_path, model_source,
+                               plan_model, print_result)
 from vaecli.errors import printable
 from vaecli.ops.validate import DEFAULT_MAX_PIXELS, path_text
 
@@ -121,6 +122,7 @@ def plan(
     chunk: ChunkOpt = None,
     overlap: OverlapOpt = None,
     tile: TileOpt = None,
+    scratch: ScratchOpt = None,
     batch: Annotated[Optional[int], typer.Option(min=1, help="Force the encode batch size.")] = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     dtype: DtypeOpt = "auto",
@@ -151,7 +153,7 @@ def plan(
     human = []
     if not video:  # exactly what decode prepares and plans
         opts = DecodeOptions(chunk=chunk, overlap=overlap, tile=tile, max_memory=limit, attention=attention,
-                             allow_model_mismatch=True, max_pixels=max_pixels)
+                             allow_model_mismatch=True, max_pixels=max_pixels, scratch=check_scratch_dir(scratch))
         job = prepare_decode(codec, input, opts)
         count, latent_hw = frames or job.latents.frames, job.latent_hw
     else:  # exactly what encode prepares and plans, then the decode of its latents
@@ -166,7 +168,7 @@ def plan(
         latent_hw = (job.geometry.processed[1] // f, job.geometry.processed[0] // f)
         codec = for_stage(codec, dtype, "decode")  # the decode of those latents, as roundtrip runs it
     dec = decode_plan(codec, count, latent_hw, max_memory=limit, attention=attention, chunk=chunk,
-                      overlap=overlap, tile=tile)
+                      overlap=overlap, tile=tile, scratch=check_scratch_dir(scratch) or Path(input).parent)
     result.update(frames=count, latent_size=list(latent_hw), **dec.to_dict())
     human = [f"input:  {input}  ({count} latent frames {latent_hw[0]}x{latent_hw[1]}, model {codec.name}, "
              f"{codec.family} family)", f"device: {codec.device}, {dec.dtype}"] + human + dec.describe()

@@ -10,8 +10,8 @@ import typer
 
 from vaecli.cli.common import (AttentionOpt, ChunkOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, ManifestOpt,
                                MaxMemoryOpt, MaxPixelsOpt, ModelOpt, OutDirOpt, OutOpt, OverlapOpt, OverwriteOpt,
-                               QuietOpt, RevisionOpt, SkipOpt, TileOpt, app, check_batch_flags, check_windows,
-                               handle_errors, model_source, print_result)
+                               QuietOpt, RevisionOpt, ScratchOpt, SkipOpt, TileOpt, app, check_batch_flags,
+                               check_scratch_dir, check_windows, handle_errors, model_source, print_result)
 from vaecli.errors import UsageError, VaecliError
 from vaecli.ops.device import dtype_name
 from vaecli.ops.validate import DEFAULT_MAX_PIXELS
@@ -130,6 +130,7 @@ def decode(
     overlap: OverlapOpt = None,
     tile: TileOpt = None,
     max_memory: MaxMemoryOpt = None,
+    scratch: ScratchOpt = None,
     native_size: Annotated[bool, typer.Option(
         "--native-size", help="Keep the model's size; do not undo padding/cropping/resizing.")] = False,
     allow_model_mismatch: Annotated[bool, typer.Option(
@@ -169,7 +170,8 @@ def decode(
     opts = DecodeOptions(fmt=fmt, crf=crf, fps=parse_fps(fps), chunk=chunk, overlap=overlap, tile=tile,
                          max_memory=parse_bytes(max_memory), attention=attention, native_size=native_size,
                          allow_model_mismatch=allow_model_mismatch, overwrite=overwrite,
-                         allow_nonfinite=allow_nonfinite, max_pixels=max_pixels, latent_space=latent_space)
+                         allow_nonfinite=allow_nonfinite, max_pixels=max_pixels, latent_space=latent_space,
+                         scratch=check_scratch_dir(scratch))
     # target stays a str when it ends in "/" (a PNG folder)
     progress = batch_progress(quiet)
     work = Worker(model_source(model, revision), config, device, dtype, attention, progress,
@@ -200,6 +202,7 @@ def roundtrip(
     overlap: OverlapOpt = None,
     tile: TileOpt = None,
     max_memory: MaxMemoryOpt = None,
+    scratch: ScratchOpt = None,
     clip_frames: Annotated[Optional[int], typer.Option(help="Report metrics per clip of N frames (default: all).")] = None,
     crf: Annotated[int, typer.Option(min=0, max=63, help="Quality of the written video (H.264 0-51, VP9 0-63).")] = 18,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
@@ -244,7 +247,8 @@ def roundtrip(
         meter = RoundtripMeter(FrameSource(input, max_pixels).frames(selection), clip_frames)
         dec = decode_file(dm, latents, out, DecodeOptions(chunk=chunk, overlap=overlap, tile=tile, crf=crf,
                                                          max_memory=budget, attention=attention, overwrite=overwrite,
-                                                         max_pixels=max_pixels), progress, observer=meter)
+                                                         max_pixels=max_pixels, scratch=check_scratch_dir(scratch)),
+                          progress, observer=meter)
     progress.close()
     result = {"input": input, "output": dec["output"], "model": m.name, "family": m.family, "device": str(m.device),
               "dtype": dtype_name(m.dtype), "decode_dtype": dtype_name(dm.dtype), "encode_seconds": enc["seconds"],

@@ -16,12 +16,15 @@ from vaecli.ops.attention import AttentionBackend
 
 @dataclass(frozen=True)
 class Budget:
-    """Memory a plan may use: `activation_bytes` on `device` for activations (the weights are resident), and
-    `host_bytes` of host memory for a clip parked there (None: no parking; on a CPU device the host is the device)."""
+    """Memory a plan may use: `activation_bytes` on `device` for activations (the weights are resident),
+    `host_bytes` of host memory for a clip parked there (None: no parking; on a CPU device the host is the device),
+    and `disk_bytes` of scratch space in the folder `scratch` for a clip kept on disk (None: no disk tier)."""
 
     device: torch.device
     activation_bytes: int
     host_bytes: int | None = None
+    disk_bytes: int | None = None
+    scratch: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Plan:
     exact: whether the result equals the one-clip decode (whole-frame encode) within rounding.
     budget_bytes: device memory available for activations; activation_bytes: their predicted peak (≤ budget when
     the plan fits); predicted_peak_bytes: activations plus weights. host_bytes: host memory the parked clip takes.
+    disk_bytes: scratch space a clip kept on disk takes, in the folder `scratch`.
     frame_batch: decode only: the decoder's 2D layers run this many frames at a time (`Clips.frame_batch`).
     """
 
@@ -81,6 +85,8 @@ class Plan:
     exact: bool = True
     host_bytes: int = 0
     runtime_bytes: int = 0  # what the process holds besides (CPU: Python, torch), part of a --max-memory ceiling
+    disk_bytes: int = 0
+    scratch: str | None = None
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -100,7 +106,7 @@ class Plan:
                 "pieces": None if self.pieces is None else self.pieces.to_dict(), "frame_batch": self.frame_batch,
                 "predicted_peak_bytes": self.predicted_peak_bytes, "activation_bytes": self.activation_bytes,
                 "budget_bytes": self.budget_bytes, "weights_bytes": self.weights_bytes, "runtime_bytes": self.runtime_bytes,
-                "host_bytes": self.host_bytes,
+                "host_bytes": self.host_bytes, "disk_bytes": self.disk_bytes, "scratch": self.scratch,
                 "fits": self.fits, "reasons": list(self.reasons)}
 
     def describe(self) -> list[str]:
@@ -122,6 +128,8 @@ class Plan:
                   f"budget {format_bytes(self.budget_bytes)} for activations" + ("" if self.fits else "  (does not fit)")]
         if self.host_bytes:
             lines.append(f"  host:      {format_bytes(self.host_bytes)} for the parked clip")
+        if self.disk_bytes:
+            lines.append(f"  disk:      {format_bytes(self.disk_bytes)} of scratch files in {self.scratch}")
         lines += [f"  why:       {r}" for r in self.reasons]
         return lines
 

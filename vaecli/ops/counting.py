@@ -32,11 +32,12 @@ CL = torch.channels_last
 
 
 class Ledger:
-    """Live bytes on the compute device and on the host, their peaks, and the device peak per phase."""
+    """Live bytes on the compute device, on the host and in scratch files on disk (`vaecli.ops.scratch`), their
+    peaks, and the device peak per phase."""
 
     def __init__(self) -> None:
-        self.current = {"device": 0, "host": 0}
-        self.peak = {"device": 0, "host": 0}
+        self.current = {"device": 0, "host": 0, "disk": 0}
+        self.peak = {"device": 0, "host": 0, "disk": 0}
         self.phase = ""
         self.phases: dict[str, int] = {}
 

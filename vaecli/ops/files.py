@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 from vaecli.errors import OutputError
 
 TAG = "vaecli"
-_TEMP = re.compile(rf"^\.(?P<name>.+)\.{TAG}-(?P<pid>\d+)-[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?\.(?:partial|raw|old)$")
+_TEMP = re.compile(rf"^\.(?P<name>.+)\.{TAG}-(?P<pid>\d+)-[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?\.(?:partial|raw|old|scratch)$")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import torch
 
@@ -17,12 +18,14 @@ from vaecli.errors import OutOfMemory, UsageError
 from vaecli.model.family import Codec
 from vaecli.model.plan import Budget, Plan, format_bytes
 from vaecli.ops.device import free_memory
+from vaecli.ops.scratch import free_bytes
 
 CPU_SHARE = 0.4  # on CPU, plan within this share of the available memory: an OOM there is a SIGKILL
 # what Python, torch, PyAV and vaecli hold on CPU besides the weights and the plan's activations (measured: 235-260
 # MiB resident after the imports; the cost model's own overhead covers allocator slack and the writers' buffers)
 RUNTIME_BYTES = 320 << 20
 MAX_BYTES = 1 << 60  # --max-memory above this (an exabyte) is not a ceiling anyone means
+DISK_MARGIN = 0.05  # share of a scratch disk's free space a plan leaves free (and 1 GiB)
 
 
 def parse_bytes(text: str | None) -> int | None:
@@ -62,16 +65,25 @@ def overhead_bytes(codec: Codec) -> int:
     return codec.weights_bytes() + (RUNTIME_BYTES if codec.device.type == "cpu" else 0)
 
 
-def budget_for(codec: Codec, max_memory: int | None) -> Budget:
+def scratch_space(folder: str | Path) -> int:
+    """Scratch bytes a disk-backed plan may take in `folder`: its free space less a margin (1 GiB and 5 %), so
+    the disk the outputs go to is not filled to the last block."""
+    free = free_bytes(folder)
+    return max(0, int(free * (1 - DISK_MARGIN)) - (1 << 30))
+
+
+def budget_for(codec: Codec, max_memory: int | None, scratch: str | Path | None = None) -> Budget:
     """The activation budget of a job on the codec's device: the default share of the free memory, or within the
     ceiling `max_memory` (weights and, on CPU, the runtime included). A model built for plans only (not resident)
-    has its weights taken from the free memory too."""
+    has its weights taken from the free memory too. scratch: the folder a clip may be kept in on disk (None: no
+    disk tier)."""
     device = codec.device
     free = default_budget(device) if max_memory is None else free_memory(device)
     if not codec.resident:
         free -= codec.weights_bytes()
     available = free if max_memory is None else min(free, max_memory - overhead_bytes(codec))
-    return Budget(device, max(0, available), host_memory(device))
+    disk = None if scratch is None else scratch_space(scratch)
+    return Budget(device, max(0, available), host_memory(device), disk, None if scratch is None else str(scratch))
 
 
 def enforce_max_memory(device: torch.device, max_memory: int | None) -> None:
@@ -105,13 +117,16 @@ def check_ceiling(codec: Codec, plan: Plan, max_memory: int | None) -> Plan:
 
 def decode_plan(codec: Codec, frames: int, latent_hw: tuple[int, int], *, max_memory: int | None = None,
                 attention: str = "auto", chunk: int | None = None, overlap: int | None = None,
-                tile: int | None = None, budget: Budget | None = None) -> Plan:
+                tile: int | None = None, budget: Budget | None = None, scratch: str | Path | None = None) -> Plan:
     """The decode plan of `frames` latent frames: within `budget` when given (OOM recovery: nothing forced), else
-    within the ceiling, as forced (--chunk, --overlap, --tile), and refused on CPU when nothing fits the ceiling."""
+    within the ceiling, as forced (--chunk, --overlap, --tile), and refused on CPU when nothing fits the ceiling.
+    scratch: the folder where a clip that fits nowhere in memory may be kept on disk."""
     if budget is not None:
+        if scratch is not None and budget.scratch is None:
+            budget = dataclasses.replace(budget, disk_bytes=scratch_space(scratch), scratch=str(scratch))
         return with_runtime(codec, codec.plan_decode(frames, latent_hw, budget, attention=attention))
-    plan = codec.plan_decode(frames, latent_hw, budget_for(codec, max_memory), attention=attention, chunk=chunk,
-                             overlap=overlap, tile=tile)
+    plan = codec.plan_decode(frames, latent_hw, budget_for(codec, max_memory, scratch), attention=attention,
+                             chunk=chunk, overlap=overlap, tile=tile)
     return check_ceiling(codec, with_runtime(codec, plan), max_memory)
 
 

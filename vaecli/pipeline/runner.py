@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from vaecli.errors import InputError, OutOfMemory, UsageError, printable
+from vaecli.errors import InputError, OutOfMemory, OutputError, UsageError, printable
 from vaecli.model.family import Codec
 from vaecli.model.plan import Budget, Plan, format_bytes
 from vaecli.model.posterior import DiagonalGaussian
@@ -31,7 +31,7 @@ from vaecli.pipeline.chunking import WindowBlender, windows
 from vaecli.pipeline.frames import Geometry, from_model, plan_geometry, to_model
 from vaecli.pipeline.latents_io import LatentFile, LatentFileWriter, comfy_path, latent_metadata, open_latents
 from vaecli.pipeline.outputs import PNG_PATTERN, latents_output, output_kind
-from vaecli.pipeline.planner import decode_plan, encode_plan, enforce_max_memory, host_memory
+from vaecli.pipeline.planner import decode_plan, encode_plan, enforce_max_memory, host_memory, scratch_space
 from vaecli.pipeline.precision import PrecisionGuard
 from vaecli.pipeline.progress import Progress
 from vaecli.pipeline.threads import BackgroundWriter, background
@@ -73,6 +73,7 @@ class DecodeOptions:
     latent_space: str | None = None  # "normalized" or "raw" for files that do not say
     max_pixels: int = DEFAULT_MAX_PIXELS  # per decoded frame
     overwrite: bool = False
+    scratch: Path | None = None  # folder for a clip kept on disk (default: beside the output)
 
 
 def batches(frames: Iterator[tuple[int, np.ndarray]], size: int,
@@ -362,6 +363,7 @@ class DecodeJob:
     codec: Codec
     latents: LatentFile
     opts: DecodeOptions
+    scratch: Path | None = None  # where a clip that fits nowhere in memory is kept on disk
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -375,7 +377,8 @@ class DecodeJob:
     def plan(self, budget: Budget | None = None) -> Plan:
         o = self.opts
         return decode_plan(self.codec, self.latents.frames, self.latent_hw, max_memory=o.max_memory,
-                           attention=o.attention, chunk=o.chunk, overlap=o.overlap, tile=o.tile, budget=budget)
+                           attention=o.attention, chunk=o.chunk, overlap=o.overlap, tile=o.tile, budget=budget,
+                           scratch=self.scratch)
 
 
 def prepare_decode(codec: Codec, latents_path: Path | str, opts: DecodeOptions) -> DecodeJob:
@@ -390,7 +393,7 @@ def prepare_decode(codec: Codec, latents_path: Path | str, opts: DecodeOptions) 
                          f"{w * f}x{h * f}; pass the model they were made with")
     pixels(w * f, h * f, printable(latents_path), opts.max_pixels)
     codec.check_size(w * f, h * f, printable(latents_path))
-    return DecodeJob(codec, lf, opts)
+    return DecodeJob(codec, lf, opts, opts.scratch or Path(latents_path).parent)
 
 
 def decode_file(model: Codec, latents_path: Path, out: Path | str, opts: DecodeOptions,
@@ -417,6 +420,7 @@ def decode_file(model: Codec, latents_path: Path, out: Path | str, opts: DecodeO
     if crf_max is not None and not 0 <= opts.crf <= crf_max:
         raise UsageError(f"--crf {opts.crf} is out of range for {fmt} (0-{crf_max})")
     check_outputs([target], opts.overwrite)
+    job.scratch = opts.scratch or target.path.parent  # a clip kept on disk goes beside the output
     geometry = None if opts.native_size else lf.geometry
     f = model.spatial_factor
     size = geometry.source if geometry else (lf.shape[3] * f, lf.shape[2] * f)
@@ -427,6 +431,7 @@ def decode_file(model: Codec, latents_path: Path, out: Path | str, opts: DecodeO
         return job.plan(budget)
 
     def run(plan: Plan) -> dict:
+        check_scratch(plan)
         how = {"one-clip": "one clip", "stream": "streamed", "windows": f"windows of {plan.chunk_frames}"}
         bar = progress.frames(job.frames, f"decode {name} ({how.get(plan.strategy, plan.strategy)})")
         with atomic_outputs([target], opts.overwrite) as (tmp,):
@@ -458,6 +463,14 @@ def decode_file(model: Codec, latents_path: Path, out: Path | str, opts: DecodeO
     result["precision_fallbacks"] = guard.take_events()
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result
+
+
+def check_scratch(plan: Plan) -> None:
+    """Before any work: a plan that keeps the clip on disk still finds its scratch space free."""
+    if plan.disk_bytes and scratch_space(plan.scratch) < plan.disk_bytes:
+        raise OutputError(f"scratch folder {plan.scratch}: the exact plan keeps the clip on disk and needs "
+                          f"{format_bytes(plan.disk_bytes)} free (and a margin); free space there or give "
+                          "--scratch DIR on a larger disk")
 
 
 def decode_frames(model: Codec, lf: LatentFile, plan: Plan, geometry, guard: PrecisionGuard | None = None,

@@ -22,6 +22,7 @@ from vaecli.model.svd import planning
 from vaecli.model.svd.config import VAEConfig, load_config, named_configs
 from vaecli.model.svd.vae import VAE
 from vaecli.ops.attention import AttentionBackend, resolve_attention
+from vaecli.ops.scratch import Scratch
 
 FRAME_OUT = 4  # frames per block handed from a streamed decode to the writer
 
@@ -81,7 +82,8 @@ class SVDCodec(Codec):
         return planning.plan_decode(self.config, frames, latent_hw, device=budget.device, dtype=self.dtype,
                                     available_bytes=budget.activation_bytes, attention=attention, chunk=chunk,
                                     overlap=overlap, tile=tile, estimator=self.estimator(),
-                                    host_bytes=budget.host_bytes)
+                                    host_bytes=budget.host_bytes, disk_bytes=budget.disk_bytes,
+                                    scratch=budget.scratch)
 
     def plan_encode(self, frames: int, size_hw: tuple[int, int], budget: Budget, *, attention: str = "auto",
                     batch: int | None = None) -> Plan:
@@ -100,9 +102,15 @@ class SVDCodec(Codec):
         if plan.pieces is None:
             yield self.vae.decode(z, num_frames=z.shape[0], frame_batch=plan.frame_batch, attention=plan.attention)
             return
-        for _, x in self.vae.decode_stream(z, plan.pieces, check_finite=check_finite, out_chunk=FRAME_OUT,
-                                           attention=plan.attention):
-            yield x
+        if not plan.pieces.disk:
+            for _, x in self.vae.decode_stream(z, plan.pieces, check_finite=check_finite, out_chunk=FRAME_OUT,
+                                               attention=plan.attention):
+                yield x
+            return
+        with Scratch(plan.scratch) as scratch:  # removed when the decode ends, fails or is abandoned
+            for _, x in self.vae.decode_stream(z, plan.pieces, check_finite=check_finite, out_chunk=FRAME_OUT,
+                                               attention=plan.attention, scratch=scratch):
+                yield x
 
     def in_dtype(self, dtype: torch.dtype) -> "SVDCodec":
         """The same checkpoint in `dtype`, read again (a bf16 redo of an fp16 model is the checkpoint in bf16, not

@@ -19,6 +19,7 @@ from vaecli.model.svd.streaming import Pieces
 from vaecli.model.svd.vae import VAE
 from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.counting import Counting, Ledger, count
+from vaecli.ops.scratch import CountedScratch
 
 HOST = torch.device("cpu")
 
@@ -54,11 +55,13 @@ def encode_peak(vae: VAE, frames: int, height: int, width: int, *, dtype: torch.
 def stream_peaks(vae: VAE, frames: int, h: int, w: int, pieces: Pieces, *, dtype: torch.dtype,
                  device: torch.device, attention: AttentionBackend) -> Ledger:
     """The ledger of a streamed decode (`VAE.decode_stream`) of (frames, C, h, w) latents: device peak overall
-    and per phase ("2d", "temporal", "out": while frames are handed out), host peak (the parked clip)."""
+    and per phase ("2d", "temporal", "out": while frames are handed out), host peak (the parked clip), disk peak
+    (the clip in scratch files)."""
     def run(m: Counting) -> None:
         z = _input(m, (frames, vae.config.latent_channels, h, w), dtype, HOST if pieces.park else device)
+        scratch = CountedScratch(m.ledger) if pieces.disk else None
         for _ in vae.decode_stream(z, pieces, sample_tiles=True, phase=m.ledger.set_phase, attention=attention,
-                                   device=device):
+                                   device=device, scratch=scratch):
             m.ledger.set_phase("out")
         del z
 

@@ -33,6 +33,7 @@ from vaecli.ops.attention import BACKEND_NAMES, AttentionBackend, unavailable_re
 from vaecli.model.plan import COST_MODELS, CostModel, Plan, format_bytes
 from vaecli.ops.device import dtype_name
 from vaecli.ops.memtrace import traced_peak_bytes, traced_peaks
+from vaecli.ops.scratch import CountedScratch
 
 AUTO_ORDER = ("sdpa", "math", "split", "sub-quadratic")  # fastest first; math only wins where sdpa is missing
 MIN_TILE = 4  # smallest tile side in latent pixels the planner tries
@@ -122,7 +123,8 @@ class Estimator:
                 return self._traced_stream(vae, stage, frames, h, w, pieces, backend)
             ledger = (memory.stream_peaks(vae, frames, h, w, pieces, **kw) if stage == "decode"
                       else memory.encode_peak(vae, frames, h, w, pieces=pieces, **kw))
-            return {"": ledger.peak["device"], "host": ledger.peak["host"], **ledger.phases}
+            return {"": ledger.peak["device"], "host": ledger.peak["host"], "disk": ledger.peak["disk"],
+                    **ledger.phases}
         return self._memo(("stream", stage, *self._key(backend), frames, h, w, pieces), compute)
 
     def _traced_stream(self, vae: VAE, stage: str, frames: int, h: int, w: int, pieces: Pieces,
@@ -133,9 +135,11 @@ class Estimator:
         def run(set_phase):
             if stage == "encode":
                 return vae.moments(x, pieces=pieces, sample_tiles=True, attention=backend)
-            for _ in vae.decode_stream(x, pieces, sample_tiles=True, phase=set_phase, attention=backend):
+            scratch = CountedScratch(None, "meta") if pieces.disk else None
+            for _ in vae.decode_stream(x, pieces, sample_tiles=True, phase=set_phase, attention=backend,
+                                       scratch=scratch):
                 set_phase("out")
-        return {**traced_peaks(run), "host": 0}
+        return {**traced_peaks(run), "host": 0, "disk": 0}
 
     def stream(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int, pieces: Pieces,
                phase: str = "") -> int:
@@ -151,6 +155,11 @@ class Estimator:
     def host(self, stage: str, backend: AttentionBackend, frames: int, h: int, w: int, pieces: Pieces) -> int:
         """Host bytes a parked streamed run holds at its peak (counted)."""
         return self.stream_ledger(stage, backend, frames, h, w, pieces)["host"]
+
+    def disk(self, backend: AttentionBackend, frames: int, h: int, w: int, pieces: Pieces) -> int:
+        """Scratch bytes a disk-backed streamed decode holds at its peak (counted), with a filesystem block of
+        slack per frame file."""
+        return self.stream_ledger("decode", backend, frames, h, w, pieces)["disk"] + 3 * (frames + 1) * 4096
 
     def clip_store(self, stage: str, frames: int, h: int, w: int) -> int:
         """A lower bound used to prune candidates before counting them: the largest activation of the model for
@@ -224,13 +233,16 @@ def first_fitting(options: list, fits) -> int | None:
 
 
 def stream_pieces(est: Estimator, backend: AttentionBackend, frames: int, h: int, w: int, budget: int,
-                  park: bool, out_bytes: int, tile: int | None = None) -> tuple[Pieces, int] | None:
+                  park: bool, out_bytes: int, tile: int | None = None, disk: bool = False
+                  ) -> tuple[Pieces, int] | None:
     """The exact streaming cut with the largest pieces whose predicted bytes fit `budget`, or None.
 
     2D layers: chunks of 4, 2, 1 whole frames, then single frames in tiles (conv1 outputs kept, then not);
     temporal layers: all frames whole, then all frames in tiles, then frame chunks of small tiles. Both lists are
     ordered by decreasing memory and searched together: the 2D and the temporal layers run at different times,
     so one trace prices a 2D cut and a temporal cut at once. tile: force tiles of this side (latent px) for both.
+    disk: the clip in scratch files; its temporal layers then run on chunks of whole frames (each frame one
+    sequential read) before tiles.
     """
     def cost(p: Pieces, phase: str = "") -> int:
         return est.stream("decode", backend, frames, h, w, p, phase) + out_bytes
@@ -246,9 +258,12 @@ def stream_pieces(est: Estimator, backend: AttentionBackend, frames: int, h: int
         if frames == 1 or len(spatial) == len(tiled):
             spatial = [(1, None, False)] + tiled
         temporal = [(None, None)] + [(None, s) for s in sides] + [(f, MIN_TILE) for f in (8, 4, 2, 1) if f < frames]
+    if disk and tile is None:
+        temporal = [(f, None) for f in (16, 8, 4, 2, 1) if f < frames] + [(f, MIN_TILE) for f in (8, 4, 2, 1)
+                                                                         if f < frames] or temporal
 
     def fits(s_opt, t_opt) -> tuple[bool, bool]:
-        p = Pieces(s_opt[0], s_opt[1], t_opt[0], t_opt[1], park, s_opt[2])
+        p = Pieces(s_opt[0], s_opt[1], t_opt[0], t_opt[1], park, s_opt[2], disk)
         return cost(p, "2d") <= budget, cost(p, "temporal") <= budget
 
     if not all(fits(spatial[-1], temporal[-1])):
@@ -262,7 +277,7 @@ def stream_pieces(est: Estimator, backend: AttentionBackend, frames: int, h: int
         t_lo, t_hi = (t_lo, t_mid) if ok_time else (t_mid + 1, t_hi)
     while True:  # the phases guided the search; the cut's overall peak must fit too (else the next smaller cut)
         pieces = Pieces(spatial[s_lo][0], spatial[s_lo][1], temporal[t_lo][0], temporal[t_lo][1], park,
-                        spatial[s_lo][2])
+                        spatial[s_lo][2], disk)
         total = cost(pieces)
         if total <= budget:
             return pieces, total
@@ -277,17 +292,19 @@ def stream_pieces(est: Estimator, backend: AttentionBackend, frames: int, h: int
 def plan_decode(config: VAEConfig, frames: int, latent_hw: tuple[int, int], *, device: torch.device,
                 dtype: torch.dtype, available_bytes: int, attention: str = "auto", chunk: int | None = None,
                 overlap: int | None = None, tile: int | None = None, cost: CostModel | None = None,
-                estimator: Estimator | None = None, host_bytes: int | None = None) -> Plan:
+                estimator: Estimator | None = None, host_bytes: int | None = None, disk_bytes: int | None = None,
+                scratch: str | None = None) -> Plan:
     """Plan a decode of `frames` latent frames of size latent_hw = (h, w) within `available_bytes`.
 
     available_bytes: device memory for activations (the weights are resident).
     host_bytes: host memory available for a parked clip (None: no parking; on a CPU device the host is the device).
+    disk_bytes: scratch space for a clip kept on disk, in the folder `scratch` (None: no disk tier).
     chunk: force approximate windows of this many frames (0 = one clip); overlap: their overlap; tile: force the
     exact streaming executor with tiles of this many latent pixels. Raises nothing when nothing fits: the smallest
     plan is returned with a reason saying so (OOM recovery may still get through). estimator: reuse traces.
     """
     est = estimator or Estimator(config, dtype, cost or COST_MODELS.get(device.type, COST_MODELS["cpu"]))
-    search = _DecodeSearch(est, device, dtype, available_bytes, latent_hw, attention, host_bytes)
+    search = _DecodeSearch(est, device, dtype, available_bytes, latent_hw, attention, host_bytes, disk_bytes, scratch)
     if chunk is not None and 0 < chunk < frames:  # approximate windows, forced by the user
         return search.forced_windows(chunk, overlap, tile)
     if chunk == 0 and tile is None:  # one clip, forced
@@ -300,8 +317,11 @@ class _DecodeSearch:
     """The decode plans for one clip size, device and budget, tried in order (see `plan_decode`)."""
 
     def __init__(self, est: Estimator, device: torch.device, dtype: torch.dtype, budget: int,
-                 latent_hw: tuple[int, int], attention: str, host_bytes: int | None):
+                 latent_hw: tuple[int, int], attention: str, host_bytes: int | None, disk_bytes: int | None = None,
+                 scratch: str | None = None):
         self.est, self.device, self.dtype, self.budget, self.host_bytes = est, device, dtype, budget, host_bytes
+        self.disk_bytes, self.scratch = disk_bytes, scratch
+        self.disk_short: str | None = None  # why the disk tier did not take a clip (for the fallback's reasons)
         self.h, self.w = latent_hw
         self.f = est.config.downscale
         self.weights = est.weights()
@@ -317,9 +337,10 @@ class _DecodeSearch:
         act = est.exact(backend, c, h, w, FRAME_BATCH) if batched else est.activations("decode", backend, c, h, w)
         return act + output_bytes(c, h * self.f, w * self.f)
 
-    def plan(self, backend, strategy, c, k, act, why, *, pieces=None, batch=None, exact=True, host=0) -> Plan:
+    def plan(self, backend, strategy, c, k, act, why, *, pieces=None, batch=None, exact=True, host=0, disk=0) -> Plan:
         return Plan("decode", str(self.device), dtype_name(self.dtype), backend, strategy, c, k, act, self.budget,
-                    self.weights, tuple(self.reasons + why), batch, pieces, exact, host)
+                    self.weights, tuple(self.reasons + why), batch, pieces, exact, host, disk_bytes=disk,
+                    scratch=self.scratch if disk else None)
 
     def exact_plan(self, c: int, tile_side: int | None = None, forced: bool = False) -> Plan | None:
         """The best exact plan for a clip of c frames: one clip, else streamed (resident, then parked)."""
@@ -354,6 +375,29 @@ class _DecodeSearch:
                              else "clip kept on the device")
                     return self.plan(backend, "stream", c, 0, act, [why, where, f"attention {backend.name}"],
                                      pieces=pieces, host=host)
+        return self.disk_plan(c, tile_side, forced, out)
+
+    def disk_plan(self, c: int, tile_side: int | None, forced: bool, out: int) -> Plan | None:
+        """The exact streaming plan with the clip in scratch files, when the clip's activation fits nowhere in
+        memory and the scratch folder has the space (else None, and `disk_short` says why)."""
+        if self.disk_bytes is None:
+            return None
+        for backend in self.backends:
+            found = stream_pieces(self.est, backend, c, self.h, self.w, self.budget, False, out, tile_side, disk=True)
+            if not found:
+                continue
+            pieces, act = found
+            disk = self.est.disk(backend, c, self.h, self.w, pieces)
+            if disk > self.disk_bytes:
+                self.disk_short = (f"the exact plan keeps the clip on disk and needs {format_bytes(disk)} of scratch "
+                                   f"space, {self.scratch} has {format_bytes(max(self.disk_bytes, 0))} to spare "
+                                   "(free space there or give --scratch DIR)")
+                return None
+            why = ("streamed exactly, forced by --tile" if forced else
+                   "the clip's activation between layers fits nowhere in memory; streamed exactly, layer by layer")
+            return self.plan(backend, "stream", c, 0, act, [why, f"clip kept in scratch files on disk "
+                                                                 f"({format_bytes(disk)} in {self.scratch})",
+                                                           f"attention {backend.name}"], pieces=pieces, disk=disk)
         return None
 
     def forced_windows(self, chunk: int, overlap: int | None, tile: int | None) -> Plan:
@@ -369,7 +413,8 @@ class _DecodeSearch:
             return self.plan(self.backends[-1], "windows", chunk, k, act, note + ["predicted peak exceeds the budget"],
                              batch=FRAME_BATCH, exact=False)
         return self.plan(inner.attention, "windows", chunk, k, inner.activation_bytes, note + list(inner.reasons[2:]),
-                         pieces=inner.pieces, batch=inner.frame_batch, exact=False, host=inner.host_bytes)
+                         pieces=inner.pieces, batch=inner.frame_batch, exact=False, host=inner.host_bytes,
+                         disk=inner.disk_bytes)
 
     def forced_one_clip(self, frames: int) -> Plan:
         backend = next((b for b in self.backends if self.one_clip_cost(b, frames, False) <= self.budget), None)
@@ -386,15 +431,20 @@ class _DecodeSearch:
         inner = self.exact_plan(c, tile) if c < frames else None
         why = [f"even streamed (the clip parked where possible) the {frames} frames do not fit; APPROXIMATE fallback: "
                f"windows of {c} frames overlapping by {k}, cross-faded ({WINDOWS_ERROR})"]
+        if self.disk_short:
+            why.append(self.disk_short)
         if inner is None:
-            pieces = Pieces(1, MIN_TILE, 1, MIN_TILE, self.can_park)
+            disk = not self.can_park and self.disk_bytes is not None  # the smallest cut keeps the clip off the device
+            pieces = Pieces(1, MIN_TILE, 1, MIN_TILE, self.can_park, disk=disk)
             smallest = min(self.backends, key=lambda b: self.est.stream("decode", b, c, self.h, self.w, pieces))
             act = self.est.stream("decode", smallest, c, self.h, self.w, pieces)
             return self.plan(smallest, "windows" if c < frames else "stream", c, k, act,
                              why + ["nothing fits the budget by the cost model; the smallest plan is used"],
-                             pieces=pieces, exact=c >= frames)
+                             pieces=pieces, exact=c >= frames,
+                             disk=self.est.disk(smallest, c, self.h, self.w, pieces) if disk else 0)
         return self.plan(inner.attention, "windows", c, k, inner.activation_bytes, why + list(inner.reasons[2:]),
-                         pieces=inner.pieces, batch=inner.frame_batch, exact=False, host=inner.host_bytes)
+                         pieces=inner.pieces, batch=inner.frame_batch, exact=False, host=inner.host_bytes,
+                         disk=inner.disk_bytes)
 
 
 def plan_encode(config: VAEConfig, frames: int, size_hw: tuple[int, int], *, device: torch.device,

@@ -1,7 +1,8 @@
 """What the exact streaming executor (`vaecli.model.svd.streaming`) keeps between stages and gathers across pieces.
 
-- `FrameStore`: a clip's activation between two stages, frame by frame (`(1, C, H, W)` channels-last), on the device
-  or parked in host memory; reads of frames written together are views.
+- `FrameStore`: a clip's activation between two stages, frame by frame (`(1, C, H, W)` channels-last), on the device,
+  parked in host memory, or in scratch files on disk (`vaecli.ops.scratch`); reads of frames written together
+  are views.
 - `Moments`: GroupNorm statistics gathered piece by piece (count, mean, M2; fp64), merged exactly (Chan et al.),
   per frame (spatial norms) or over the clip (temporal norms); `affine_silu` applies them.
 """
@@ -21,14 +22,16 @@ CL = torch.channels_last
 class FrameStore:
     """The activation of a clip between two stages: `count` frames, each `(1, C, H, W)` channels-last.
 
-    Frames live on `device`, or in host memory when `park` (pinned for CUDA). Frames written together are kept
-    as one tensor (`blocks`), so reading them back whole is a view.
+    Frames live on `device`, or in host memory when `park` (pinned for CUDA), or on disk when `scratch` (a
+    `vaecli.ops.scratch.Scratch` or its counting twin: one `DiskFrame` per frame, read and written by region).
+    Frames written together in memory are kept as one tensor (`blocks`), so reading them back whole is a view.
     """
 
-    def __init__(self, count: int, device: torch.device, park: bool = False):
+    def __init__(self, count: int, device: torch.device, park: bool = False, scratch=None):
         self.count = count
         self.device = device
         self.park = park  # on a CPU device parked frames are separate host copies (the planner never asks for it)
+        self.scratch = scratch
         self.frames: list[torch.Tensor | None] = [None] * count
         self._block_of: list[tuple[int, torch.Tensor] | None] = [None] * count
 
@@ -37,7 +40,7 @@ class FrameStore:
 
     def shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the stored frames."""
-        return tuple(self.frames[0].shape[-3:])
+        return tuple(self.frames[0].shape[-3:])  # a tensor's or a DiskFrame's
 
     def dtype(self) -> torch.dtype:
         return self._dtype
@@ -46,6 +49,13 @@ class FrameStore:
         """Store frames [start, start + n) from `block` (n, C, H, W) (any device; copied to the store's place)."""
         n = block.shape[0]
         self._dtype = block.dtype
+        if self.scratch is not None:
+            for i in range(n):
+                frame = self.scratch.frame(tuple(block.shape[1:]), block.dtype)
+                frame.write(block[i:i + 1])
+                self.frames[start + i] = frame
+                self._block_of[start + i] = None
+            return
         if self.park:
             block = self._host_empty(tuple(block.shape), block.dtype).copy_(block)
         else:
@@ -58,6 +68,10 @@ class FrameStore:
         """Empty frames of (C, H, W), one tensor per frame, to be filled region by region with `write`."""
         self._dtype = dtype
         for i in range(self.count):
+            if self.scratch is not None:
+                self.frames[i] = self.scratch.frame((channels, height, width), dtype)
+                self._block_of[i] = None
+                continue
             if self.park:
                 frame = self._host_empty((1, channels, height, width), dtype)
             else:
@@ -73,7 +87,7 @@ class FrameStore:
 
     def subset(self, start: int, end: int) -> "FrameStore":
         """A store of frames [start, end) sharing this store's tensors."""
-        sub = FrameStore(end - start, self.device, self.park)
+        sub = FrameStore(end - start, self.device, self.park, self.scratch)
         sub.frames = self.frames[start:end]
         sub._block_of = [None] * (end - start)
         sub._dtype = self._dtype
@@ -98,39 +112,53 @@ class FrameStore:
 
         stash: regions (rows × cols) to read instead of the stored frames' (their values before an in-place
             update)."""
-        if not self.park and not (stash and any(start <= i < end for i in stash)):
+        if self.scratch is None and not self.park and not (stash and any(start <= i < end for i in stash)):
             first = self._block_of[start]
             if first is not None and all(self._block_of[i] is not None and self._block_of[i][1] is first[1]
                                          for i in range(start, end)):
                 base, block = first
                 return block[start - base:end - base, :, rows, cols]  # a view: no copy
-        parts = [stash[i] if stash and i in stash else self.frames[i][:, :, rows, cols] for i in range(start, end)]
-        out = torch.empty((end - start, *parts[0].shape[1:]), dtype=parts[0].dtype, device=self.device,
-                          memory_format=CL)
-        for j, part in enumerate(parts):
+        out = None
+        for j, i in enumerate(range(start, end)):  # one frame's region at a time (a disk read is a copy)
+            part = stash[i] if stash and i in stash else self._region(i, rows, cols)
+            if out is None:
+                out = torch.empty((end - start, *part.shape[1:]), dtype=part.dtype, device=self.device,
+                                  memory_format=CL)
             out[j:j + 1].copy_(part)
+            del part
         return out
+
+    def _region(self, i: int, rows: slice, cols: slice) -> torch.Tensor:
+        """Region rows × cols of frame i: a view of it in memory, or read from its file."""
+        if self.scratch is not None:
+            return self.frames[i].read(rows, cols)
+        return self.frames[i][:, :, rows, cols]
 
     def holds(self, x: torch.Tensor, start: int) -> bool:
         """Whether x is a view of the stored frames from `start` on (a result computed into it is stored)."""
         frame = self.frames[start]
-        return (frame is not None and x.device == frame.device
+        return (self.scratch is None and frame is not None and x.device == frame.device
                 and x.untyped_storage().data_ptr() == frame.untyped_storage().data_ptr())
 
     def write(self, start: int, block: torch.Tensor, rows: slice = slice(None), cols: slice = slice(None)) -> None:
         """Write `block` (n, C, h, w) into the region rows × cols of stored frames [start, start + n)."""
         for j in range(block.shape[0]):
-            self.frames[start + j][:, :, rows, cols].copy_(block[j:j + 1])
+            if self.scratch is not None:
+                self.frames[start + j].write(block[j:j + 1], rows, cols)
+            else:
+                self.frames[start + j][:, :, rows, cols].copy_(block[j:j + 1])
 
     def original(self, start: int, end: int, stash: dict[int, torch.Tensor], rows: slice = slice(None),
                  cols: slice = slice(None)) -> dict[int, torch.Tensor]:
         """Region rows × cols of frames [start, end) as it is before an in-place update overwrites it: from `stash`
         (regions kept earlier) or copied."""
-        return {i: stash[i] if i in stash else self.frames[i][:, :, rows, cols].clone()
+        return {i: stash[i] if i in stash else
+                self._region(i, rows, cols) if self.scratch is not None else self.frames[i][:, :, rows, cols].clone()
                 for i in range(max(0, start), min(self.count, end))}
 
     def gather(self) -> torch.Tensor:
-        """All frames as one `(T, C, H, W)` tensor on the store's place (host when parked)."""
+        """All frames as one `(T, C, H, W)` tensor on the store's place (host when parked, the device when on
+        disk)."""
         if not self.park:
             return self.read(0, self.count)
         return torch.cat(self.frames).contiguous(memory_format=CL)

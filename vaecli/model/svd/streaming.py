@@ -63,6 +63,8 @@ class Pieces:
         device, computed and copied back.
     keep: with 2D tiles, keep a ResnetBlock's conv1 output for the chunk (one more chunk-sized tensor) instead of
         computing it again after its statistics are known (a third fewer convolutions in tiled 2D layers).
+    disk: keep the clip's activation between stages in scratch files on disk (`vaecli.ops.scratch`), each piece
+        read into memory, computed and written back (for clips whose activation fits nowhere in memory).
     """
 
     frames: int
@@ -71,6 +73,7 @@ class Pieces:
     time_tile: int | None = None
     park: bool = False
     keep: bool = False
+    disk: bool = False
 
     def __post_init__(self) -> None:
         for name in ("frames", "tile", "time_frames", "time_tile"):
@@ -80,7 +83,7 @@ class Pieces:
 
     def to_dict(self) -> dict:
         return {"frames": self.frames, "tile_latent": self.tile, "time_frames": self.time_frames,
-                "time_tile_latent": self.time_tile, "parked": self.park, "keep_conv1": self.keep}
+                "time_tile_latent": self.time_tile, "parked": self.park, "keep_conv1": self.keep, "disk": self.disk}
 
     def describe(self) -> str:
         def cut(frames, tile):
@@ -88,7 +91,8 @@ class Pieces:
             return f + (f" x {tile}x{tile} latent px tiles" if tile else " (whole frames)")
         return (f"2D layers {cut(self.frames, self.tile)}; temporal layers {cut(self.time_frames, self.time_tile)}"
                 + ("; conv1 outputs kept per chunk" if self.keep and self.tile else "")
-                + ("; clip parked in host memory" if self.park else ""))
+                + ("; clip parked in host memory" if self.park else "")
+                + ("; clip kept in scratch files on disk" if self.disk else ""))
 
 
 def temporal(x: torch.Tensor, conv: nn.Conv3d, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,7 +119,7 @@ class Streamer:
 
     def __init__(self, pieces: Pieces, device: torch.device, latent_hw: tuple[int, int], check_finite: bool = False,
                  sample_tiles: bool = False, phase: Callable[[str], None] | None = None,
-                 attention: AttentionBackend | None = None):
+                 attention: AttentionBackend | None = None, scratch=None):
         self.attention = attention or AttentionBackend("sdpa")  # a VideoBlock's spatial attention (the stages'
         # own attention layers carry their backend in their `fn`)
         self.phase = phase or (lambda name: None)  # told "2d" / "temporal" as each kind of stage starts
@@ -124,8 +128,16 @@ class Streamer:
         self.latent_h = latent_hw[0]
         self.check_finite = check_finite
         self.sample_tiles = sample_tiles
+        self.scratch = scratch  # where `pieces.disk` keeps the clip: a `vaecli.ops.scratch.Scratch` (or its
+        # counting twin)
+        if pieces.disk and scratch is None:
+            raise ValueError("Pieces.disk needs a scratch folder")
 
     # -- helpers ----------------------------------------------------------------------------------------------
+
+    def store(self, count: int) -> FrameStore:
+        """An empty store of `count` frames where the pieces keep the clip (device, host or scratch files)."""
+        return FrameStore(count, self.device, self.pieces.park, self.scratch if self.pieces.disk else None)
 
     def tiles(self, height: int, width: int, tile: int | None) -> list[tuple[slice, slice, int, int, int, int]]:
         """Non-overlapping tiles of a (height, width) plane: (rows, cols, y0, y1, x0, x1); `tile` in latent px."""
@@ -168,7 +180,7 @@ class Streamer:
 
         Whole frames: the stages run as one chain on each chunk. Tiles: each stage runs tile by tile over the
         chunk (its output for the chunk kept where the clip is kept), with halos and whole-frame statistics."""
-        out = FrameStore(len(store), self.device, self.pieces.park)
+        out = self.store(len(store))
         chunks = self.chunks(len(store))
         shape, dtype = None, None  # a computed chunk's output, for the sampled chunks after it
         for k, (a, b) in enumerate(chunks):
@@ -177,7 +189,7 @@ class Streamer:
                 if self.pieces.tile is None:
                     out.put(a, torch.empty((b - a, *shape), dtype=dtype, device=self.device, memory_format=CL))
                 else:  # tiled stages leave one tensor per frame
-                    part = FrameStore(b - a, self.device, self.pieces.park)
+                    part = self.store(b - a)
                     part.allocate(*shape, dtype)
                     out.adopt(a, part)
                 continue
@@ -210,7 +222,7 @@ class Streamer:
         c, height, width = src.shape()
         layer = stage.layer
         if stage.kind == "attn":  # whole frames
-            dst = FrameStore(n, self.device, self.pieces.park)
+            dst = self.store(n)
             for i in range(n):
                 dst.put(i, self.checked(stage.fn(src.read(i, i + 1))))
             return dst
@@ -226,7 +238,7 @@ class Streamer:
             out_h, out_w, out_c = height, width, layer.out_channels
         else:
             raise ValueError(f"no tiled implementation for stage kind {stage.kind!r}")
-        dst = FrameStore(n, self.device, self.pieces.park)
+        dst = self.store(n)
         dst.allocate(out_c, out_h, out_w, src.dtype())
         tiles = self.tiles(out_h, out_w, self.pieces.tile)
         if stage.kind == "norm_silu":
@@ -271,7 +283,7 @@ class Streamer:
         m2 = Moments(layer.norm2.num_groups, per_frame=True)
         kept = None
         if self.pieces.keep:
-            kept = FrameStore(n, self.device, self.pieces.park)
+            kept = self.store(n)
             kept.allocate(out_c, out_h, out_w, src.dtype())
         for rows, cols, y0, y1, x0, x1 in tiles:
             ry0, ry1, rx0, rx1 = region(y0, y1, x0, x1, 1, height, width)
@@ -418,7 +430,7 @@ class Streamer:
         pixel tile over all frames, blended and projected."""
         count = len(store)
         _, height, width = store.shape()
-        attended = FrameStore(count, self.device, self.pieces.park)
+        attended = self.store(count)
         for a, b in self.chunks(count):
             attended.put(a, self.checked(block.attend(store.read(a, b), self.attention)))
         frames = torch.arange(count, device=self.device)
@@ -442,7 +454,7 @@ class Streamer:
 
     def run(self, stages: list[Stage], x: torch.Tensor, image_only: torch.Tensor | None = None) -> FrameStore:
         """Run `stages` over the clip x (T, C, H, W) (on the device or the host); returns the output store."""
-        store = FrameStore(x.shape[0], self.device, self.pieces.park)
+        store = self.store(x.shape[0])
         store.put(0, x)
         del x
         for run, stage in stage_groups(stages):

@@ -136,14 +136,15 @@ class VAE(nn.Module):
                       out_chunk: int | None = None, sample_tiles: bool = False,
                       phase: Callable[[str], None] | None = None,
                       attention: AttentionBackend | None = None,
-                      device: torch.device | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                      device: torch.device | None = None, scratch=None) -> Iterator[tuple[int, torch.Tensor]]:
         """Decode exactly like `decode`, layer by layer over `pieces` (`vaecli.model.svd.streaming`); yields
         (first frame, frames (n, 3, 8h, 8w)) in order, `out_chunk` frames at a time (default: pieces.frames).
 
         z may live on the host (with pieces.park the clip's activations stay there too). check_finite: raise
         `NonFiniteActivation` as soon as a half-precision piece holds inf/NaN. sample_tiles, phase: memory traces
         only (see `Streamer`). device: where the executor computes (default: the weights'; counting runs of a
-        model on the meta device name the device they price).
+        model on the meta device name the device they price). scratch: where `pieces.disk` keeps the clip (a
+        `vaecli.ops.scratch.Scratch`, or `CountedScratch` when priced).
         """
         frames, num_frames = self._check_latents(z, num_frames, image_only)
         skip = not self.config.is_video or per_frame
@@ -152,7 +153,7 @@ class VAE(nn.Module):
         if self.config.post_quant_conv:
             stages.insert(0, Stage("conv", self.post_quant_conv, self.post_quant_conv))
         streamer = Streamer(pieces, device or self._device(), (z.shape[-2], z.shape[-1]), check_finite,
-                            sample_tiles, phase, attention)
+                            sample_tiles, phase, attention, scratch)
         for start in range(0, frames, num_frames):
             flags = None if image_only is None else image_only[start:start + num_frames]
             store = streamer.run(stages, z[start:start + num_frames].contiguous(memory_format=torch.channels_last),
