@@ -251,9 +251,11 @@ def mutate_checkpoint(rng: random.Random, corpus: Corpus, folder: Path) -> tuple
         state[key] = t
         save_file(state, str(path))
         return f"{kind}:{key}", str(path)
-    if kind == "shape":
+    if kind == "shape":  # one tensor's shape no longer agrees with the others'
         key = rng.choice(sorted(state))
-        state[key] = torch.zeros(*[d + 1 for d in state[key].shape]) if state[key].ndim else torch.zeros(2)
+        t = state[key]
+        state[key] = rng.choice([torch.zeros(*[d + 1 for d in t.shape]) if t.ndim else torch.zeros(2),
+                                 t.reshape(-1).clone(), torch.zeros(()), t[None].clone(), torch.zeros(0)])
         save_file(state, str(path))
         return f"{kind}:{key}", str(path)
     if kind == "missing":
@@ -293,7 +295,9 @@ def mutate_checkpoint(rng: random.Random, corpus: Corpus, folder: Path) -> tuple
         dstate, _ = to_layout(corpus.state, CONFIG, "diffusers")
         save_file({k: v.contiguous() for k, v in dstate.items()}, str(d / "diffusion_pytorch_model.safetensors"))
         config = rng.choice(["[1, 2]", "{" * 3000 + "}" * 3000, '{"scaling_factor": "abc"}', '{"scaling_factor": NaN}',
-                             '{"scaling_factor": -1}', '{"scaling_factor": 1e400}', "not json", '{"scaling_factor": 0.5}'])
+                             '{"scaling_factor": -1}', '{"scaling_factor": 1e400}', "not json", '{"scaling_factor": 0.5}',
+                             '{"scaling_factor": [1]}', '{"scaling_factor": {"a": 1}}', '{"scaling_factor": true}',
+                             '{"scaling_factor": null}', b"\xff\xfe{}".decode("latin-1")])
         (d / "config.json").write_text(config)
         return f"{kind}:{config[:20]!r}", str(d)
     if kind == "fifo":
@@ -306,11 +310,39 @@ def mutate_checkpoint(rng: random.Random, corpus: Corpus, folder: Path) -> tuple
     return "valid", str(path)
 
 
+def _odd_image(rng: random.Random, kind: str, folder: Path) -> tuple[str, str]:
+    """Images of several frames (multi-page TIFF, animated PNG/WebP, alone or inside a sequence) or of unusual
+    layouts (16-bit, gray + alpha, 1-bit, palette)."""
+    from PIL import Image
+
+    pix = np.random.default_rng(rng.randrange(99)).integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    if kind == "multi-frame":
+        pages = [Image.fromarray(np.roll(pix, i, 1)) for i in range(rng.randint(2, 4))]
+        name = rng.choice(["pages.tif", "anim.png", "anim.webp"])
+        target = folder / name
+        inside = rng.random() < 0.4
+        if inside:  # one animated member among still images
+            (folder / "seq").mkdir()
+            Image.fromarray(pix).save(folder / "seq" / "a.png")
+            target = folder / "seq" / name
+        pages[0].save(target, save_all=True, append_images=pages[1:], duration=100)
+        return f"{kind}:{name}{' in a sequence' if inside else ''}", str(folder / "seq" if inside else target)
+    mode = rng.choice(["I;16", "LA", "1", "P", "RGBA", "I", "F"])
+    image = Image.fromarray(pix).convert("L" if mode in ("I;16", "I", "F") else "RGB")
+    image = image.convert(mode) if mode not in ("I;16",) else Image.fromarray(pix[:, :, 0].astype(np.uint16) * 257)
+    name = "odd.tif" if mode in ("F", "I") else "odd.png"
+    image.save(folder / name)
+    return f"{kind}:{mode}", str(folder / name)
+
+
 def mutate_media(rng: random.Random, corpus: Corpus, folder: Path) -> tuple[str, str]:
     """Write a mutated video or image in `folder`; returns (what, the input argument)."""
     kind = rng.choice(["tiny-png", "tiny-gif", "tiny-video", "truncate", "flip", "playlist", "bomb", "fifo", "empty",
-                       "random", "folder", "valid-png", "valid-gif", "valid"])
+                       "random", "folder", "valid-png", "valid-gif", "valid", "multi-frame", "odd-layout"])
     import imageio.v3 as iio
+
+    if kind in ("multi-frame", "odd-layout"):
+        return _odd_image(rng, kind, folder)
 
     if kind == "tiny-png":
         w, h = rng.choice([(1, 1), (2, 2), (7, 3), (3, 7), (1, 9), (9, 1)])
@@ -378,52 +410,84 @@ def mutate_media(rng: random.Random, corpus: Corpus, folder: Path) -> tuple[str,
     return f"{kind}:{sizes}", str(frames)
 
 
+LONG = "9" * 400  # digit strings past any range (and past Python's int/float conversions)
 BAD_VALUES = {
     "--crf": ["-1", "inf", "99", "64", "52", "10" * 30, "abc", "0", "63"],
-    "--fps": ["-1", "0", "abc", "1/0", "1e308", "0/0", "24", "nan"],
-    "--batch": ["abc", "0", "-3", "1", "100000"],
-    "--frames": ["0", "-1", "abc", "1", "2", "10" * 20],
-    "--start": ["-1", "abc", "1000", "1"],
-    "--stride": ["0", "-2", "abc", "2", "1000"],
+    "--fps": ["-1", "0", "abc", "1/0", "1e308", "0/0", "24", "nan", "0.001", "1e-300", "1/100000", LONG, "0.01",
+              "10000", "10001", f"1/{LONG}"],
+    "--batch": ["abc", "0", "-3", "1", "100000", LONG, "9" * 25],
+    "--frames": ["0", "-1", "abc", "1", "2", "10" * 20, LONG],
+    "--start": ["-1", "abc", "1000", "1", LONG],
+    "--stride": ["0", "-2", "abc", "2", "1000", LONG],
     "--size": ["0x0", "abc", "16x", "-16x12", "100000x100000", "17x13", "16x12", "1x1"],
     "--fit": ["pad", "crop", "resize", "stretch", ""],
-    "--max-memory": ["abc", "0", "-1GiB", "1B", "1e999", "512MiB", "10GiB", "1 PiB"],
-    "--chunk": ["-1", "0", "1", "abc", "2"],
-    "--overlap": ["-1", "0", "1", "5", "abc"],
-    "--tile": ["0", "3", "4", "abc", "100000"],
+    "--max-memory": ["abc", "0", "-1GiB", "1B", "1e999", "512MiB", "10GiB", "1 PiB", LONG, "9" * 30 + "GiB",
+                     "0.000001GiB"],
+    "--chunk": ["-1", "0", "1", "abc", "2", LONG],
+    "--overlap": ["-1", "0", "1", "5", "abc", LONG],
+    "--tile": ["0", "3", "4", "abc", "100000", LONG],
     "--format": ["mp4", "webm", "gif", "png", "avi", "", "MP4"],
     "--latent-dtype": ["fp32", "fp16", "bf16", "int8", "abc"],
     "--dtype": ["fp32", "fp16", "bf16", "abc", "auto"],
     "--attention": ["auto", "math", "sdpa", "split", "xformers", "nope"],
     "--device": ["cpu", "cuda", "cuda:9", "tpu", "auto"],
-    "--max-pixels": ["0", "-1", "abc", "100", "1"],
-    "--seed": ["-1", "abc", "3"],
+    "--max-pixels": ["0", "-1", "abc", "100", "1", LONG],
+    "--seed": ["-1", "abc", "3", LONG],
     "--export": ["comfy", "abc"],
-    "--clip-frames": ["0", "-1", "abc", "1"],
+    "--clip-frames": ["0", "-1", "abc", "1", LONG],
+    "--scratch": ["", " ", "missing_dir", ".", "existing.txt"],
 }
 COMMAND_OPTIONS = {
     "encode": ["--crf", "--batch", "--frames", "--start", "--stride", "--size", "--fit", "--max-memory", "--latent-dtype",
                "--dtype", "--attention", "--device", "--max-pixels", "--seed", "--export"],
     "decode": ["--crf", "--fps", "--chunk", "--overlap", "--tile", "--format", "--max-memory", "--dtype", "--attention",
-               "--device", "--max-pixels"],
+               "--device", "--max-pixels", "--scratch"],
     "roundtrip": ["--crf", "--frames", "--start", "--stride", "--fit", "--chunk", "--overlap", "--tile", "--max-memory",
                   "--clip-frames", "--max-pixels"],
     "plan": ["--frames", "--max-memory", "--size", "--fit", "--chunk", "--overlap", "--tile", "--batch", "--dtype",
              "--attention", "--device", "--max-pixels"],
 }
 DECODE_OUTPUTS = ["out.mp4", "out.webm", "out.gif", "one.png", "frames/", "img_%04d.png", "out", "out.safetensors",
-                  "out.mkv", "x_%d_%d.png", "missing/dir/out.mp4"]
+                  "out.mkv", "x_%d_%d.png", "missing/dir/out.mp4", "f_%999999999999d.png", "f_%0999d.png",
+                  "f_%099d.png"]
 
 
 WAN_FRAMES_FIT = [None, None, "trim", "pad", "", "crop", "PAD", "trim pad"]
 WAN_SPACES = [None, None, "normalized", "raw", "", "scaled", "Raw"]
 
 
+def _wan_stats_case(rng: random.Random, corpus: Corpus, folder: Path) -> Case:
+    """A diffusers Wan folder whose config.json has latents_mean/latents_std of a wrong length, non-finite,
+    zero or negative std, or of the wrong type."""
+    from vaecli.model.wan.config import WanConfig
+    from vaecli.model.wan.keymap import original_to_diffusers
+    from vaecli.model.wan.layout import diffusers_config
+
+    config = WanConfig(dim=3, dim_mult=(1, 1, 1, 1), num_res_blocks=1, name="fuzz-wan")
+    state = {k[len("model."):]: v for k, v in corpus.wan_state.items()}
+    mapping = original_to_diffusers(state.keys(), config)
+    d = folder / "wan_diffusers"
+    d.mkdir()
+    save_file({mapping[k]: v.contiguous() for k, v in state.items()}, str(d / "diffusion_pytorch_model.safetensors"))
+    cfg = diffusers_config(config)
+    key = rng.choice(["latents_mean", "latents_std"])
+    z = config.z_dim
+    cfg[key] = rng.choice([[0.0] * (z - 1), [1.0] * (z + 3), [float("nan")] * z, [float("inf")] * z, [0.0] * z,
+                           [-1.0] * z, "abc", None, [[1.0]] * z, ["x"] * z, 5])
+    (d / "config.json").write_text(json.dumps(cfg))
+    if rng.random() < 0.5:
+        return Case("wan", f"diffusers {key}={str(cfg[key])[:20]}", folder, ["info", str(d)], [], "text")
+    return Case("wan", f"diffusers {key}={str(cfg[key])[:20]}", folder, ["encode", str(corpus.wan_video), "-m", str(d),
+                "--frames", "5", "-o", str(folder / "z.latents.safetensors"), "-q"], ["z.latents.safetensors"], "latents")
+
+
 def wan_case(rng: random.Random, corpus: Corpus, folder: Path) -> Case:
     """A Wan case: an encode of some frame count (with or without --frames-fit, a latent space, the ComfyUI
     export), a mutated Wan checkpoint, or a Wan latent file with damaged metadata or shape."""
     model = str(corpus.wan_model)
-    kind = rng.choice(["frames", "frames", "checkpoint", "latents-meta", "latents-shape"])
+    kind = rng.choice(["frames", "frames", "checkpoint", "latents-meta", "latents-shape", "diffusers-stats"])
+    if kind == "diffusers-stats":
+        return _wan_stats_case(rng, corpus, folder)
     if kind == "frames":
         opts = ["--frames", str(rng.randint(1, 9))] if rng.random() < 0.8 else []
         fit = rng.choice(WAN_FRAMES_FIT)
@@ -483,13 +547,44 @@ def wan_case(rng: random.Random, corpus: Corpus, folder: Path) -> Case:
                 ["frames"], "frames")
 
 
+def text_case(rng: random.Random, corpus: Corpus, folder: Path) -> Case:
+    """Text inputs with arbitrary bytes (a --manifest, a --config TOML) and empty strings as paths."""
+    junk = bytes(rng.randrange(256) for _ in range(rng.randint(1, 300)))
+    kind = rng.choice(["manifest", "config", "empty-path"])
+    model = str(corpus.model)
+    if kind == "manifest":
+        path = folder / "list.txt"
+        path.write_bytes(rng.choice([junk, str(corpus.video).encode() + b"\n" + junk, b"\xff\xfe" + junk]))
+        return Case("text", "manifest of random bytes", folder, ["encode", "--manifest", str(path), "-m", model,
+                    "--out-dir", str(folder), "-q"], [Path(corpus.video).name.replace(".mp4", ".latents.safetensors"),
+                                                      "vaecli-batch.jsonl"], "any")
+    if kind == "config":
+        path = folder / "c.toml"
+        path.write_bytes(rng.choice([junk, b'name = "x"\n' + junk, b'ch = "\xff"\n', b"ch = 99999999999999999999\n"]))
+        command = rng.choice(["plan", "encode"])
+        args = [command, str(corpus.video), "--config", str(path)]
+        if command == "encode":
+            args += ["-m", model, "-o", str(folder / "z.latents.safetensors"), "-q"]
+        return Case("text", "config of random bytes", folder, args, ["z.latents.safetensors"], "any")
+    option = rng.choice(["--out-dir", "-o", "--manifest", "--scratch", "--report"])
+    value = rng.choice(["", " ", "\t"])
+    command = {"--report": "roundtrip", "--scratch": "decode"}.get(option, rng.choice(["encode", "decode"]))
+    source = str(corpus.latents if command == "decode" else corpus.video)
+    args = [command, source, "-m", model, option, value, "-q"]
+    if command == "roundtrip":
+        args += ["-o", str(folder / "r.mp4")]
+    return Case("text", f"{command} {option} {value!r}", folder, args, ["r.mp4"], "any")
+
+
 def make_case(i: int, rng: random.Random, corpus: Corpus, root: Path) -> Case:
     folder = root / f"case{i:05d}"
     folder.mkdir(parents=True)
     model = str(corpus.model)
-    family = rng.choice(["latents", "latents", "checkpoint", "media", "media", "options", "outputs", "wan"])
+    family = rng.choice(["latents", "latents", "checkpoint", "media", "media", "options", "outputs", "wan", "text"])
     if family == "wan":
         return wan_case(rng, corpus, folder)
+    if family == "text":
+        return text_case(rng, corpus, folder)
     if family == "latents":
         what, data = mutate_latents(rng, corpus)
         path = folder / "in.latents.safetensors"
@@ -623,7 +718,7 @@ def _left_behind(case: Case, before: set[str], succeeded: bool) -> str | None:
     after = _snapshot(case.folder)
     new = sorted(after - before)
     allowed = set(case.outputs) if succeeded else set()
-    patterns = [re.compile(re.escape(a).replace("%04d", r"\d+").replace("%d", r"\d+")) for a in allowed if "%" in a]
+    patterns = [re.compile(re.sub(r"%0?\d*d", lambda _: r"\d+", re.escape(a))) for a in allowed if "%" in a]
     stray = [n for n in new if n.split("/")[0] not in allowed
              and not any(p.fullmatch(n.split("/")[-1]) for p in patterns)]
     changed = [n for n in before if not (case.folder / n).exists() and not os.path.islink(case.folder / n)]

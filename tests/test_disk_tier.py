@@ -106,21 +106,23 @@ def plan_at(model, lat, scratch, mib: int) -> dict | None:
 
 @pytest.fixture(scope="module")
 def ceiling(clip):
-    """The smallest --max-memory (MiB) at which a plan fits: there the plan keeps the clip on disk (a disk plan
-    holds one piece's work, a resident one the clip's activation besides). Searched through `vaecli plan`."""
+    """A --max-memory (MiB) at which the plan keeps the clip on disk: the figure a refusal names is the smallest
+    plan's, and with a scratch folder that is a disk plan (it holds one piece's work; a resident plan holds the
+    clip's activation besides)."""
+    import re
+
     folder, model, lat = clip
     scratch = folder / "probe"
     scratch.mkdir(exist_ok=True)
-    lo, hi = 64, 4096  # hi fits
-    while lo < hi:
-        mid = (lo + hi) // 2
-        found = plan_at(model, lat, scratch, mid)
-        lo, hi = (lo, mid) if found and found["fits"] else (mid + 1, hi)
-    plan = plan_at(model, lat, scratch, lo)
+    refused = runner.invoke(app, ["plan", str(lat), "-m", str(model), "--max-memory", "1MiB", "--scratch",
+                                  str(scratch)])
+    need = re.search(r"needs about (\d+) MiB", refused.stderr)
+    assert refused.exit_code == 1 and need, refused.stderr
+    plan = plan_at(model, lat, scratch, int(need.group(1)))
     assert plan["fits"] and plan["exact"] and plan["disk_bytes"] > 0 and plan["pieces"]["disk"], plan
     bigger = plan_at(model, lat, scratch, 4096)
     assert bigger["disk_bytes"] == 0 and not (bigger["pieces"] or {}).get("disk")  # memory first
-    return f"{lo}MiB", plan
+    return f"{need.group(1)}MiB", plan
 
 
 def pngs(folder):
@@ -206,17 +208,23 @@ def test_free_space_is_checked_before_any_work(clip, ceiling, tmp_path, monkeypa
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     ceiling, plan = ceiling
-    from vaecli.pipeline import runner as pipeline_runner
+    from vaecli.pipeline import planner
 
-    monkeypatch.setattr(pipeline_runner, "scratch_space", lambda folder: plan["disk_bytes"] - 1)
+    calls = []
+
+    def shrinking(folder):  # enough while planning, then the disk fills before the run starts
+        calls.append(folder)
+        return 1 << 50 if len(calls) == 1 else plan["disk_bytes"]
+
+    monkeypatch.setattr(planner, "free_bytes", shrinking)
     started = []
     monkeypatch.setattr(Scratch, "__init__", lambda self, parent: started.append(parent))
     res = runner.invoke(app, ["decode", str(lat), "-m", str(model), "-o", str(tmp_path / "x.mp4"), "--max-memory",
                               ceiling, "--scratch", str(scratch)])
-    assert res.exit_code == 1 and started == []
+    assert res.exit_code == 1 and started == [] and len(calls) == 2
     assert "needs" in res.output and "free" in res.output and "--scratch" in res.output
     with pytest.raises(OutputError):
-        pipeline_runner.check_scratch(planning.Plan("decode", "cpu", "fp32", None, "stream", 1, 0, 0, 0, 0,
+        planner.check_scratch(planning.Plan("decode", "cpu", "fp32", None, "stream", 1, 0, 0, 0, 0,
                                                     disk_bytes=plan["disk_bytes"], scratch=str(scratch)))
 
 

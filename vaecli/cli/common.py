@@ -21,7 +21,7 @@ from typer.core import TyperGroup
 from vaecli._version import __version__
 from vaecli.errors import InputError, UsageError, VaecliError, printable
 from vaecli.ops.validate import path_text
-from vaecli.pipeline.batch import load_model
+from vaecli.pipeline.batch import Interrupted, load_model
 
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # Typer vendors Click (pinned in pyproject)
 
@@ -57,14 +57,16 @@ class Group(TyperGroup):
 app = typer.Typer(
     name="vaecli",
     cls=Group,
-    help="Encode videos into latents and decode latents into videos with the SVD temporal VAE.",
+    help="Encode videos into latents and decode latents into videos with video VAEs (SVD, Wan 2.1/2.2), exactly "
+         "and in bounded memory.",
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     rich_markup_mode=None,  # Click's plain help: flags without a `<bool>` type column
     pretty_exceptions_enable=False,
 )
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print results as JSON on stdout: one object per line, one per input of a batch.")]
 ConfigOpt = Annotated[Optional[str], typer.Option(
     "--config", help="Named config (svd-vae, sd-vae, sdxl-vae) or TOML file for what shapes cannot tell.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
@@ -77,25 +79,32 @@ DtypeOpt = Annotated[str, typer.Option(help="auto (CUDA: bf16; CPU: fp32 to enco
                                              "native bf16, else fp32), fp32, fp16 or bf16 (both stages).")]
 AttentionOpt = Annotated[str, typer.Option(help="auto, math, sdpa, split, sub-quadratic or xformers.")]
 OutOpt = Annotated[Optional[str], typer.Option("-o", "--out", help="Output file (one input only).")]
-OutDirOpt = Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for the outputs of many inputs.")]
-ManifestOpt = Annotated[Optional[Path], typer.Option(help="A file listing inputs, one path per line.")]
+OutDirOpt = Annotated[Optional[str], typer.Option("--out-dir", help="Folder for the outputs of many inputs.")]
+ManifestOpt = Annotated[Optional[str], typer.Option(help="A file listing inputs, one path per line.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 SkipOpt = Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose output exists (resume a batch).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary on stderr.")]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
     help="Memory ceiling, weights included (512MiB, 8GiB); default: what is free on CUDA, 40% of the "
          "available memory on CPU.")]
+MAX_COUNT = 10_000_000  # frames, strides, windows: the largest count an option takes (checked by Typer)
 ChunkOpt = Annotated[Optional[int], typer.Option(
-    help="Force approximate windows of N frames (0 = one clip; default: an exact plan).")]
+    min=0, max=MAX_COUNT, help="Force approximate windows of N frames (0 = one clip; default: an exact plan).")]
 OverlapOpt = Annotated[Optional[int], typer.Option(
-    help="Frames shared by forced windows, cross-faded (0 = hard cuts as sgm's decoding_t).")]
+    min=0, max=MAX_COUNT, help="Frames shared by forced windows, cross-faded (0 = hard cuts as sgm's decoding_t).")]
 TileOpt = Annotated[Optional[int], typer.Option(
-    help="Force exact streaming in square tiles of N latent pixels (default: planned).")]
-ScratchOpt = Annotated[Optional[Path], typer.Option(
-    "--scratch", file_okay=False, help="Folder for scratch files when a clip's activation fits nowhere in memory "
+    min=1, max=65536, help="Force exact streaming in square tiles of N latent pixels (default: planned).")]
+FramesOpt = Annotated[Optional[int], typer.Option(
+    "--frames", min=1, max=MAX_COUNT, help="How many frames to take (default: all).")]
+StartOpt = Annotated[int, typer.Option(min=0, max=MAX_COUNT, help="First source frame to take.")]
+StrideOpt = Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Take every K-th frame.")]
+BatchOpt = Annotated[Optional[int], typer.Option(
+    min=1, max=1024, help="Frames per encoder call, 1-1024 (default: planned).")]
+ScratchOpt = Annotated[Optional[str], typer.Option(
+    "--scratch", help="Folder for scratch files when a clip's activation fits nowhere in memory "
                                        "(default: beside the output).")]
 MaxPixelsOpt = Annotated[int, typer.Option(
-    min=1, show_default=False,
+    min=1, max=1 << 36, show_default=False,
     help="Refuse frames of more pixels than this (decompression bombs); default 8192x8192.")]
 
 
@@ -114,6 +123,11 @@ def handle_errors(command):
     def wrapper(ctx: typer.Context, *args, **kwargs):
         try:
             return command(ctx, *args, **kwargs)
+        except Interrupted:  # the batch said what it did
+            raise typer.Exit(130) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; nothing partial was left behind", err=True)
+            raise typer.Exit(130) from None
         except VaecliError as e:
             if _debug(ctx):
                 traceback.print_exc()
@@ -203,13 +217,23 @@ def check_batch_flags(skip_existing: bool, overwrite: bool) -> None:
         raise UsageError("--skip-existing and --overwrite contradict each other; pass one of them")
 
 
-def check_scratch_dir(folder: Path | None) -> Path | None:
+def given_path(text: str | None, option: str) -> Path | None:
+    """A path option as given: None when absent; an empty one is refused (Path("") would be the working folder)."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise UsageError(f"{option} is empty; name a file or folder")
+    return Path(text)
+
+
+def check_scratch_dir(text: str | None) -> Path | None:
     """--scratch: an existing folder this process can write to."""
     import os
 
+    folder = given_path(text, "--scratch")
     if folder is None:
         return None
-    if str(folder) == "" or not folder.is_dir():
+    if not folder.is_dir():
         raise UsageError(f"--scratch {printable(folder)}: not a folder; create it or choose another")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"--scratch {printable(folder)}: cannot write there; choose another folder")

@@ -9,13 +9,14 @@ import typer
 
 from vaecli.cli.common import (AttentionOpt, ChunkOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxMemoryOpt,
                                MaxPixelsOpt, ModelOpt, OverlapOpt, RevisionOpt, ScratchOpt, TileOpt, app,
+                               BatchOpt, StartOpt, StrideOpt, given_path,
                                check_scratch_dir, check_windows, file_kind, handle_errors, model_path, model_source,
                                plan_model, print_result)
 from vaecli.errors import printable
 from vaecli.ops.validate import DEFAULT_MAX_PIXELS, path_text
 
 
-@app.command()
+@app.command(short_help="Describe a video, latent file or checkpoint.")
 @handle_errors
 def info(
     ctx: typer.Context,
@@ -77,13 +78,13 @@ def info(
     print_result(result, as_json, human)
 
 
-@app.command()
+@app.command(short_help="Convert a VAE checkpoint between layouts.")
 @handle_errors
 def convert(
     ctx: typer.Context,
     checkpoint: Annotated[str, typer.Argument(
         help="Any supported checkpoint (full SVD file, ComfyUI, diffusers folder, ORG/REPO, vaecli-small).")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output .safetensors file (or folder for diffusers).")],
+    out: Annotated[str, typer.Option("-o", "--out", help="Output .safetensors file (or folder for diffusers).")],
     to: Annotated[str, typer.Option("--to", help="Target layout: sgm (ComfyUI/standalone SVD/SD) or diffusers; "
                                                      "original or diffusers for a Wan VAE (default: sgm, or original for Wan).")] = "",
     revision: RevisionOpt = None,
@@ -95,7 +96,7 @@ def convert(
     """Convert a VAE between layouts; extracts the VAE from a full SVD checkpoint."""
     from vaecli.model.checkpoint import convert_checkpoint
 
-    written = convert_checkpoint(model_path(checkpoint, revision), out, to=to, dtype=dtype, overwrite=overwrite,
+    written = convert_checkpoint(model_path(checkpoint, revision), given_path(out, "-o"), to=to, dtype=dtype, overwrite=overwrite,
                                  config=config)
     print_result({"input": str(checkpoint), "output": str(written), "layout": to or "default", "dtype": dtype},
                   as_json, [str(written)])
@@ -104,15 +105,15 @@ def convert(
 # ------------------------------------------------------------------------------------------ encode / decode
 
 
-@app.command()
+@app.command(short_help="Show the memory plan that encode/decode will run.")
 @handle_errors
 def plan(
     ctx: typer.Context,
     input: Annotated[str, typer.Argument(help="A video (plans encode and decode) or a latent file (decode).")],
     frames: Annotated[Optional[int], typer.Option("--frames", min=1, max=10_000_000,
                                                   help="Plan for this many frames.")] = None,
-    start: Annotated[int, typer.Option(min=0, help="First source frame to take (video input).")] = 0,
-    stride: Annotated[int, typer.Option(min=1, help="Take every K-th frame (video input).")] = 1,
+    start: StartOpt = 0,
+    stride: StrideOpt = 1,
     max_memory: MaxMemoryOpt = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
@@ -123,7 +124,7 @@ def plan(
     overlap: OverlapOpt = None,
     tile: TileOpt = None,
     scratch: ScratchOpt = None,
-    batch: Annotated[Optional[int], typer.Option(min=1, help="Force the encode batch size.")] = None,
+    batch: BatchOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",

@@ -11,6 +11,7 @@ import typer
 from vaecli.cli.common import (AttentionOpt, ChunkOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, ManifestOpt,
                                MaxMemoryOpt, MaxPixelsOpt, ModelOpt, OutDirOpt, OutOpt, OverlapOpt, OverwriteOpt,
                                QuietOpt, RevisionOpt, ScratchOpt, SkipOpt, TileOpt, app, check_batch_flags,
+                               BatchOpt, FramesOpt, MAX_COUNT, StartOpt, StrideOpt, given_path,
                                check_scratch_dir, check_windows, handle_errors, model_source, print_result)
 from vaecli.errors import UsageError, VaecliError
 from vaecli.ops.device import dtype_name
@@ -30,7 +31,7 @@ def check_choice(option: str, value: str | None, choices: tuple[str, ...]) -> No
         raise UsageError(f"{option} takes {' or '.join(choices)}, not {value!r}")
 
 
-@app.command()
+@app.command(short_help="Encode videos into latent files.")
 @handle_errors
 def encode(
     ctx: typer.Context,
@@ -41,16 +42,16 @@ def encode(
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     config: ConfigOpt = None,
-    start: Annotated[int, typer.Option(help="First source frame to take.")] = 0,
-    frames: Annotated[Optional[int], typer.Option("--frames", help="How many frames to take (default: all).")] = None,
-    stride: Annotated[int, typer.Option(help="Take every K-th frame.")] = 1,
+    start: StartOpt = 0,
+    frames: FramesOpt = None,
+    stride: StrideOpt = 1,
     size: Annotated[Optional[str], typer.Option(help="Resize frames to WxH first.")] = None,
     fit: Annotated[str, typer.Option(help="Sizes not multiple of 8: pad (reflect), crop or resize.")] = "pad",
     sample: Annotated[bool, typer.Option("--sample",
                                          help="Sample the posterior instead of taking its mode.")] = False,
     seed: Annotated[Optional[int], typer.Option(
-        min=0, help="Seed for --sample (per frame, independent of batching; default 0).")] = None,
-    batch: Annotated[Optional[int], typer.Option(help="Frames per encoder call (default: planned).")] = None,
+        min=0, max=2**63 - 1, help="Seed for --sample (per frame, independent of batching; default 0).")] = None,
+    batch: BatchOpt = None,
     max_memory: MaxMemoryOpt = None,
     save_moments: Annotated[bool, typer.Option("--save-moments",
                                                help="Also store the posterior mean and logvar.")] = False,
@@ -104,13 +105,14 @@ def encode(
     work = Worker(model_source(model, revision), config, device, dtype, attention, progress,
                    lambda m, item, target, guard: encode_file(m, item, target, opts, progress, guard=guard),
                    stage="encode")
-    code = run_batch(read_inputs(inputs, manifest), out, out_dir, latents_name, work, skip_existing=skip_existing,
+    code = run_batch(read_inputs(inputs, given_path(manifest, "--manifest")), out, given_path(out_dir, "--out-dir"),
+                     latents_name, work, skip_existing=skip_existing,
                      as_json=as_json, progress=progress, verb="encode")
     if code:
         raise typer.Exit(code)
 
 
-@app.command()
+@app.command(short_help="Decode latent files into videos.")
 @handle_errors
 def decode(
     ctx: typer.Context,
@@ -177,13 +179,14 @@ def decode(
     work = Worker(model_source(model, revision), config, device, dtype, attention, progress,
                    lambda m, item, target, guard: decode_file(m, Path(item), target, opts, progress,
                                                                 guard=guard), stage="decode")
-    code = run_batch(read_inputs(inputs, manifest), out, out_dir, decoded_name(fmt), work,
+    code = run_batch(read_inputs(inputs, given_path(manifest, "--manifest")), out, given_path(out_dir, "--out-dir"),
+                     decoded_name(fmt), work,
                      skip_existing=skip_existing, as_json=as_json, progress=progress, verb="decode")
     if code:
         raise typer.Exit(code)
 
 
-@app.command()
+@app.command(short_help="Encode and decode a video; print PSNR, SSIM, flicker.")
 @handle_errors
 def roundtrip(
     ctx: typer.Context,
@@ -193,9 +196,9 @@ def roundtrip(
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     config: ConfigOpt = None,
-    start: Annotated[int, typer.Option(help="First source frame to take.")] = 0,
-    frames: Annotated[Optional[int], typer.Option("--frames", help="How many frames to take.")] = None,
-    stride: Annotated[int, typer.Option(help="Take every K-th frame.")] = 1,
+    start: StartOpt = 0,
+    frames: FramesOpt = None,
+    stride: StrideOpt = 1,
     fit: Annotated[str, typer.Option(help="pad, crop or resize.")] = "pad",
     frames_fit: FramesFitOpt = None,
     chunk: ChunkOpt = None,
@@ -203,7 +206,8 @@ def roundtrip(
     tile: TileOpt = None,
     max_memory: MaxMemoryOpt = None,
     scratch: ScratchOpt = None,
-    clip_frames: Annotated[Optional[int], typer.Option(help="Report metrics per clip of N frames (default: all).")] = None,
+    clip_frames: Annotated[Optional[int], typer.Option(
+        min=1, max=MAX_COUNT, help="Report metrics per clip of N frames (default: all).")] = None,
     crf: Annotated[int, typer.Option(min=0, max=63, help="Quality of the written video (H.264 0-51, VP9 0-63).")] = 18,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     dtype: DtypeOpt = "auto",
@@ -228,6 +232,7 @@ def roundtrip(
 
     check_windows(chunk, overlap, tile)
     check_choice("--frames-fit", frames_fit, FRAMES_FIT)
+    given_path(out, "-o")
     budget = parse_bytes(max_memory)
     video = output_kind(out, None)[1]
     if report is not None and not report.name.endswith(".json"):
@@ -270,12 +275,12 @@ def roundtrip(
     print_result(result, as_json, human)
 
 
-@app.command()
+@app.command(short_help="Encode and decode a sample clip with the bundled model.")
 @handle_errors
 def demo(
     ctx: typer.Context,
-    out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Folder for the demo's files.")] = Path("vaecli-demo"),
-    frames: Annotated[int, typer.Option("--frames", help="Frames of the sample clip.")] = 16,
+    out_dir: Annotated[str, typer.Option("--out-dir", "-o", help="Folder for the demo's files.")] = "vaecli-demo",
+    frames: Annotated[int, typer.Option("--frames", min=2, max=10_000, help="Frames of the sample clip.")] = 16,
     size: Annotated[str, typer.Option(help="Size of the sample clip, WxH.")] = "192x128",
     model: ModelOpt = None,
     revision: RevisionOpt = None,
@@ -303,6 +308,7 @@ def demo(
     from vaecli.pipeline.synthetic import synthetic_clip
     from vaecli.pipeline.video_io import FrameSource, VideoWriter
 
+    out_dir = given_path(out_dir, "--out-dir")
     width, height = parse_size(size)
     if frames < 2:
         raise UsageError("--frames must be at least 2")

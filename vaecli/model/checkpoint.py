@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -19,11 +21,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vaecli._version import __version__
-from vaecli.errors import CheckpointError, InputError, UsageError, printable
+from vaecli.errors import CheckpointError, InputError, OutputError, UsageError, printable
 from vaecli.model.family import Checkpoint, Codec, detect
 from vaecli.ops.attention import AttentionBackend, resolve_attention
-from vaecli.ops.device import parse_device, parse_dtype
-from vaecli.ops.files import atomic_output
+from vaecli.ops.device import choose_dtype, parse_device, parse_dtype, slow_half_warning
+from vaecli.ops.files import atomic_output, write_error
 from vaecli.ops.validate import FLOAT_DTYPES, number, parse_json, regular_file, safetensors_header
 
 BUNDLED_MODEL = "vaecli-small.safetensors"
@@ -163,14 +165,18 @@ def load_vae(source: str | os.PathLike | None = None, *, device: str | torch.dev
              config=None) -> torch.nn.Module:
     """Load a VAE from a safetensors checkpoint (any supported layout), or the bundled model when `source` is None.
 
-    device: "cpu", "cuda", "cuda:N" or "auto"; dtype: torch dtype or "fp32"/"fp16"/"bf16" (tensors of any
+    device: "cpu", "cuda", "cuda:N" or "auto"; dtype: torch dtype, "fp32"/"fp16"/"bf16" or "auto" (bf16 on
+    CUDA, fp32 on CPU; a half dtype on a CPU that only emulates it warns) (tensors of any
     float dtype in the file are converted); attention: a backend name, "auto", or an AttentionBackend (the
     model's default; encode/decode take another per call); config: a named config, a TOML path or a config
     value, for what shapes cannot tell (e.g. "sdxl-vae"). Returns the family's plain module in eval mode
     (`vae.config` and `vae.attention` say what was built).
     """
     device = parse_device(device)
-    dtype = parse_dtype(dtype)
+    dtype = choose_dtype(dtype, device, "encode")[0]  # "auto": bf16 on CUDA, fp32 on CPU (encode-safe)
+    slow = slow_half_warning(dtype, device)
+    if slow is not None:
+        warnings.warn(slow.replace("--dtype auto", 'dtype="auto"'), stacklevel=2)
     backend = attention if isinstance(attention, AttentionBackend) else resolve_attention(attention, device, dtype)
     ckpt = read_checkpoint(bundled_model_path() if source is None else source, config)
     return ckpt.family.module(ckpt, device=device, dtype=dtype, attention=backend)
@@ -194,11 +200,18 @@ def write_checkpoint(state: dict[str, torch.Tensor], metadata: dict[str, str], o
         raise UsageError(f"{out}: the output of --to {layout} must end in .safetensors")
     owned = {DIFFUSERS_FILES[0], "config.json"}
     with atomic_output(out, overwrite, kind="folder" if folder else "file", owns=owned.__contains__) as tmp:
-        if folder:
-            save_file(state, str(tmp / DIFFUSERS_FILES[0]), metadata=metadata)
-            (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n", encoding="utf-8")
-        else:
-            save_file(state, str(tmp), metadata=metadata)
+        try:
+            if folder:
+                save_file(state, str(tmp / DIFFUSERS_FILES[0]), metadata=metadata)
+                (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n", encoding="utf-8")
+            else:
+                save_file(state, str(tmp), metadata=metadata)
+        except OSError as e:  # a full disk: the temporary goes, nothing partial is left
+            raise write_error(out, e) from None
+        except SafetensorError as e:  # safetensors reports the OS error inside its own: "... (os error 28)"
+            code = re.search(r"os error (\d+)", str(e))
+            reason = os.strerror(int(code.group(1))) if code else printable(e)
+            raise OutputError(f"{out}: write failed ({reason})") from None
     return out
 
 

@@ -59,6 +59,8 @@ def pattern_regex(pattern: str) -> re.Pattern:
     match = re.fullmatch(r"(?P<pre>[^%]*)%(?P<width>0?\d*)d(?P<post>[^%]*)", pattern)
     if match is None:
         raise OutputError(f"{pattern}: a frame pattern needs exactly one %d (like frame_%05d.png) and no other %")
+    if len(match["width"].lstrip("0")) > 2:  # "%999999999999d" would make names of a trillion characters
+        raise OutputError(f"{pattern}: a frame pattern's width is at most 99 digits (like frame_%05d.png)")
     return re.compile(re.escape(match["pre"]) + r"\d+" + re.escape(match["post"]))
 
 

@@ -31,6 +31,7 @@ MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 MAX_DIM = 1 << 40
 DEFAULT_MAX_PIXELS = 8192 * 8192  # per frame; --max-pixels raises it
 MAX_FPS = Fraction(10_000)
+MIN_FPS = Fraction(1, 100)  # one frame per 100 s: GIF delays (16-bit centiseconds) and MP4 time bases hold it
 
 
 def path_text(text: str | os.PathLike, what: str = "path") -> str:
@@ -137,13 +138,13 @@ def safetensors_header(path: Path, error: type[InputError] = InputError) -> tupl
 
 
 def fps(text: object, where: str, field: str = "fps") -> Fraction:
-    """A frame rate from metadata ("30000/1001", "24", "29.97"): finite, positive, at most MAX_FPS."""
+    """A frame rate from metadata ("30000/1001", "24", "29.97"): in [MIN_FPS, MAX_FPS] = [0.01, 10000]."""
     try:
         value = Fraction(str(text)).limit_denominator(1_000_000)
     except (ValueError, ZeroDivisionError, OverflowError):
         raise InputError(f"{where}: {field} {printable(text)!r} is not a frame rate") from None
-    if not 0 < value <= MAX_FPS:
-        raise InputError(f"{where}: {field} {printable(text)!r} is out of range (0, {MAX_FPS}]")
+    if not MIN_FPS <= value <= MAX_FPS:
+        raise InputError(f"{where}: {field} {printable(text)!r} is out of range [{float(MIN_FPS):g}, {MAX_FPS}]")
     return value
 
 

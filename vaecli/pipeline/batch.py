@@ -16,7 +16,7 @@ from typing import Callable
 
 from vaecli.errors import InputError, OutputError, UsageError, VaecliError, printable
 from vaecli.model.family import Codec
-from vaecli.ops.device import choose_dtype, dtype_name, parse_device
+from vaecli.ops.device import choose_dtype, dtype_name, parse_device, slow_half_warning
 from vaecli.ops.validate import path_text
 from vaecli.pipeline.distributed import Workers, by_size, under_torchrun
 from vaecli.pipeline.precision import PrecisionGuard
@@ -34,6 +34,9 @@ def load_model(source: str | None, config: str | None, device: str, dtype: str, 
         progress.stage(f"loading model {Path(source).name if source else 'vaecli-small'}")
     dev = parse_device(device)
     chosen, why = choose_dtype(dtype, dev, stage)
+    slow = slow_half_warning(chosen, dev)
+    if slow is not None and progress is not None:
+        progress.note(f"vaecli: warning: {slow}")
     codec = load_codec(source, device=dev, dtype=chosen, attention=attention, config=config)
     codec.dtype_reason = why
     return codec
@@ -86,6 +89,9 @@ def read_inputs(items: list[str] | None, manifest: Path | None) -> list[str]:
             lines = manifest.read_text(encoding="utf-8").splitlines()
         except OSError as e:
             raise UsageError(f"cannot read manifest {manifest}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"manifest {manifest} is not UTF-8 text (byte {e.start}); write one path per line "
+                             "in UTF-8") from None
         for line in lines:
             text = line.strip()
             if not text or text.startswith("#"):
@@ -126,6 +132,8 @@ def targets_of(inputs: list[str], out: Path | str | None, out_dir: Path | None,
                default_name: Callable[[Path], str]) -> Callable[[str], Path | str]:
     """The output of each input (checked before any work: -o takes one input; two inputs may not share one
     output). `out` is kept as given (a str keeps the trailing "/" that asks decode for a PNG folder)."""
+    if out is not None and not str(out).strip():
+        raise UsageError("-o is empty; name the output file (or folder/)")
     if out is not None and len(inputs) > 1:
         raise UsageError(f"-o takes one input, {len(inputs)} were given; use --out-dir")
     for where in (out, out_dir):
@@ -148,6 +156,10 @@ def targets_of(inputs: list[str], out: Path | str | None, out_dir: Path | None,
                              f"{printable(target_of(item))}; give them different --out-dir folders or names")
         seen[key] = item
     return target_of
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a batch, after its line was printed (the CLI exits 130)."""
 
 
 def run_batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, default_name, worker: Worker, *,
@@ -179,6 +191,12 @@ def run_batch(inputs: list[str], out: Path | str | None, out_dir: Path | None, d
                 progress.result(json.dumps(result, sort_keys=True))
             elif outcome != "failed":
                 progress.result(printable(result["output"]))
+    except KeyboardInterrupt:  # Ctrl-C: say so and what was done (even with --quiet), then exit 130
+        progress.close()
+        progress.error(f"interrupted: {verb} {stats['done']} done, {stats['skipped']} skipped, {stats['failed']} "
+                       f"failed of {len(inputs)} in {time.perf_counter() - started:.1f} s; nothing partial was "
+                       "left behind" + ("; rerun with --skip-existing to go on" if len(inputs) > 1 else ""))
+        raise Interrupted() from None
     finally:
         progress.close()
     stats["seconds"] = round(time.perf_counter() - started, 3)

@@ -108,7 +108,10 @@ class LatentFileWriter:
         each tensor 5-D as (1, C, T, h, w) (ComfyUI's and diffusers' layout of video latents), not (T, C, h, w)."""
         header, offset = {}, 0
         for n in self.names:
-            self.files[n].flush()
+            try:
+                self.files[n].flush()  # a full disk shows here first: buffered chunks are written now
+            except OSError as e:
+                raise write_error(self.beside, e) from None
             size = self.paths[n].stat().st_size
             t, c, h, w = self.shapes[n]
             shape = [1, c, t, h, w] if video else [t, c, h, w]
@@ -143,10 +146,20 @@ class LatentFileWriter:
         del data
 
     def close(self) -> None:
-        for f in self.files.values():
-            f.close()
-        for p in self.paths.values():
-            remove(p)
+        """Close and remove the side files, all of them even when closing one fails (a full disk shows when
+        buffered data is flushed), then report that failure."""
+        failed = None
+        try:
+            for f in self.files.values():
+                try:
+                    f.close()
+                except OSError as e:
+                    failed = failed or e
+        finally:
+            for p in self.paths.values():
+                remove(p)
+        if failed is not None:
+            raise write_error(self.beside, failed) from None
 
 
 @dataclass(frozen=True)

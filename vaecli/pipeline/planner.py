@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vaecli.errors import OutOfMemory, UsageError
+from vaecli.errors import OutOfMemory, OutputError, UsageError
 from vaecli.model.family import Codec
 from vaecli.model.plan import Budget, Plan, format_bytes
 from vaecli.ops.device import free_memory
@@ -72,6 +72,14 @@ def scratch_space(folder: str | Path) -> int:
     return max(0, int(free * (1 - DISK_MARGIN)) - (1 << 30))
 
 
+def check_scratch(plan: Plan) -> None:
+    """Before any work: a plan that keeps the clip on disk still finds its scratch space free."""
+    if plan.disk_bytes and scratch_space(plan.scratch) < plan.disk_bytes:
+        raise OutputError(f"scratch folder {plan.scratch}: the exact plan keeps the clip on disk and needs "
+                          f"{format_bytes(plan.disk_bytes)} free (and a margin); free space there or give "
+                          "--scratch DIR on a larger disk")
+
+
 def budget_for(codec: Codec, max_memory: int | None, scratch: str | Path | None = None) -> Budget:
     """The activation budget of a job on the codec's device: the default share of the free memory, or within the
     ceiling `max_memory` (weights and, on CPU, the runtime included). A model built for plans only (not resident)
@@ -83,7 +91,8 @@ def budget_for(codec: Codec, max_memory: int | None, scratch: str | Path | None 
         free -= codec.weights_bytes()
     available = free if max_memory is None else min(free, max_memory - overhead_bytes(codec))
     disk = None if scratch is None else scratch_space(scratch)
-    return Budget(device, max(0, available), host_memory(device), disk, None if scratch is None else str(scratch))
+    folder = None if scratch is None else str(Path(scratch).absolute())
+    return Budget(device, max(0, available), host_memory(device), disk, folder)
 
 
 def enforce_max_memory(device: torch.device, max_memory: int | None) -> None:
@@ -106,13 +115,21 @@ def needed_ceiling(plan: Plan) -> int:
 
 
 def check_ceiling(codec: Codec, plan: Plan, max_memory: int | None) -> Plan:
-    """On CPU a `--max-memory` ceiling that even the smallest plan exceeds is refused before any work: going over
-    it would break the promise, and running out there is a SIGKILL (on CUDA torch's memory fraction enforces it).
-    The figure named is one the same command then accepts."""
-    if max_memory is not None and plan.device == "cpu" and not plan.fits:
+    """On CPU a plan that does not fit is refused before any work — under a `--max-memory` ceiling, or the default
+    budget: going over would break the promise, and running out there is a SIGKILL that nothing catches (on CUDA
+    torch's memory fraction enforces a ceiling and an out-of-memory is recovered from). The figure named is one
+    the same command then accepts as --max-memory."""
+    if plan.device != "cpu" or plan.fits:
+        return plan
+    need = needed_ceiling(plan) >> 20  # whole MiB, rounded up
+    if max_memory is not None:
         raise OutOfMemory(f"--max-memory {format_bytes(max_memory)} is too small: the smallest plan needs about "
-                          f"{needed_ceiling(plan) >> 20} MiB; raise it to that or more")  # whole MiB, rounded up
-    return plan
+                          f"{need} MiB; raise it to that or more")
+    what = "frames" if plan.stage == "encode" else "latents"
+    raise OutOfMemory(f"the {plan.stage} of these {what} needs about {need} MiB, more than the "
+                      f"{format_bytes(plan.budget_bytes)} vaecli plans within on this CPU ({int(CPU_SHARE * 100)}% of "
+                      f"the available memory); use smaller frames (--size), or --max-memory {need}MiB if that much "
+                      "is really free")
 
 
 def decode_plan(codec: Codec, frames: int, latent_hw: tuple[int, int], *, max_memory: int | None = None,
@@ -123,7 +140,8 @@ def decode_plan(codec: Codec, frames: int, latent_hw: tuple[int, int], *, max_me
     scratch: the folder where a clip that fits nowhere in memory may be kept on disk."""
     if budget is not None:
         if scratch is not None and budget.scratch is None:
-            budget = dataclasses.replace(budget, disk_bytes=scratch_space(scratch), scratch=str(scratch))
+            budget = dataclasses.replace(budget, disk_bytes=scratch_space(scratch),
+                                         scratch=str(Path(scratch).absolute()))
         return with_runtime(codec, codec.plan_decode(frames, latent_hw, budget, attention=attention))
     plan = codec.plan_decode(frames, latent_hw, budget_for(codec, max_memory, scratch), attention=attention,
                              chunk=chunk, overlap=overlap, tile=tile)

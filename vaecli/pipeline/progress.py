@@ -9,6 +9,7 @@ fallbacks, out-of-memory re-plans) are printed unless `--quiet`, and results on 
 from __future__ import annotations
 
 import sys
+import threading
 
 from tqdm import tqdm
 
@@ -25,6 +26,7 @@ class Progress:
         self.notes = notes
         self._files: tqdm | None = None
         self._line: tqdm | None = None
+        self._ticker: _Ticker | None = None
         self._counts = {"done": 0, "skipped": 0, "failed": 0}
 
     @classmethod
@@ -43,10 +45,16 @@ class Progress:
                           position=self._depth(), dynamic_ncols=True)
 
     def frames(self, total: int | None, desc: str) -> tqdm:
-        """A per-frame bar on the work line (replaces the stage); a disabled bar when bars are off."""
+        """A per-frame bar on the work line (replaces the stage); a disabled bar when bars are off.
+
+        Minutes can pass between two frames (a streamed decode computes every layer of the clip before the first
+        frame comes out), so the bar is redrawn every second meanwhile (the elapsed time ticks) and its ETA is
+        the average rate so far (smoothing 0), not the rate of the last burst of frames."""
         self._close_line()
         self._line = tqdm(total=total, desc=desc, unit="frame", file=sys.stderr, leave=False, disable=not self.bars,
-                          position=self._depth(), dynamic_ncols=True, mininterval=0.1, smoothing=0.1)
+                          position=self._depth(), dynamic_ncols=True, mininterval=0.1, smoothing=0)
+        if self.bars:
+            self._ticker = _Ticker(self._line)
         return self._line
 
     # ----------------------------------------------------------------------------------- batches of files
@@ -96,7 +104,30 @@ class Progress:
         return 1 if self._files is not None else 0
 
     def _close_line(self) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
+            self._ticker = None
         if self._line is not None:
             self._line.close()
             self._line = None
+
+
+class _Ticker:
+    """Redraws a bar every `interval` seconds from a daemon thread until stopped (or the bar is closed)."""
+
+    def __init__(self, bar: tqdm, interval: float = 1.0):
+        self.bar, self.interval = bar, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vaecli-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.bar.disable:  # closed
+                return
+            self.bar.refresh()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * self.interval)
 

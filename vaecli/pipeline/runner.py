@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from vaecli.errors import InputError, OutOfMemory, OutputError, UsageError, printable
+from vaecli.errors import InputError, OutOfMemory, UsageError, printable
 from vaecli.model.family import Codec
 from vaecli.model.plan import Budget, Plan, format_bytes
 from vaecli.model.posterior import DiagonalGaussian
@@ -31,7 +31,7 @@ from vaecli.pipeline.chunking import WindowBlender, windows
 from vaecli.pipeline.frames import Geometry, from_model, plan_geometry, to_model
 from vaecli.pipeline.latents_io import LatentFile, LatentFileWriter, comfy_path, latent_metadata, open_latents
 from vaecli.pipeline.outputs import PNG_PATTERN, latents_output, output_kind
-from vaecli.pipeline.planner import decode_plan, encode_plan, enforce_max_memory, host_memory, scratch_space
+from vaecli.pipeline.planner import check_scratch, decode_plan, encode_plan, enforce_max_memory, host_memory
 from vaecli.pipeline.precision import PrecisionGuard
 from vaecli.pipeline.progress import Progress
 from vaecli.pipeline.threads import BackgroundWriter, background
@@ -253,12 +253,16 @@ def _encode_run(job: EncodeJob, out: Path, outputs, plan: Plan, progress: Progre
             if comfy is not None:
                 # ComfyUI's .latent: raw `latent_tensor` plus an empty `latent_format_version_0`
                 comfy.finish(temps[1], {"format": "pt"}, empty=("latent_format_version_0",), video=codec.video_latents)
-    finally:
+    finally:  # every side file goes, even when closing one fails (a full disk)
         bar.close()
-        writer.close()
-        if comfy is not None:
-            comfy.close()
-        frames.close()
+        try:
+            writer.close()
+        finally:
+            try:
+                if comfy is not None:
+                    comfy.close()
+            finally:
+                frames.close()
     f = codec.spatial_factor
     shape = [latent_count, codec.latent_channels, geometry.processed[1] // f, geometry.processed[0] // f]
     return {"input": spec, "output": str(out), "outputs": [str(o.path) for o in outputs], "frames": len(indices),
@@ -432,6 +436,10 @@ def decode_file(model: Codec, latents_path: Path, out: Path | str, opts: DecodeO
 
     def run(plan: Plan) -> dict:
         check_scratch(plan)
+        if not plan.exact:  # said on stderr, not only in --json: the frames will differ from the exact decode
+            why = "forced by --chunk" if opts.chunk is not None else "nothing exact fits (see `vaecli plan`)"
+            progress.note(f"vaecli: note: {name}: APPROXIMATE decode in windows of {plan.chunk_frames} frames "
+                          f"overlapping by {plan.overlap}, cross-faded; {why}")
         how = {"one-clip": "one clip", "stream": "streamed", "windows": f"windows of {plan.chunk_frames}"}
         bar = progress.frames(job.frames, f"decode {name} ({how.get(plan.strategy, plan.strategy)})")
         with atomic_outputs([target], opts.overwrite) as (tmp,):
@@ -463,14 +471,6 @@ def decode_file(model: Codec, latents_path: Path, out: Path | str, opts: DecodeO
     result["precision_fallbacks"] = guard.take_events()
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result
-
-
-def check_scratch(plan: Plan) -> None:
-    """Before any work: a plan that keeps the clip on disk still finds its scratch space free."""
-    if plan.disk_bytes and scratch_space(plan.scratch) < plan.disk_bytes:
-        raise OutputError(f"scratch folder {plan.scratch}: the exact plan keeps the clip on disk and needs "
-                          f"{format_bytes(plan.disk_bytes)} free (and a margin); free space there or give "
-                          "--scratch DIR on a larger disk")
 
 
 def decode_frames(model: Codec, lf: LatentFile, plan: Plan, geometry, guard: PrecisionGuard | None = None,

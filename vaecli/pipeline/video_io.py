@@ -28,16 +28,27 @@ DEFAULT_IMAGE_FPS = Fraction(24)
 FORMATS = ("mp4", "webm", "gif", "png")
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
-    """Any imageio array (H, W), (H, W, 1|3|4) -> uint8 (H, W, 3)."""
+def _rgb(image: np.ndarray, where: str = "image") -> np.ndarray:
+    """Any imageio array (H, W), (H, W, 1|3|4) -> uint8 (H, W, 3); other layouts are refused with one line."""
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 2, 3, 4)) or image.dtype == bool:
+        raise InputError(f"{where}: decoded to an array of shape {list(image.shape)}, not one picture of 1-4 "
+                         "channels; convert it to PNG frames or a video")
     if image.ndim == 2:
         image = image[:, :, None]
     if image.dtype != np.uint8:
         image = (image.astype(np.float64) / np.iinfo(image.dtype).max * 255).round().astype(np.uint8) \
             if np.issubdtype(image.dtype, np.integer) else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
+    if image.shape[2] <= 2:  # gray, gray + alpha
+        image = np.repeat(image[:, :, :1], 3, axis=2)
     return np.ascontiguousarray(image[:, :, :3])
+
+
+def image_frames(name: str) -> int:
+    """How many frames an image file holds (multi-page TIFF, animated PNG or WebP: more than 1), from its header."""
+    from PIL import Image
+
+    with pillow_limits(printable(name)), Image.open(name) as image:
+        return int(getattr(image, "n_frames", 1) or 1)
 
 
 @dataclass(frozen=True)
@@ -115,12 +126,23 @@ class FrameSource:
             regular_file(path)  # a FIFO or device would block the reader forever
             if path.suffix.lower() == ".gif":
                 self.kind, self.images = "gif", [str(path)]
-            elif path.suffix.lower() in IMAGE_SUFFIXES:
+            elif path.suffix.lower() in IMAGE_SUFFIXES:  # an animated one (APNG, multi-page TIFF) is a clip
                 self.kind, self.images = "image", [str(path)]
+                if self._frames_in(str(path)) > 1:
+                    self.kind = "gif"
             else:
                 self.kind, self.images = "video", []
         self.name = path.name if self.kind != "images" or path.is_dir() else Path(self.images[0]).parent.name
         self.fps, self.count, self.codec = self._probe()
+
+    def _animated(self) -> str:
+        return "GIF" if self.images[0].lower().endswith(".gif") else "animated image"
+
+    def _frames_in(self, name: str) -> int:
+        try:
+            return image_frames(name)
+        except DECODER_ERRORS as e:
+            raise InputError(f"{printable(name)}: unreadable image ({printable(e)})") from None
 
     def _probe(self) -> tuple[Fraction, int | None, str]:
         if self.kind == "images":
@@ -136,7 +158,7 @@ class FrameSource:
                     duration = image.info.get("duration") or 0
                     count = getattr(image, "n_frames", 1)
             except DECODER_ERRORS as e:
-                raise InputError(f"{printable(self.spec)}: unreadable GIF ({printable(e)})") from None
+                raise InputError(f"{printable(self.spec)}: unreadable {self._animated()} ({printable(e)})") from None
             fps = Fraction(1000, int(duration)) if isinstance(duration, (int, float)) and duration >= 1 else Fraction(10)
             return fps, count, "gif"
         with self._open() as container:
@@ -199,8 +221,11 @@ class FrameSource:
                 regular_file(name)
                 try:
                     pixels(*image_size(name), printable(name), self.max_pixels)
+                    if self.kind == "images" and self._frames_in(name) > 1:
+                        raise InputError(f"{printable(name)}: an image of {image_frames(name)} frames in a sequence "
+                                         "of images; give it as an input of its own (its frames are a clip)")
                     with pillow_limits(printable(name)):
-                        image = _rgb(iio.imread(name))
+                        image = _rgb(iio.imread(name, plugin="pillow"), printable(name))
                 except InputError:
                     raise
                 except DECODER_ERRORS as e:
@@ -210,7 +235,7 @@ class FrameSource:
         if self.kind == "gif":
             import imageio.v3 as iio
 
-            frames = iio.imiter(self.images[0])
+            frames = iio.imiter(self.images[0], plugin="pillow")
             index = 0
             while True:
                 try:
@@ -218,9 +243,9 @@ class FrameSource:
                         image = next(frames, None)
                     if image is None:
                         return
-                    image = _rgb(image) if selection.wants(index) else None
+                    image = _rgb(image, printable(self.spec)) if selection.wants(index) else None
                 except DECODER_ERRORS as e:
-                    raise InputError(f"{printable(self.spec)}: unreadable GIF ({printable(e)})") from None
+                    raise InputError(f"{printable(self.spec)}: unreadable {self._animated()} ({printable(e)})") from None
                 if image is not None:
                     yield index, image
                 index += 1
@@ -309,32 +334,32 @@ class VideoWriter:
 
 
 class GifWriter:
-    """Animated GIF through imageio/Pillow (palette per frame, looping). Frame delays are whole centiseconds,
-    so the frame rate is rounded; Pillow keeps the frames until `close()`, so GIF suits short clips."""
+    """Animated GIF through Pillow (palette per frame, looping). Frame delays are whole centiseconds, so the
+    frame rate is rounded; the frames are kept until `close()` writes the file, so GIF suits short clips."""
 
     def __init__(self, path: str | os.PathLike, fps: Fraction):
-        import imageio.v3 as iio
-
         self.path, self.delay_ms = path, 1000 / float(fps)
-        try:
-            self.file = iio.imopen(str(path), "w", extension=".gif", plugin="pillow")
-        except OSError as e:
-            raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+        self.frames: list = []
 
     def write(self, image: np.ndarray) -> None:
-        try:
-            self.file.write(image, duration=self.delay_ms, loop=0)
-        except OSError as e:
-            raise write_error(self.path, e) from None
+        from PIL import Image
+
+        self.frames.append(Image.fromarray(image))
 
     def close(self) -> None:
+        if not self.frames:
+            raise OutputError(f"{self.path}: no frames to write")
+        first, rest = self.frames[0], self.frames[1:]
         try:
-            self.file.close()
+            with open(self.path, "wb") as f:
+                first.save(f, format="GIF", save_all=True, append_images=rest, duration=self.delay_ms, loop=0)
         except OSError as e:
             raise write_error(self.path, e) from None
+        finally:
+            self.frames = []
 
     def abort(self) -> None:
-        pass
+        self.frames = []
 
 
 class PngWriter:

@@ -131,6 +131,8 @@ def load_config(name_or_path: str) -> VAEConfig:
             raise UsageError(f"cannot read config {name_or_path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"config {name_or_path} is not valid TOML: {e}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"config {name_or_path} is not UTF-8 text (a TOML file is)") from None
         data.setdefault("name", name_or_path.rsplit("/", 1)[-1][: -len(".toml")])
         return VAEConfig.from_dict(data)
     configs = named_configs()

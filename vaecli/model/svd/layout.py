@@ -23,6 +23,7 @@ from vaecli.model.checkpoint import DIFFUSERS_FILES, read_tensors, write_checkpo
 from vaecli.model.svd import keymap
 from vaecli.model.svd.config import VAEConfig, load_config, named_configs
 from vaecli.model.svd.vae import VAE
+from vaecli.ops import validate
 from vaecli.ops.attention import AttentionBackend
 
 PREFIXES = ("first_stage_model.", "vae.", "")
@@ -89,6 +90,8 @@ def read_state(path: Path, layout: Layout, header: dict, metadata: dict[str, str
     state = {k: v[:, :, None, None] if keymap.is_attention_weight(k) and v.ndim == 2 else v for k, v in state.items()}
     stem = path.parent.name if path.name in DIFFUSERS_FILES else path.stem
     scaling = config_json.get("scaling_factor")
+    if scaling is not None:  # config.json is the user's file: a number in a sane range, or refused
+        scaling = validate.number(scaling, f"{path.parent / 'config.json'}", "scaling_factor", 1e-6, 1e6)
     inferred = infer_config(state, _base_config(config, metadata), name=stem,
                             scaling_factor=scaling)
     dtypes = tuple(sorted({str(header[n]["dtype"]) for n in names}))
@@ -121,10 +124,15 @@ def infer_config(state: dict[str, torch.Tensor], base: VAEConfig | None = None, 
     architecture), else from the first named config with that architecture (and `scaling_factor`, e.g. from a
     diffusers config.json, when given), else defaults.
     """
-    def shape(key: str) -> tuple[int, ...]:
+    def shape(key: str, dims: int = 4) -> tuple[int, ...]:
+        """The shape of a convolution's weight (4-D, or 5-D for a temporal one), checked before it is read."""
         if key not in state:
             raise CheckpointError(f"the VAE has no tensor {key!r}; the file is incomplete or not a supported VAE")
-        return tuple(state[key].shape)
+        found = tuple(state[key].shape)
+        if len(found) != dims or 0 in found:
+            raise CheckpointError(f"tensor {key!r} has shape {list(found)}, not that of a {dims}-D convolution "
+                                  "weight; the tensors' shapes disagree (the file is damaged or not a supported VAE)")
+        return found
 
     ch, in_channels = shape("encoder.conv_in.weight")[:2]
     levels = keymap.count_levels(state, "encoder.down.")
@@ -156,7 +164,7 @@ def infer_config(state: dict[str, torch.Tensor], base: VAEConfig | None = None, 
     kernel = (3, 1, 1)
     for key in state:
         if key.endswith("time_stack.in_layers.2.weight") or key == "decoder.conv_out.time_mix_conv.weight":
-            kernel = tuple(state[key].shape[2:])
+            kernel = shape(key, 5)[2:]
             break
     found = VAEConfig(
         name=name,

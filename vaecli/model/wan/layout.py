@@ -198,7 +198,7 @@ def read_state(path: Path, layout: Layout, header: dict, config_json: dict):
     if layout.naming == "diffusers":
         raw = _from_diffusers(raw)
     shapes = {k: tuple(v.shape) for k, v in raw.items()}
-    z_dim = shapes.get("conv2.weight", (16,))[0]
+    z_dim = _conv_shape(shapes, "conv2.weight")[0] if "conv2.weight" in shapes else 16
     mean, std = _stats(config_json, z_dim) if layout.naming == "diffusers" else (None, None)
     config = infer_config(shapes, stem, mean, std)
     return raw, config, tuple(sorted({str(header[n]["dtype"]) for n in names}))
