@@ -125,14 +125,26 @@ def ceiling(clip):
     return f"{need.group(1)}MiB", plan
 
 
+@pytest.fixture
+def scratch(tmp_path):
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    return folder
+
+
+def decode_on_disk(clip, ceiling, out, scratch):
+    """`vaecli decode` of the clip's latents to `out` at the ceiling where the plan keeps the clip on disk."""
+    folder, model, lat = clip
+    return runner.invoke(app, ["decode", str(lat), "-m", str(model), "-o", str(out), "--max-memory", ceiling[0],
+                               "--scratch", str(scratch)])
+
+
 def pngs(folder):
     return [np.asarray(Image.open(p)).astype(int) for p in sorted(folder.glob("*.png"))]
 
 
-def test_cli_decode_on_disk_gives_the_one_clip_frames_and_cleans_up(clip, ceiling, tmp_path):
+def test_cli_decode_on_disk_gives_the_one_clip_frames_and_cleans_up(clip, ceiling, scratch, tmp_path):
     folder, model, lat = clip
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
     ceiling, plan = ceiling
     ref = runner.invoke(app, ["decode", str(lat), "-m", str(model), "-o", f"{tmp_path}/ref/", "--format", "png",
                               "--chunk", "0"])
@@ -151,11 +163,7 @@ def test_cli_decode_on_disk_gives_the_one_clip_frames_and_cleans_up(clip, ceilin
     assert bad.exit_code == 2 and "--scratch" in bad.output and "not a folder" in bad.output
 
 
-def test_a_failed_or_killed_run_leaves_no_scratch_behind(clip, ceiling, tmp_path, monkeypatch):
-    folder, model, lat = clip
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    ceiling, _ = ceiling
+def test_a_failed_or_killed_run_leaves_no_scratch_behind(clip, ceiling, scratch, tmp_path, monkeypatch):
     stale = scratch / ".vaecli-scratch.vaecli-999999999-abc123.scratch"  # a killed run's (no such process)
     stale.mkdir()
     (stale / "0.frame").write_bytes(b"\0" * 64)
@@ -174,18 +182,13 @@ def test_a_failed_or_killed_run_leaves_no_scratch_behind(clip, ceiling, tmp_path
         return real(self, store, block, alpha)
 
     monkeypatch.setattr(streaming.Streamer, "time_stack", failing)
-    res = runner.invoke(app, ["decode", str(lat), "-m", str(model), "-o", str(tmp_path / "x.mp4"), "--max-memory",
-                              ceiling, "--scratch", str(scratch)])
+    res = decode_on_disk(clip, ceiling, tmp_path / "x.mp4", scratch)
     assert res.exit_code != 0 and len(calls) == 2 and "injected" in str(res.exception)
     assert leftovers(scratch) == [live.name]  # the stale folder swept, this run's removed on the failure
     assert not (tmp_path / "x.mp4").exists() and leftovers(tmp_path) == []
 
 
-def test_a_full_scratch_disk_is_one_line_and_leaves_nothing(clip, ceiling, tmp_path, monkeypatch):
-    folder, model, lat = clip
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    ceiling, _ = ceiling
+def test_a_full_scratch_disk_is_one_line_and_leaves_nothing(clip, ceiling, scratch, tmp_path, monkeypatch):
     made = []
 
     def full(fd, offset, length):
@@ -194,8 +197,7 @@ def test_a_full_scratch_disk_is_one_line_and_leaves_nothing(clip, ceiling, tmp_p
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(scratch_mod.os, "posix_fallocate", full)
-    res = runner.invoke(app, ["decode", str(lat), "-m", str(model), "-o", str(tmp_path / "x.mp4"), "--max-memory",
-                              ceiling, "--scratch", str(scratch)])
+    res = decode_on_disk(clip, ceiling, tmp_path / "x.mp4", scratch)
     assert res.exit_code == 1 and len(made) == 6
     line = [x for x in res.output.splitlines() if x.startswith("error:")]
     assert len(line) == 1 and "No space left on device" in line[0] and "--scratch" in line[0], res.output
@@ -203,13 +205,10 @@ def test_a_full_scratch_disk_is_one_line_and_leaves_nothing(clip, ceiling, tmp_p
     assert leftovers(scratch) == [] and not (tmp_path / "x.mp4").exists()
 
 
-def test_free_space_is_checked_before_any_work(clip, ceiling, tmp_path, monkeypatch):
-    folder, model, lat = clip
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    ceiling, plan = ceiling
+def test_free_space_is_checked_before_any_work(clip, ceiling, scratch, tmp_path, monkeypatch):
     from vaecli.pipeline import planner
 
+    plan = ceiling[1]
     calls = []
 
     def shrinking(folder):  # enough while planning, then the disk fills before the run starts
@@ -219,13 +218,12 @@ def test_free_space_is_checked_before_any_work(clip, ceiling, tmp_path, monkeypa
     monkeypatch.setattr(planner, "free_bytes", shrinking)
     started = []
     monkeypatch.setattr(Scratch, "__init__", lambda self, parent: started.append(parent))
-    res = runner.invoke(app, ["decode", str(lat), "-m", str(model), "-o", str(tmp_path / "x.mp4"), "--max-memory",
-                              ceiling, "--scratch", str(scratch)])
+    res = decode_on_disk(clip, ceiling, tmp_path / "x.mp4", scratch)
     assert res.exit_code == 1 and started == [] and len(calls) == 2
     assert "needs" in res.output and "free" in res.output and "--scratch" in res.output
     with pytest.raises(OutputError):
         planner.check_scratch(planning.Plan("decode", "cpu", "fp32", None, "stream", 1, 0, 0, 0, 0,
-                                                    disk_bytes=plan["disk_bytes"], scratch=str(scratch)))
+                                            disk_bytes=plan["disk_bytes"], scratch=str(scratch)))
 
 
 def test_planned_disk_space_fits_the_folder(tmp_path, monkeypatch):
