@@ -137,6 +137,11 @@ def test_checkpoints_whose_shapes_disagree(corpus, tmp_path):
         path = tmp_path / "bad.safetensors"
         save_file(state, str(path))
         one_error(runner.invoke(app, ["info", str(path)]), 1, key)
+    state = dict(corpus.state)
+    state["encoder.mid.block_1.norm2.weight"] = torch.zeros(())  # a 0-D tensor reached the weights' hash
+    save_file(state, str(tmp_path / "scalar.safetensors"))
+    one_error(runner.invoke(app, ["decode", str(corpus.latents), "-m", str(tmp_path / "scalar.safetensors"), "-o",
+                                  str(tmp_path / "o.mp4"), "--allow-model-mismatch"]), 1, "norm2.weight")
     wan = dict(corpus.wan_state)
     wan["model.conv2.weight"] = torch.zeros(())
     save_file(wan, str(tmp_path / "wan.safetensors"))

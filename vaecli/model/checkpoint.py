@@ -146,7 +146,7 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for key, tensor in sorted(state.items()):
         h.update(key.encode())
-        h.update(tensor.detach().to("cpu", torch.float16).contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().to("cpu", torch.float16).reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -122,6 +122,10 @@ def check_ceiling(codec: Codec, plan: Plan, max_memory: int | None) -> Plan:
     if plan.device != "cpu" or plan.fits:
         return plan
     need = needed_ceiling(plan) >> 20  # whole MiB, rounded up
+    free = free_memory(torch.device("cpu"))
+    if (need << 20) > free:  # no ceiling can make it fit on this machine
+        raise OutOfMemory(f"the {plan.stage} needs about {need} MiB, more than this machine has available "
+                          f"({format_bytes(free)}); use smaller frames (--size)")
     if max_memory is not None:
         raise OutOfMemory(f"--max-memory {format_bytes(max_memory)} is too small: the smallest plan needs about "
                           f"{need} MiB; raise it to that or more")
