@@ -148,6 +148,16 @@ def test_checkpoints_whose_shapes_disagree(corpus, tmp_path):
     one_error(runner.invoke(app, ["info", str(tmp_path / "wan.safetensors")]), 1, "conv2.weight")
 
 
+def test_convert_of_a_checkpoint_missing_a_tensor_names_it(corpus, tmp_path):
+    state = dict(corpus.state)
+    del state["encoder.conv_out.weight"]  # found by scripts/fuzz.py --seed 2: a KeyError in the conversion
+    save_file(state, str(tmp_path / "vae.safetensors"))
+    for to in ("diffusers", "sgm"):
+        one_error(runner.invoke(app, ["convert", str(tmp_path / "vae.safetensors"), "-o",
+                                      str(tmp_path / f"c_{to}.safetensors"), "--to", to]), 1, "missing")
+    assert stray(tmp_path) == ["vae.safetensors"]
+
+
 def test_metadata_of_the_wrong_type(corpus, tmp_path):
     folder = tmp_path / "vae"
     res = runner.invoke(app, ["convert", str(corpus.model), "-o", str(folder), "--to", "diffusers"])

@@ -25,3 +25,13 @@ def test_named_configs_are_installed():
     assert {"svd-vae", "sd-vae", "sdxl-vae"} <= set(configs)
     assert configs["svd-vae"].time_mode == "conv-only" and not configs["svd-vae"].quant_conv
     assert configs["sd-vae"].post_quant_conv and configs["sdxl-vae"].scaling_factor == 0.13025
+
+
+def test_every_package_is_installed():
+    """A non-editable install ships only the packages pyproject lists: every folder of vaecli/ with an
+    __init__.py must be among them (vaecli.model.wan once was not)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "vaecli").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

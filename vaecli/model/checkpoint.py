@@ -14,7 +14,7 @@ import os
 import re
 import warnings
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -98,16 +98,40 @@ def read_header(path: Path) -> tuple[dict, dict[str, str]]:
     return header, metadata
 
 
+class InMemory(PurePosixPath):
+    """The weights of a loaded module (a diffusers VAE in a pipeline) standing in for a checkpoint file, so the
+    families read them as they read files: named `<name>/diffusion_pytorch_model.safetensors`; `state` holds the
+    module's tensors (its parameters' storage, not copies)."""
+
+    state: dict[str, torch.Tensor]
+
+
+def module_checkpoint(module: torch.nn.Module, name: str = "pipeline-vae") -> Checkpoint:
+    """The checkpoint of a loaded diffusers VAE module: its tensors (shared, not copied) and `module.config` as the
+    config.json, read by the family whose keys they are."""
+    state = {k: v.detach() for k, v in module.state_dict().items()}
+    path = InMemory(name, DIFFUSERS_FILES[0])
+    path.state = state
+    dtypes = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    header = {k: {"dtype": dtypes.get(v.dtype, str(v.dtype)), "shape": list(v.shape)} for k, v in state.items()}
+    config_json = dict(getattr(module, "config", {}) or {})
+    family, layout = detect(header)
+    return family.read(path, layout, header, {}, config_json, None)
+
+
 def read_tensors(path: Path, header: dict, names: list[str], prefix: str = "") -> dict[str, torch.Tensor]:
     """The tensors `names` of a validated file (`read_header`), floating point and finite (else a CheckpointError
-    naming the tensor), keyed without `prefix`."""
+    naming the tensor), keyed without `prefix`; of an `InMemory` module, its own tensors."""
     bad = [n for n in names if header[n]["dtype"] not in FLOAT_DTYPES]
     if bad:
         raise CheckpointError(f"{printable(path)}: tensor {printable(bad[0])} is {header[bad[0]]['dtype']}; "
                               "VAE weights are floating point")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = {name[len(prefix):]: f.get_tensor(name) for name in names}
+        if isinstance(path, InMemory):
+            raw = {name[len(prefix):]: path.state[name] for name in names}
+        else:
+            with safe_open(str(path), framework="pt") as f:
+                raw = {name[len(prefix):]: f.get_tensor(name) for name in names}
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{printable(path)}: cannot read tensors ({printable(e)})") from None
     for name, tensor in raw.items():  # one pass, negligible next to reading the file

@@ -186,5 +186,6 @@ class SVDFamily(Family):
             from vaecli.errors import UsageError
 
             raise UsageError(f"--to must be sgm or diffusers for an SVD/SD VAE, not {to!r}")
+        svd_layout.check_state(ckpt.config, ckpt.state)  # a missing or misshapen tensor is named, not a KeyError
         state, new_config = svd_layout.to_layout(ckpt.state, ckpt.config, to)
         return svd_layout.save_checkpoint(state, new_config, out, layout=to, overwrite=overwrite, dtype=dtype)

@@ -213,8 +213,17 @@ def build_vae(config: VAEConfig, state: dict[str, torch.Tensor], *, device: torc
 
     Shapes are checked first so that a wrong tensor is named with both shapes.
     """
+    vae = check_state(config, state, attention)
+    loaded = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    vae.load_state_dict(loaded, strict=True, assign=True)
+    return vae.eval().requires_grad_(False)
+
+
+def check_state(config: VAEConfig, state: dict[str, torch.Tensor], attention: AttentionBackend | None = None) -> VAE:
+    """The model of `config` on the meta device, after checking that `state` holds exactly its tensors with its
+    shapes (a CheckpointError names the first that does not; also before a conversion)."""
     with torch.device("meta"):
-        vae = VAE(config, attention)
+        vae = VAE(config, attention or AttentionBackend("sdpa"))
     expected = vae.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -229,9 +238,7 @@ def build_vae(config: VAEConfig, state: dict[str, torch.Tensor], *, device: torc
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise CheckpointError(f"tensor {key} has shape {list(state[key].shape)}, "
                                   f"the model needs {list(tensor.shape)}")
-    loaded = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    vae.load_state_dict(loaded, strict=True, assign=True)
-    return vae.eval().requires_grad_(False)
+    return vae
 
 
 def _is_identity_quant(state: dict[str, torch.Tensor]) -> bool:

@@ -1,0 +1,1 @@
+"""vaecli where people already decode: inside diffusers pipelines (`vaecli.integrations.diffusers`)."""
