@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from vaecli.errors import UsageError
+from vaecli.integrations.common import codec_of, decode_clip, encode_clip
 from vaecli.model.checkpoint import module_checkpoint
-from vaecli.pipeline.planner import decode_plan, encode_plan, parse_bytes
+from vaecli.pipeline.planner import parse_bytes
 
 
 @dataclass
@@ -79,9 +80,7 @@ class _Runner:
         hook = getattr(self.vae, "_hf_hook", None)
         if hook is not None and hasattr(hook, "pre_forward"):
             hook.pre_forward(self.vae)
-        ckpt = module_checkpoint(self.vae)
-        param = next(self.vae.parameters())
-        return ckpt.family.build(ckpt, device=param.device, dtype=param.dtype, attention=self.attention)
+        return codec_of(self.vae, self.attention)
 
     def _done(self) -> None:
         hook = getattr(self.vae, "_hf_hook", None)
@@ -107,14 +106,7 @@ class _Runner:
         return DecoderOutput(sample=out) if return_dict else (out,)
 
     def _decode_clip(self, codec, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents (t, C, h, w) of one clip -> frames (n, 3, H, W), by an exact plan within the budget."""
-        plan = decode_plan(codec, z.shape[0], (z.shape[2], z.shape[3]), max_memory=self.max_memory,
-                           attention=self.attention)
-        self.calls.append(("decode", plan))
-        z = z.to(codec.device, codec.dtype)
-        clip: dict = {}  # a causal family's state, carried from step to step
-        return torch.cat([x for a, b in codec.decode_steps(plan, z.shape[0])
-                          for x in codec.decode(z[a:b], plan, clip=clip)])
+        return decode_clip(codec, z, self.max_memory, self.attention, self.calls)
 
     def encode(self, x: torch.Tensor, return_dict: bool = True, **kwargs):
         from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
@@ -134,17 +126,4 @@ class _Runner:
         return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
 
     def _encode_clip(self, codec, x: torch.Tensor) -> torch.Tensor:
-        """Frames (n, 3, H, W) of one clip -> moments (t, 2C, h, w), in the plan's batches (a causal family's
-        first batch is 1 + its batch size, the clip's state carried)."""
-        plan = encode_plan(codec, x.shape[0], (x.shape[2], x.shape[3]), max_memory=self.max_memory,
-                           attention=self.attention)
-        self.calls.append(("encode", plan))
-        x = x.to(codec.input_device(plan), codec.dtype)
-        size, first = plan.chunk_frames, plan.chunk_frames + (1 if codec.frame_rule.causal else 0)
-        clip: dict = {}
-        parts, a = [], 0
-        while a < x.shape[0]:
-            b = min(x.shape[0], a + (first if a == 0 else size))
-            parts.append(codec.moments(x[a:b], plan, clip))
-            a = b
-        return torch.cat(parts)
+        return encode_clip(codec, x, self.max_memory, self.attention, self.calls)

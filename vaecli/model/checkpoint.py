@@ -14,6 +14,7 @@ import os
 import re
 import warnings
 from importlib import resources
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -114,7 +115,8 @@ def module_checkpoint(module: torch.nn.Module, name: str = "pipeline-vae") -> Ch
     path.state = state
     dtypes = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
     header = {k: {"dtype": dtypes.get(v.dtype, str(v.dtype)), "shape": list(v.shape)} for k, v in state.items()}
-    config_json = dict(getattr(module, "config", {}) or {})
+    config = getattr(module, "config", None)  # diffusers: a FrozenDict (its config.json); others: not a mapping
+    config_json = dict(config) if isinstance(config, Mapping) else {}
     family, layout = detect(header)
     return family.read(path, layout, header, {}, config_json, None)
 
