@@ -86,7 +86,9 @@ def test_three_workers_each_input_once_claimed_dynamically_and_a_corrupt_file_fa
     assert sum(r["frames"] for r in summary["ranks"]) == sum(LENGTHS)
     long_rank = next(r["rank"] for r in results if r["input"].endswith("c0.mp4"))
     counts = {r["rank"]: r["done"] + r.get("failed", 0) for r in summary["ranks"]}
-    assert all(counts[long_rank] < n for rank, n in counts.items() if rank != long_rank), counts
+    # the worker busy with the long clip claims fewer inputs than the busiest other worker (a late-starting
+    # worker on 2 cores may claim as few as it does)
+    assert counts[long_rank] < max(n for rank, n in counts.items() if rank != long_rank), counts
     assert all(n >= 1 for n in counts.values()) and by_size(clips["inputs"])[0].endswith("c0.mp4")
     assert "error: " in stderr and "bad.mp4" in stderr
     same_as_reference(out, clips["ref"], clips["inputs"])
