@@ -4,16 +4,23 @@ and the prompt goes in as embeddings), run end to end with `output_type="np"` wi
 same frames. The SVD pipeline's image is encoded through vaecli too (`vae.encode`), then decoded as one clip."""
 
 import numpy as np
-import pytest
 import torch
 
 from helpers import diffusers_model, random_vae, tiny_config
 from vaecli.integrations.diffusers import use_vaecli
 
-pytest.importorskip("transformers")
-
 BOUND = 1e-4  # fp32 frames in [0, 1]
 FRAMES = 4
+
+
+def with_and_without(pipe, run):
+    """The pipeline's frames without vaecli, then through it: (without, with, the handle)."""
+    with torch.no_grad():
+        want = np.asarray(run(pipe))
+        with use_vaecli(pipe) as handle:
+            got = np.asarray(run(pipe))
+    assert want.std() > 0.01 and np.abs(got - want).max() <= BOUND
+    return want, got, handle
 
 
 def svd_pipeline():
@@ -49,12 +56,8 @@ def run_svd(pipe):
 
 def test_svd_pipeline_gives_the_same_frames_through_vaecli():
     pipe = svd_pipeline()
-    with torch.no_grad():
-        want = run_svd(pipe)
-        with use_vaecli(pipe) as handle:
-            got = run_svd(pipe)
-    assert np.asarray(want).shape == (1, FRAMES, 32, 32, 3) and np.asarray(want).std() > 0.01
-    assert np.abs(np.asarray(got) - np.asarray(want)).max() <= BOUND
+    want, got, handle = with_and_without(pipe, run_svd)
+    assert want.shape == got.shape == (1, FRAMES, 32, 32, 3)
     stages = [stage for stage, _ in handle.calls]
     assert stages == ["encode", "decode"]  # the image, then the whole clip in one exact decode
     assert handle.calls[1][1].exact and "decode" not in pipe.vae.__dict__
@@ -87,10 +90,6 @@ def run_wan(pipe):
 
 def test_wan_pipeline_gives_the_same_frames_through_vaecli():
     pipe = wan_pipeline()
-    with torch.no_grad():
-        want = run_wan(pipe)
-        with use_vaecli(pipe) as handle:
-            got = run_wan(pipe)
-    assert np.asarray(want).shape == (1, 9, 16, 16, 3) and np.asarray(want).std() > 0.01
-    assert np.abs(np.asarray(got) - np.asarray(want)).max() <= BOUND
+    want, got, handle = with_and_without(pipe, run_wan)
+    assert want.shape == got.shape == (1, 9, 16, 16, 3)
     assert [stage for stage, _ in handle.calls] == ["decode"] and handle.calls[0][1].exact

@@ -13,8 +13,8 @@ import json
 import os
 import re
 import warnings
-from importlib import resources
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path, PurePosixPath
 
 import torch
