@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import make_video, random_vae, randomise, tiny_config
+from vaecli.pipeline.record import RECORD_NAME
 
 CONFIG = tiny_config(ch_mult=(1, 1), num_res_blocks=2, name="fuzz")  # downscale 2: tiny and fast
 TIME_LIMIT = 30.0  # seconds per case: a hang fails the case
@@ -554,7 +555,9 @@ def text_case(rng: random.Random, corpus: Corpus, folder: Path) -> Case:
     model = str(corpus.model)
     if kind == "manifest":
         path = folder / "list.txt"
-        path.write_bytes(rng.choice([junk, str(corpus.video).encode() + b"\n" + junk, b"\xff\xfe" + junk]))
+        printable = "".join(rng.choice("%=C ./x\\\"'#") for _ in range(rng.randint(1, 12))).encode()
+        path.write_bytes(rng.choice([junk, str(corpus.video).encode() + b"\n" + junk, b"\xff\xfe" + junk,
+                                     printable, str(corpus.video).encode() + b"\n" + printable]))
         return Case("text", "manifest of random bytes", folder, ["encode", "--manifest", str(path), "-m", model,
                     "--out-dir", str(folder), "-q"], [Path(corpus.video).name.replace(".mp4", ".latents.safetensors"),
                                                       "vaecli-batch.jsonl"], "any")
@@ -710,6 +713,22 @@ def run_case(case: Case, time_limit: float = TIME_LIMIT) -> Outcome:
     return Outcome(case, result.exit_code, problem, seconds, err)
 
 
+def _done_outputs(path: Path) -> list[str] | str:
+    """The outputs a batch record says were done (a problem line when the record is torn or says done without
+    an output file)."""
+    done = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            return f"torn batch record line {line[:80]!r}"
+        if entry.get("status") == "done":
+            if not Path(entry.get("output", "")).exists():
+                return f"batch record says done, but {entry.get('output')!r} is missing"
+            done.append(entry["output"])
+    return done
+
+
 def _snapshot(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
@@ -718,6 +737,11 @@ def _left_behind(case: Case, before: set[str], succeeded: bool) -> str | None:
     after = _snapshot(case.folder)
     new = sorted(after - before)
     allowed = set(case.outputs) if succeeded else set()
+    if not succeeded and RECORD_NAME in new:  # a batch with failures keeps its record and the outputs it says done
+        done = _done_outputs(case.folder / RECORD_NAME)
+        if isinstance(done, str):
+            return done
+        allowed |= {RECORD_NAME} | {Path(o).name for o in done if Path(o).parent == case.folder}
     patterns = [re.compile(re.sub(r"%0?\d*d", lambda _: r"\d+", re.escape(a))) for a in allowed if "%" in a]
     stray = [n for n in new if n.split("/")[0] not in allowed
              and not any(p.fullmatch(n.split("/")[-1]) for p in patterns)]

@@ -32,3 +32,21 @@ def test_the_checker_can_fail(tmp_path, corpus):
     bad = fuzzcases.Case("test", "bad option", folder, ["decode", "--crf", "inf", "x"], [], "any")
     outcome = fuzzcases.run_case(bad)
     assert outcome.exit_code == 2 and outcome.problem is None and outcome.stderr.startswith("error: ")
+
+
+def test_a_batch_with_failures_keeps_its_record_and_done_outputs(tmp_path, corpus):
+    """A manifest naming a real clip and a missing one: exit 1, the clip's latents and the batch record kept (the
+    record says which failed); the checker accepts that, and still reports a record that claims a missing
+    output."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "list.txt").write_text(f"{corpus.video}\n%=C\n")
+    name = corpus.video.name.replace(".mp4", ".latents.safetensors")
+    case = fuzzcases.Case("text", "half-failing manifest", folder,
+                          ["encode", "--manifest", str(folder / "list.txt"), "-m", str(corpus.model),
+                           "--out-dir", str(folder), "-q"], [name], "any")
+    outcome = fuzzcases.run_case(case)
+    assert outcome.exit_code == 1 and outcome.problem is None, (outcome.problem, outcome.stderr)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["list.txt", name, "vaecli-batch.jsonl"])
+    (folder / name).unlink()
+    assert "missing" in fuzzcases._left_behind(case, {"list.txt"}, False)
