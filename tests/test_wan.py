@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import AutoencoderKLWan
 
 from vaecli.model.wan.config import WanConfig
 from vaecli.model.wan.keymap import original_to_diffusers
 from vaecli.model.wan.modules import WanVAE
 
 from helpers import randomise
-
-diffusers = pytest.importorskip("diffusers")
 
 CONFIGS = {
     # the tiny oracle of ../shared/reference/video-vaes.md
@@ -34,7 +33,6 @@ CONFIGS = {
 
 def pair(config: WanConfig, seed: int = 0):
     """(vaecli's WanVAE, diffusers' AutoencoderKLWan) with the same random weights."""
-    from diffusers import AutoencoderKLWan
 
     from vaecli.model.wan.layout import diffusers_config
 
