@@ -173,13 +173,13 @@ def test_a_failed_or_killed_run_leaves_no_scratch_behind(clip, ceiling, scratch,
 
     real, calls = streaming.Streamer.time_stack, []
 
-    def failing(self, store, block, alpha):
+    def failing(self, store, block, *args):
         if not isinstance(self.scratch, Scratch):  # the planner's counting runs
-            return real(self, store, block, alpha)
+            return real(self, store, block, *args)
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("injected failure mid-decode")
-        return real(self, store, block, alpha)
+        return real(self, store, block, *args)
 
     monkeypatch.setattr(streaming.Streamer, "time_stack", failing)
     res = decode_on_disk(clip, ceiling, tmp_path / "x.mp4", scratch)

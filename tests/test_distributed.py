@@ -65,9 +65,9 @@ def same_as_reference(out: Path, ref: Path, names) -> None:
 
 
 def test_three_workers_each_input_once_claimed_dynamically_and_a_corrupt_file_fails_alone(clips, tmp_path):
-    """Every input exactly once over three ranks; the long clip is claimed first (largest first) and, while one
-    worker encodes it, the others take the short ones: that worker does fewer files than any other, and every
-    rank works (one torchrun run serves both checks: each costs a dozen seconds on two cores)."""
+    """Every input exactly once over three ranks, claimed largest first, each result bit-identical to one
+    process's, and a corrupt file fails alone (one torchrun run serves these checks: each costs a dozen seconds
+    on two cores). How many inputs each rank claims is left to timing."""
     out = tmp_path / "out"
     out.mkdir()
     inputs = clips["inputs"] + [str(clips["root"] / "bad.mp4")]
@@ -86,10 +86,10 @@ def test_three_workers_each_input_once_claimed_dynamically_and_a_corrupt_file_fa
     assert sum(r["frames"] for r in summary["ranks"]) == sum(LENGTHS)
     long_rank = next(r["rank"] for r in results if r["input"].endswith("c0.mp4"))
     counts = {r["rank"]: r["done"] + r.get("failed", 0) for r in summary["ranks"]}
-    # the worker busy with the long clip claims fewer inputs than the busiest other worker (a late-starting
-    # worker on 2 cores may claim as few as it does)
-    assert counts[long_rank] < max(n for rank, n in counts.items() if rank != long_rank), counts
-    assert all(n >= 1 for n in counts.values()) and by_size(clips["inputs"])[0].endswith("c0.mp4")
+    # how many inputs each worker claims depends on when the workers start, which on 2 busy cores varies (a late
+    # worker may claim none): the counts add up, and the largest input is the first in the claiming order
+    assert sum(counts.values()) == len(inputs) and long_rank in counts, counts
+    assert by_size(clips["inputs"])[0].endswith("c0.mp4")
     assert "error: " in stderr and "bad.mp4" in stderr
     same_as_reference(out, clips["ref"], clips["inputs"])
     assert not [p for p in os.listdir(out) if p.startswith(".")]  # nothing partial
@@ -201,3 +201,19 @@ def test_decode_under_torchrun(clips, tmp_path):
     results = [json.loads(line) for line in stdout.splitlines()]
     assert sorted(r["input"] for r in results if "input" in r) == latent_files
     assert sorted(os.listdir(out)) == sorted([f"c{i}.decoded.webm" for i in range(len(LENGTHS))] + [RECORD_NAME])
+
+
+def test_claims_hand_out_each_index_once_to_whichever_worker_asks():
+    """Dynamic claiming without timing: two workers share one store; while one holds index 0 (the largest input,
+    busy), the other takes every later index as it asks; each index goes to exactly one worker, in order."""
+    import torch.distributed as dist
+
+    from vaecli.pipeline.distributed import Workers
+
+    store = dist.HashStore()
+    busy, free = (Workers(rank, 2, rank, "run", 0, store) for rank in (0, 1))
+    first = busy.claims(5)
+    assert next(first) == 0  # worker 0 is now encoding the largest input
+    assert list(free.claims(5)) == [1, 2, 3, 4]  # worker 1 takes the rest meanwhile
+    assert list(first) == []  # nothing is left when worker 0 asks again
+    assert list(Workers(0, 2, 0, "run", 1, store).claims(2)) == [0, 1]  # a restarted attempt counts afresh

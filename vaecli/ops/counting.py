@@ -354,7 +354,7 @@ class Sym:
                 device, dtype = a.device, a.dtype
         if device.type == self.device.type and device.index is None:
             device = self.device
-        if dtype == self.dtype and device == self.device:
+        if dtype == self.dtype and device == self.device and not kwargs.get("copy"):
             return self
         fmt = kwargs.get("memory_format")
         cl = self.channels_last() if fmt in (None, torch.preserve_format) else fmt == CL

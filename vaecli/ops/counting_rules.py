@@ -117,6 +117,7 @@ def _layers(m: Counting) -> dict:
         F.linear: lambda x, w, b=None: m.new(tuple(x.shape[:-1]) + (w.shape[0],), x.dtype, x.device),
         F.conv2d: conv, F.conv3d: conv, torch.conv2d: conv, torch.conv3d: conv,
         F.group_norm: lambda x, groups, weight=None, bias=None, eps=1e-5: x._like(),
+        F.batch_norm: lambda x, *a, **kw: x._like(),
         F.layer_norm: lambda x, shape, weight=None, bias=None, eps=1e-5: x._like(),
         F.pad: pad, F.interpolate: interpolate,
         F.scaled_dot_product_attention: lambda q, k, v, *a, **kw: m.new(

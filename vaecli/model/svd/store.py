@@ -184,18 +184,19 @@ class Moments:
     def add(self, x: torch.Tensor, frame: int = 0) -> None:
         """x: a piece (n, C, h, w); for per-frame statistics its frames are frames frame..frame+n of the chunk.
 
-        Two passes over the piece in fp32: sums give each group's mean, then the squared deviations about it."""
+        Two passes over one fp32 copy of the piece: sums give each group's mean, then the squared deviations
+        about it, computed in place in the copy."""
         n, c, h, w = x.shape
         g = self.groups
         per_group = c // g
-        pixels = x.float().permute(0, 2, 3, 1)  # (frame, h, w, C): a view for channels-last pieces
+        pixels = x.to(torch.float32, copy=True).permute(0, 2, 3, 1)  # (frame, h, w, C): a view for channels-last
         pixels = pixels.reshape(n, h * w, c) if self.per_frame else pixels.reshape(1, n * h * w, c)
         count = pixels.shape[1] * per_group
         sums = pixels.sum(dim=1)  # (rows, C)
         mean = sums.view(-1, g, per_group).sum(-1) / count  # (rows, G)
-        deviations = pixels - mean.repeat_interleave(per_group, dim=1)[:, None, :]
-        m2 = deviations.square_().sum(dim=1).view(-1, g, per_group).sum(-1)  # (rows, G)
-        del deviations
+        pixels.sub_(mean.repeat_interleave(per_group, dim=1)[:, None, :])  # deviations
+        m2 = pixels.square_().sum(dim=1).view(-1, g, per_group).sum(-1)  # (rows, G)
+        del pixels
         mean, m2 = mean.double(), m2.double()
         if self.per_frame:
             self._add_rows(frame, n, count, mean, m2)
@@ -243,8 +244,20 @@ def merge(n0: int, mean0: torch.Tensor, m2_0: torch.Tensor, n1: int, mean1: torc
 
 
 def affine_silu(x: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """silu(x·scale + shift) in fp32, returned in x's dtype, channels-last (a GroupNorm with given statistics)."""
+    """silu(x·scale + shift) in x's dtype, channels-last (a GroupNorm with given statistics, then SiLU).
+
+    One row of statistics (a temporal norm's, or one frame's): the affine is an inference-mode `batch_norm` with
+    zero mean and unit variance (one pass, computed in fp32 inside the kernel, about 3x faster on a CPU than an
+    fp32 round trip for bf16), then SiLU in place, as the one-clip GroupNorm and SiLU round. Several rows (a chunk of
+    frames, each with its own statistics): the affine in fp32, one rounding at the end."""
     scale, shift = affine
+    if scale.shape[0] == 1:
+        channels = scale.shape[1]
+        zero = torch.zeros(channels, dtype=scale.dtype, device=scale.device)
+        unit = torch.ones(channels, dtype=scale.dtype, device=scale.device)
+        y = F.batch_norm(x.contiguous(memory_format=CL), zero, unit, scale.view(channels), shift.view(channels),
+                         False, 0.0, 0.0)
+        return F.silu(y, inplace=True)
     y = torch.addcmul(shift, x, scale) if x.dtype == torch.float32 else torch.addcmul(shift, x.float(), scale)
     y = F.silu(y, inplace=True)
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -175,13 +175,17 @@ class Streamer:
 
     # -- per-frame stages --------------------------------------------------------------------------------------
 
-    def spatial(self, stages: list[Stage], store: FrameStore) -> FrameStore:
-        """Run consecutive per-frame stages over the clip, chunk by chunk; returns the new clip store.
+    def spatial(self, stages: list[Stage], store: FrameStore, norm: nn.GroupNorm | None = None
+                ) -> tuple[FrameStore, Moments | None]:
+        """Run consecutive per-frame stages over the clip, chunk by chunk; returns the new clip store and, when
+        `norm` (the next temporal stage's clip-wide GroupNorm) is given, that norm's statistics of it, gathered
+        from each chunk as it is computed (one pass over the stored clip fewer).
 
         Whole frames: the stages run as one chain on each chunk. Tiles: each stage runs tile by tile over the
         chunk (its output for the chunk kept where the clip is kept), with halos and whole-frame statistics."""
         out = self.store(len(store))
         chunks = self.chunks(len(store))
+        moments = None if norm is None else Moments(norm.num_groups, per_frame=False)
         shape, dtype = None, None  # a computed chunk's output, for the sampled chunks after it
         for k, (a, b) in enumerate(chunks):
             if shape is not None and not self.computed(k, chunks):  # sampled: allocate as computed, do not compute
@@ -199,6 +203,8 @@ class Streamer:
                 for stage in stages:
                     x = self.checked(stage.fn(x))
                 shape, dtype = x.shape[1:], x.dtype
+                for i in range(b - a) if moments is not None else ():  # a frame at a time: small fp32 temporaries
+                    moments.add(x[i:i + 1])
                 out.put(a, x)
                 del x
             else:
@@ -207,9 +213,12 @@ class Streamer:
                 for stage in stages:
                     part = self.tiled_stage(stage, part)
                 shape, dtype = part.shape(), part.dtype()
+                if moments is not None:
+                    for rows, cols, *_ in self.tiles(*shape[1:], self.pieces.tile):
+                        moments.add(part.read(0, b - a, rows, cols))
                 out.adopt(a, part)
                 del part
-        return out
+        return out, moments
 
     def computed(self, k: int, chunks: list[tuple[int, int]]) -> bool:
         """Whether chunk k of `chunks` is computed: always, except in sampled runs (see `sample_tiles`), which
@@ -331,10 +340,12 @@ class Streamer:
                 moments.add(store.read(a, b, rows, cols))
         return moments.affine(norm)
 
-    def time_stack(self, store: FrameStore, block: nn.Module, alpha_frames: torch.Tensor | None) -> None:
+    def time_stack(self, store: FrameStore, block: nn.Module, alpha_frames: torch.Tensor | None,
+                   carried: Moments | None = None) -> None:
         """A VideoResBlock's temporal half, in place: x + α·conv2(silu(norm2(conv1(silu(norm1(x)))))) per clip.
 
-        alpha_frames: α per frame (T,) where frames are flagged as images, else None (the block's α)."""
+        alpha_frames: α per frame (T,) where frames are flagged as images, else None (the block's α).
+        carried: norm1's statistics of the clip, gathered by the stage that wrote it (else a pass gathers them)."""
         stack = block.time_stack
         norm1, conv1 = stack.in_layers[0], stack.in_layers[2]
         norm2, conv2 = stack.out_layers[0], stack.out_layers[3]
@@ -342,7 +353,7 @@ class Streamer:
         _, height, width = store.shape()
         halo = conv1.weight.shape[2] // 2
         tiles = self.time_tiles(height, width)
-        s1 = self.clip_moments(store, norm1)
+        s1 = carried.affine(norm1) if carried is not None else self.clip_moments(store, norm1)
         moments = Moments(norm2.num_groups, per_frame=False)
         chunks = self.time_chunks(count)
         scalar = None
@@ -386,25 +397,28 @@ class Streamer:
 
     def time_stack_whole(self, store: FrameStore, stack: nn.Module, s1, moments: Moments, scalar, alpha_frames) -> None:
         """`time_stack` when one piece is the whole clip: as the one-clip block (conv1's output kept, conv2
-        accumulated into the stored frames), with norm2's statistics from a pass over conv1's output."""
+        accumulated into the clip's frames), with norm2's statistics from a pass over conv1's output. When the
+        stored frames are not one tensor, reading them is a copy: the result is computed into that copy and
+        written back (the store keeps its blocks, so the next per-frame stage frees the clip chunk by chunk)."""
         conv1, conv2, norm2 = stack.in_layers[2], stack.out_layers[3], stack.out_layers[0]
         x = store.read(0, len(store))
+        held = store.holds(x, 0)
         h = temporal(affine_silu(x, s1), conv1)
         moments.add(h)
         g = affine_silu(h, moments.affine(norm2))
         del h
-        if scalar is not None and store.holds(x, 0) and x.is_contiguous(memory_format=CL):
+        if scalar is not None and x.is_contiguous(memory_format=CL):
             clip = g.permute(0, 2, 3, 1)[None]
             temporal_conv(clip, conv2.weight, conv2.bias, into=x.permute(0, 2, 3, 1)[None], scale=scalar)
-            self.checked(x)
-            return
-        u = temporal(g, conv2, scale=scalar) if scalar is not None else \
-            temporal(g, conv2) * alpha_frames.to(g)[:, None, None, None]
-        del g
-        if store.holds(x, 0):
-            self.checked(x.add_(u))
         else:
-            store.write(0, self.checked(u.add_(x)))
+            u = temporal(g, conv2, scale=scalar) if scalar is not None else \
+                temporal(g, conv2) * alpha_frames.to(g)[:, None, None, None]
+            x.add_(u)
+            del u
+        del g
+        self.checked(x)
+        if not held:
+            store.write(0, x)
 
     def time_mix(self, store: FrameStore, layer: nn.Module) -> None:
         """AE3DConv's time_mix_conv over the clip, in place (no residual)."""
@@ -458,15 +472,17 @@ class Streamer:
         store.put(0, x)
         del x
         for run, stage in stage_groups(stages):
+            carried = None
             if run:
                 self.phase("2d")
-                store = self.spatial(run, store)
+                norm = stage.layer.time_stack.in_layers[0] if stage is not None and stage.kind == "time_stack" else None
+                store, carried = self.spatial(run, store, norm)
             if stage is None:
                 break
             self.phase("temporal")
             alpha_frames = self.image_alpha(stage, image_only)
             if stage.kind == "time_stack":
-                self.time_stack(store, stage.layer, alpha_frames)
+                self.time_stack(store, stage.layer, alpha_frames, carried)
             elif stage.kind == "time_mix":
                 self.time_mix(store, stage.layer)
             elif stage.kind == "video_attn":
