@@ -372,7 +372,7 @@ def test_plan_command(tmp_path, tiny8_file):
 def test_budget_respects_max_memory(tiny8_file):
     from vaecli.model.checkpoint import load_codec
     from vaecli.ops.device import free_memory
-    from vaecli.pipeline.planner import CPU_SHARE, budget_for, overhead_bytes
+    from vaecli.pipeline.planner import CPU_DEFAULT_CEILING, CPU_SHARE, budget_for, overhead_bytes
 
     model = load_codec(tiny8_file, device=torch.device("cpu"), dtype=torch.float32)
     # on CPU the ceiling is on the resident set: the weights and the runtime allowance are taken off, never the
@@ -384,6 +384,10 @@ def test_budget_respects_max_memory(tiny8_file):
     # without a ceiling, a safe share of the available memory, never all of it
     share = budget_for(model, None).activation_bytes
     assert 0 < share <= CPU_SHARE * free_memory(torch.device("cpu")) * 1.05
+    # and at most the default ceiling in all (as --max-memory 4GiB), where that share is larger
+    assert share <= CPU_DEFAULT_CEILING - overhead_bytes(model)
+    if CPU_SHARE * free_memory(torch.device("cpu")) > CPU_DEFAULT_CEILING:
+        assert share == budget_for(model, CPU_DEFAULT_CEILING).activation_bytes
 
 def test_plan_is_the_plan_that_runs_at_every_ceiling(tmp_path, tiny8_file):
     """`vaecli plan` and `vaecli decode`/`encode` prepare and plan the same way: for a range of --max-memory

@@ -42,9 +42,10 @@ COST_MODELS = {
     # Until a GPU calibration is recorded in docs/memory-calibration.md these are conservative guesses:
     # the CUDA caching allocator rounds blocks up and cuDNN takes workspaces.
     "cuda": CostModel(scale=1.1, overhead=256 << 20),
-    # CPU: fitted to peak RSS of real decodes (docs/memory.md): glibc keeps freed blocks, oneDNN and the video
-    # encoder hold their own buffers, none of which the trace sees
-    "cpu": CostModel(scale=1.3, overhead=448 << 20),
+    # CPU: fitted to peak RSS of real decodes (docs/performance.md, bikes: the resident stream and the disk-backed
+    # one): glibc keeps freed blocks, oneDNN and the video encoder hold their own buffers, none of which the
+    # trace sees
+    "cpu": CostModel(scale=1.5, overhead=256 << 20),
 }
 
 

@@ -21,6 +21,11 @@ from vaecli.ops.device import free_memory
 from vaecli.ops.scratch import free_bytes
 
 CPU_SHARE = 0.4  # on CPU, plan within this share of the available memory: an OOM there is a SIGKILL
+# ... and, without --max-memory, within this ceiling too (weights and runtime included, as --max-memory 4GiB):
+# on a CPU the exact disk-backed stream costs little more time than keeping a long clip in memory (bikes, 250
+# frames 640x272: 5:45 at 2.6 GiB against 4:32 at 9.1 GiB, docs/performance.md), so memory beyond this buys
+# little and risks the kill; --max-memory raises it
+CPU_DEFAULT_CEILING = 4 << 30
 # what Python, torch, PyAV and vaecli hold on CPU besides the weights and the plan's activations (measured: 235-260
 # MiB resident after the imports; the cost model's own overhead covers allocator slack and the writers' buffers)
 RUNTIME_BYTES = 320 << 20
@@ -81,15 +86,18 @@ def check_scratch(plan: Plan) -> None:
 
 
 def budget_for(codec: Codec, max_memory: int | None, scratch: str | Path | None = None) -> Budget:
-    """The activation budget of a job on the codec's device: the default share of the free memory, or within the
-    ceiling `max_memory` (weights and, on CPU, the runtime included). A model built for plans only (not resident)
+    """The activation budget of a job on the codec's device: the default share of the free memory (on CPU also
+    within `CPU_DEFAULT_CEILING`), or within the ceiling `max_memory` (weights and, on CPU, the runtime included). A model built for plans only (not resident)
     has its weights taken from the free memory too. scratch: the folder a clip may be kept in on disk (None: no
     disk tier)."""
     device = codec.device
     free = default_budget(device) if max_memory is None else free_memory(device)
     if not codec.resident:
         free -= codec.weights_bytes()
-    available = free if max_memory is None else min(free, max_memory - overhead_bytes(codec))
+    if max_memory is None and device.type == "cpu":
+        available = min(free, CPU_DEFAULT_CEILING - overhead_bytes(codec))
+    else:
+        available = free if max_memory is None else min(free, max_memory - overhead_bytes(codec))
     disk = None if scratch is None else scratch_space(scratch)
     folder = None if scratch is None else str(Path(scratch).absolute())
     return Budget(device, max(0, available), host_memory(device), disk, folder)
@@ -131,9 +139,9 @@ def check_ceiling(codec: Codec, plan: Plan, max_memory: int | None) -> Plan:
                           f"{need} MiB; raise it to that or more")
     what = "frames" if plan.stage == "encode" else "latents"
     raise OutOfMemory(f"the {plan.stage} of these {what} needs about {need} MiB, more than the "
-                      f"{format_bytes(plan.budget_bytes)} vaecli plans within on this CPU ({int(CPU_SHARE * 100)}% of "
-                      f"the available memory); use smaller frames (--size), or --max-memory {need}MiB if that much "
-                      "is really free")
+                      f"{format_bytes(plan.budget_bytes)} vaecli plans within on this CPU by default (at most "
+                      f"{format_bytes(CPU_DEFAULT_CEILING)} in all, and {int(CPU_SHARE * 100)}% of the available "
+                      f"memory); use smaller frames (--size), or --max-memory {need}MiB if that much is really free")
 
 
 def decode_plan(codec: Codec, frames: int, latent_hw: tuple[int, int], *, max_memory: int | None = None,
