@@ -28,7 +28,8 @@ CONFIGS = {"conv-only-3": tiny_config("conv-only", ch_mult=(1, 2, 2)),
            "all-4": tiny_config("all", ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_levels=(1,))}
 CUTS = [Pieces(2, None, 3, None, disk=True), Pieces(5, None, None, None, disk=True),
         Pieces(1, 3, 2, 3, disk=True), Pieces(1, 4, None, 5, disk=True, keep=True),
-        Pieces(3, 16, 1, None, disk=True), Pieces(1, None, 4, 2, disk=True)]
+        Pieces(3, 16, 1, None, disk=True), Pieces(1, None, 4, 2, disk=True),
+        Pieces(2, None, 3, 2, disk=True, band=True)]  # temporal layers in bands of whole rows
 
 
 def decoded(vae, z, pieces, folder):
@@ -83,6 +84,11 @@ def test_planner_keeps_the_clip_on_disk_only_when_memory_cannot_hold_it(tmp_path
     assert any("needs" in r and "scratch space" in r and "--scratch" in r for r in short.reasons)
     without = plan(tight, None)
     assert not without.exact  # no scratch folder: as before
+    # where 16 whole frames of the temporal layers do not fit, 16 frames in bands of whole rows come before
+    # fewer frames (less halo read) or square tiles (a contiguous read per frame)
+    squeezed = plan(store, 1 << 40)
+    assert squeezed.exact and squeezed.pieces.disk and squeezed.pieces.band and squeezed.pieces.time_frames == 16
+    assert "bands of" in squeezed.pieces.describe() and squeezed.pieces.to_dict()["time_bands"]
 
 
 @pytest.fixture(scope="module")

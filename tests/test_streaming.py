@@ -59,7 +59,7 @@ def test_tiles_chunks_and_parking_equal_one_clip(models, name):
         cuts = [Pieces(5, tile=8, time_tile=8), Pieces(1, tile=8, time_tile=8), Pieces(2, tile=5, time_frames=2,
                 time_tile=3), Pieces(3, tile=16, time_frames=4, time_tile=9, park=True), Pieces(1, park=True),
                 Pieces(2, tile=3, time_frames=1, time_tile=4, park=True), Pieces(1, tile=5, keep=True),
-                Pieces(2, tile=4, time_tile=8, park=True, keep=True)]
+                Pieces(2, tile=4, time_tile=8, park=True, keep=True), Pieces(2, time_frames=3, time_tile=3, band=True)]
         for pieces in cuts:
             assert max_diff(vae.decode(z, pieces=pieces), ref) <= BOUND, pieces
 

@@ -241,8 +241,9 @@ def stream_pieces(est: Estimator, backend: AttentionBackend, frames: int, h: int
     temporal layers: all frames whole, then all frames in tiles, then frame chunks of small tiles. Both lists are
     ordered by decreasing memory and searched together: the 2D and the temporal layers run at different times,
     so one trace prices a 2D cut and a temporal cut at once. tile: force tiles of this side (latent px) for both.
-    disk: the clip in scratch files; its temporal layers then run on chunks of whole frames (each frame one
-    sequential read) before tiles.
+    disk: the clip in scratch files; its temporal layers then run on chunks of whole frames, then 16 frames in
+    bands of whole rows (each frame's part of a piece one sequential read, and fewer frames of halo read than
+    smaller chunks would), before square tiles.
     """
     def cost(p: Pieces, phase: str = "") -> int:
         return est.stream("decode", backend, frames, h, w, p, phase) + out_bytes
@@ -259,11 +260,18 @@ def stream_pieces(est: Estimator, backend: AttentionBackend, frames: int, h: int
             spatial = [(1, None, False)] + tiled
         temporal = [(None, None)] + [(None, s) for s in sides] + [(f, MIN_TILE) for f in (8, 4, 2, 1) if f < frames]
     if disk and tile is None:
-        temporal = [(f, None) for f in (16, 8, 4, 2, 1) if f < frames] + [(f, MIN_TILE) for f in (8, 4, 2, 1)
-                                                                         if f < frames] or temporal
+        bands, side = [], h // 2
+        while side > MIN_TILE:
+            bands.append((min(16, frames - 1) or None, side, True))
+            side //= 2
+        temporal = ([(f, None) for f in (16, 8) if f < frames] + bands
+                    + [(f, MIN_TILE) for f in (8, 4, 2, 1) if f < frames]) or temporal
+
+    def make(s_opt, t_opt) -> Pieces:
+        return Pieces(s_opt[0], s_opt[1], t_opt[0], t_opt[1], park, s_opt[2], disk, band=len(t_opt) > 2)
 
     def fits(s_opt, t_opt) -> tuple[bool, bool]:
-        p = Pieces(s_opt[0], s_opt[1], t_opt[0], t_opt[1], park, s_opt[2], disk)
+        p = make(s_opt, t_opt)
         return cost(p, "2d") <= budget, cost(p, "temporal") <= budget
 
     if not all(fits(spatial[-1], temporal[-1])):
@@ -276,8 +284,7 @@ def stream_pieces(est: Estimator, backend: AttentionBackend, frames: int, h: int
         s_lo, s_hi = (s_lo, s_mid) if ok_2d else (s_mid + 1, s_hi)
         t_lo, t_hi = (t_lo, t_mid) if ok_time else (t_mid + 1, t_hi)
     while True:  # the phases guided the search; the cut's overall peak must fit too (else the next smaller cut)
-        pieces = Pieces(spatial[s_lo][0], spatial[s_lo][1], temporal[t_lo][0], temporal[t_lo][1], park,
-                        spatial[s_lo][2], disk)
+        pieces = make(spatial[s_lo], temporal[t_lo])
         total = cost(pieces)
         if total <= budget:
             return pieces, total

@@ -65,6 +65,8 @@ class Pieces:
         computing it again after its statistics are known (a third fewer convolutions in tiled 2D layers).
     disk: keep the clip's activation between stages in scratch files on disk (`vaecli.ops.scratch`), each piece
         read into memory, computed and written back (for clips whose activation fits nowhere in memory).
+    band: the temporal layers' tiles span the frame's whole width (bands of `time_tile` latent rows), so on disk
+        each frame's part of a piece is one contiguous read.
     """
 
     frames: int
@@ -74,6 +76,7 @@ class Pieces:
     park: bool = False
     keep: bool = False
     disk: bool = False
+    band: bool = False
 
     def __post_init__(self) -> None:
         for name in ("frames", "tile", "time_frames", "time_tile"):
@@ -83,13 +86,17 @@ class Pieces:
 
     def to_dict(self) -> dict:
         return {"frames": self.frames, "tile_latent": self.tile, "time_frames": self.time_frames,
-                "time_tile_latent": self.time_tile, "parked": self.park, "keep_conv1": self.keep, "disk": self.disk}
+                "time_tile_latent": self.time_tile, "parked": self.park, "keep_conv1": self.keep, "disk": self.disk,
+                "time_bands": self.band}
 
     def describe(self) -> str:
-        def cut(frames, tile):
+        def cut(frames, tile, band=False):
             f = "all frames" if frames is None else f"{frames} frame{'s' if frames != 1 else ''}"
+            if tile and band:
+                return f + f" x bands of {tile} latent px rows"
             return f + (f" x {tile}x{tile} latent px tiles" if tile else " (whole frames)")
-        return (f"2D layers {cut(self.frames, self.tile)}; temporal layers {cut(self.time_frames, self.time_tile)}"
+        return (f"2D layers {cut(self.frames, self.tile)}; temporal layers "
+                f"{cut(self.time_frames, self.time_tile, self.band)}"
                 + ("; conv1 outputs kept per chunk" if self.keep and self.tile else "")
                 + ("; clip parked in host memory" if self.park else "")
                 + ("; clip kept in scratch files on disk" if self.disk else ""))
@@ -139,9 +146,12 @@ class Streamer:
         """An empty store of `count` frames where the pieces keep the clip (device, host or scratch files)."""
         return FrameStore(count, self.device, self.pieces.park, self.scratch if self.pieces.disk else None)
 
-    def tiles(self, height: int, width: int, tile: int | None) -> list[tuple[slice, slice, int, int, int, int]]:
-        """Non-overlapping tiles of a (height, width) plane: (rows, cols, y0, y1, x0, x1); `tile` in latent px."""
-        rows, cols = self.tile_spans(height, tile), self.tile_spans(width, tile, height)
+    def tiles(self, height: int, width: int, tile: int | None, band: bool = False
+              ) -> list[tuple[slice, slice, int, int, int, int]]:
+        """Non-overlapping tiles of a (height, width) plane: (rows, cols, y0, y1, x0, x1); `tile` in latent px
+        (band: `tile` rows, the whole width)."""
+        rows = self.tile_spans(height, tile)
+        cols = self.tile_spans(width, None if band else tile, height)
         if self.sample_tiles:  # the first tile (full size, halo on one side) and an interior one (halos around)
             picks = sorted({(0, 0), (min(1, len(rows) - 1), min(1, len(cols) - 1))})
             return [(slice(*rows[i]), slice(*cols[j]), *rows[i], *cols[j]) for i, j in picks]
@@ -153,9 +163,9 @@ class Streamer:
         side = None if tile is None else max(1, tile * (height or length) // self.latent_h)
         return spans(length, side)
 
-    def tile_count(self, height: int, width: int, tile: int | None) -> int:
+    def tile_count(self, height: int, width: int, tile: int | None, band: bool = False) -> int:
         """How many tiles `tiles` cuts a plane into (also when a trace samples only the first)."""
-        return len(self.tile_spans(height, tile)) * len(self.tile_spans(width, tile, height))
+        return len(self.tile_spans(height, tile)) * len(self.tile_spans(width, None if band else tile, height))
 
     def checked(self, x: torch.Tensor) -> torch.Tensor:
         if self.check_finite and x.dtype != torch.float32 and not bool(torch.isfinite(x).all()):
@@ -171,7 +181,7 @@ class Streamer:
         return spans(count, self.pieces.time_frames)
 
     def time_tiles(self, height: int, width: int) -> list[tuple[slice, slice, int, int, int, int]]:
-        return self.tiles(height, width, self.pieces.time_tile)
+        return self.tiles(height, width, self.pieces.time_tile, self.pieces.band)
 
     # -- per-frame stages --------------------------------------------------------------------------------------
 
@@ -359,7 +369,8 @@ class Streamer:
         scalar = None
         if alpha_frames is None:
             scalar = blend_alpha(block.mix_factor, block.merge_strategy).to(store.dtype())
-        if len(chunks) == 1 and self.tile_count(height, width, self.pieces.time_tile) == 1:  # one piece: no recompute
+        one_tile = self.tile_count(height, width, self.pieces.time_tile, self.pieces.band) == 1
+        if len(chunks) == 1 and one_tile:  # one piece: no recompute
             self.time_stack_whole(store, stack, s1, moments, scalar, alpha_frames)
             return
         for k, (a, b) in enumerate(chunks):
