@@ -1,9 +1,9 @@
 """The memory planner: a cost model for encode and decode, and the plan (attention backend, windows, tiles).
 
 Cost model (`vaecli.model.svd.estimator`). The activation peak of a decode or encode is computed from shapes
-(`vaecli.model.svd.memory`: the
-model's own allocations replayed on a ledger, microseconds per candidate) or, where that model does not cover
-the config or backend, traced on the meta device (`ops.memtrace`, the computed model's oracle); a device-specific
+(`vaecli.model.svd.memory`: the model's own allocations replayed on a ledger, microseconds per candidate) or,
+where that model does not cover the config or backend, traced on the meta device (`ops.memtrace`, the computed
+model's oracle); a device-specific
 `CostModel` turns it into predicted bytes: `scale · peak + overhead` (allocator rounding, kernel workspaces),
 calibrated by `scripts/calibrate_memory.py`.
 
