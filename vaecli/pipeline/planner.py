@@ -87,17 +87,15 @@ def check_scratch(plan: Plan) -> None:
 
 def budget_for(codec: Codec, max_memory: int | None, scratch: str | Path | None = None) -> Budget:
     """The activation budget of a job on the codec's device: the default share of the free memory (on CPU also
-    within `CPU_DEFAULT_CEILING`), or within the ceiling `max_memory` (weights and, on CPU, the runtime included). A model built for plans only (not resident)
-    has its weights taken from the free memory too. scratch: the folder a clip may be kept in on disk (None: no
-    disk tier)."""
+    within `CPU_DEFAULT_CEILING`), or within the ceiling `max_memory` (weights and, on CPU, the runtime
+    included). A model built for plans only (not resident) has its weights taken from the free memory too.
+    scratch: the folder a clip may be kept in on disk (None: no disk tier)."""
     device = codec.device
     free = default_budget(device) if max_memory is None else free_memory(device)
     if not codec.resident:
         free -= codec.weights_bytes()
-    if max_memory is None and device.type == "cpu":
-        available = min(free, CPU_DEFAULT_CEILING - overhead_bytes(codec))
-    else:
-        available = free if max_memory is None else min(free, max_memory - overhead_bytes(codec))
+    ceiling = CPU_DEFAULT_CEILING if max_memory is None and device.type == "cpu" else max_memory
+    available = free if ceiling is None else min(free, ceiling - overhead_bytes(codec))
     disk = None if scratch is None else scratch_space(scratch)
     folder = None if scratch is None else str(Path(scratch).absolute())
     return Budget(device, max(0, available), host_memory(device), disk, folder)

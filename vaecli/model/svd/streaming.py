@@ -97,8 +97,7 @@ class Streamer:
               ) -> list[tuple[slice, slice, int, int, int, int]]:
         """Non-overlapping tiles of a (height, width) plane: (rows, cols, y0, y1, x0, x1); `tile` in latent px
         (band: `tile` rows, the whole width)."""
-        rows = self.tile_spans(height, tile)
-        cols = self.tile_spans(width, None if band else tile, height)
+        rows, cols = self.plane_spans(height, width, tile, band)
         if self.sample_tiles:  # the first tile (full size, halo on one side) and an interior one (halos around)
             picks = sorted({(0, 0), (min(1, len(rows) - 1), min(1, len(cols) - 1))})
             return [(slice(*rows[i]), slice(*cols[j]), *rows[i], *cols[j]) for i, j in picks]
@@ -110,9 +109,15 @@ class Streamer:
         side = None if tile is None else max(1, tile * (height or length) // self.latent_h)
         return spans(length, side)
 
+    def plane_spans(self, height: int, width: int, tile: int | None, band: bool = False
+                    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The row spans and column spans of a plane's tiles (band: the whole width)."""
+        return self.tile_spans(height, tile), self.tile_spans(width, None if band else tile, height)
+
     def tile_count(self, height: int, width: int, tile: int | None, band: bool = False) -> int:
         """How many tiles `tiles` cuts a plane into (also when a trace samples only the first)."""
-        return len(self.tile_spans(height, tile)) * len(self.tile_spans(width, None if band else tile, height))
+        rows, cols = self.plane_spans(height, width, tile, band)
+        return len(rows) * len(cols)
 
     def checked(self, x: torch.Tensor) -> torch.Tensor:
         if self.check_finite and x.dtype != torch.float32 and not bool(torch.isfinite(x).all()):
