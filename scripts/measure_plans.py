@@ -52,7 +52,7 @@ def main() -> None:
     cases = [("encode", []), ("encode", ["--batch", "1"])]
     cases += [("decode", []), ("decode", ["--tile", "16"]), ("decode", ["--tile", "8"]), ("decode", ["--tile", "4"]),
               ("decode", ["--chunk", "8", "--overlap", "2"]), ("decode", ["--chunk", "8", "--overlap", "0"])]
-    cases += [("decode", ["--max-memory", str(int(whole * f))]) for f in (0.9, 0.75, 0.6, 0.5, 0.4)]
+    cases += [("decode", ["--max-memory", str(int(whole * f))]) for f in (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)]
     cases.sort(key=lambda c: 0 if c[0] == "encode" else 1)
     rows = []
     for k, (stage, extra) in enumerate(cases):

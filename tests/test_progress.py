@@ -17,7 +17,8 @@ import sys
 import termios
 
 from vaecli.pipeline.progress import Progress
-from vaecli.pipeline.runner import DecodeOptions, EncodeOptions, decode_file, encode_file
+from vaecli.pipeline.prepare import DecodeOptions, EncodeOptions
+from vaecli.pipeline.runner import decode_file, encode_file
 
 
 class Recorder(Progress):

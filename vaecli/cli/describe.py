@@ -140,9 +140,8 @@ def plan(
     """
     from vaecli.pipeline.batch import for_stage
     from vaecli.pipeline.frames import parse_size
-    from vaecli.pipeline.planner import parse_bytes
-    from vaecli.pipeline.runner import (DecodeOptions, EncodeOptions, decode_plan, prepare_decode,
-                                        prepare_encode)
+    from vaecli.pipeline.planner import decode_plan, parse_bytes
+    from vaecli.pipeline.prepare import DecodeOptions, EncodeOptions, prepare_decode, prepare_encode
     from vaecli.pipeline.video_io import Selection
 
     check_windows(chunk, overlap, tile)

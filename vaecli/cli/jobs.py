@@ -83,7 +83,8 @@ def encode(
     from vaecli.pipeline.frames import parse_size
     from vaecli.pipeline.planner import parse_bytes
     from vaecli.pipeline.latents_io import SPACES
-    from vaecli.pipeline.runner import EncodeOptions, encode_file
+    from vaecli.pipeline.prepare import EncodeOptions
+    from vaecli.pipeline.runner import encode_file
     from vaecli.pipeline.video_io import Selection
 
     if seed is not None and not sample:
@@ -162,7 +163,8 @@ def decode(
     """
     from vaecli.pipeline.latents_io import SPACES, parse_fps
     from vaecli.pipeline.planner import parse_bytes
-    from vaecli.pipeline.runner import DecodeOptions, decode_file
+    from vaecli.pipeline.prepare import DecodeOptions
+    from vaecli.pipeline.runner import decode_file
 
     if fmt is not None and fmt not in ("mp4", "webm", "gif", "png"):
         raise UsageError(f"--format must be mp4, webm, gif or png, not {fmt!r}")
@@ -227,7 +229,8 @@ def roundtrip(
     from vaecli.pipeline.planner import parse_bytes
     from vaecli.pipeline.metrics import RoundtripMeter
     from vaecli.pipeline.outputs import output_kind
-    from vaecli.pipeline.runner import DecodeOptions, EncodeOptions, decode_file, encode_file
+    from vaecli.pipeline.prepare import DecodeOptions, EncodeOptions
+    from vaecli.pipeline.runner import decode_file, encode_file
     from vaecli.pipeline.video_io import FrameSource, Selection
 
     check_windows(chunk, overlap, tile)
@@ -304,7 +307,8 @@ def demo(
     from vaecli.ops.files import atomic_output
     from vaecli.pipeline.frames import parse_size
     from vaecli.pipeline.metrics import RoundtripMeter
-    from vaecli.pipeline.runner import DecodeOptions, EncodeOptions, decode_file, encode_file
+    from vaecli.pipeline.prepare import DecodeOptions, EncodeOptions
+    from vaecli.pipeline.runner import decode_file, encode_file
     from vaecli.pipeline.synthetic import synthetic_clip
     from vaecli.pipeline.video_io import FrameSource, VideoWriter
 

@@ -3,8 +3,8 @@
 Encode: a reader thread decodes frames from the container into a bounded queue; the main thread fits them,
 runs the encoder in batches of the plan's size (a multiple of the frame rule's factor) and streams latents to
 disk. Decode: the main thread reads latents clip by clip (window by window) and runs the decoder as the plan
-says; a writer thread encodes the frames into the output video. Plans come from `vaecli.pipeline.planner`, the
-same functions `vaecli plan` prints; the runner only re-plans after an out-of-memory.
+says; a writer thread encodes the frames into the output video. Jobs are prepared and planned by
+`vaecli.pipeline.prepare`, the same calls `vaecli plan` prints; the runner only re-plans after an out-of-memory.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import time
-from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -26,54 +24,17 @@ from vaecli.model.plan import Budget, Plan, format_bytes
 from vaecli.model.posterior import DiagonalGaussian
 from vaecli.ops.device import dtype_name
 from vaecli.ops.files import atomic_outputs, check_outputs
-from vaecli.ops.validate import DEFAULT_MAX_PIXELS, first_nonfinite, pixels
+from vaecli.ops.validate import first_nonfinite
 from vaecli.pipeline.chunking import WindowBlender, windows
-from vaecli.pipeline.frames import Geometry, from_model, plan_geometry, to_model
-from vaecli.pipeline.latents_io import LatentFile, LatentFileWriter, comfy_path, latent_metadata, open_latents
+from vaecli.pipeline.frames import from_model, to_model
+from vaecli.pipeline.latents_io import LatentFile, LatentFileWriter, comfy_path, latent_metadata
 from vaecli.pipeline.outputs import PNG_PATTERN, latents_output, output_kind
-from vaecli.pipeline.planner import check_scratch, decode_plan, encode_plan, enforce_max_memory, host_memory
+from vaecli.pipeline.planner import check_scratch, enforce_max_memory, host_memory
 from vaecli.pipeline.precision import PrecisionGuard
+from vaecli.pipeline.prepare import DecodeOptions, EncodeJob, EncodeOptions, prepare_decode, prepare_encode
 from vaecli.pipeline.progress import Progress
 from vaecli.pipeline.threads import BackgroundWriter, background
-from vaecli.pipeline.video_io import FrameSource, GifWriter, PngWriter, Selection, VideoWriter
-
-
-@dataclass(frozen=True)
-class EncodeOptions:
-    selection: Selection = field(default_factory=Selection)
-    size: tuple[int, int] | None = None
-    fit: str = "pad"
-    sample: bool = False
-    seed: int = 0
-    batch: int | None = None  # frames per encoder call; None = planned from free memory
-    max_memory: int | None = None
-    attention: str = "auto"
-    save_moments: bool = False
-    export_comfy: bool = False
-    frames_fit: str | None = None  # "trim" or "pad" a length off the model's frame rule; None: refuse it
-    latent_space: str = "normalized"  # or "raw": what the `latents` tensor stores
-    latent_dtype: torch.dtype = torch.float32
-    overwrite: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS  # per source frame
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    fmt: str | None = None
-    crf: int = 18
-    fps: Fraction | None = None
-    chunk: int | None = None  # frames per window; None = planned, 0 = one clip
-    overlap: int | None = None  # frames shared by neighbouring windows; None = planned
-    tile: int | None = None  # force square tiles of this many latent pixels
-    max_memory: int | None = None
-    attention: str = "auto"
-    native_size: bool = False
-    allow_model_mismatch: bool = False
-    allow_nonfinite: bool = False  # decode latents holding NaN/inf anyway (they come out black)
-    latent_space: str | None = None  # "normalized" or "raw" for files that do not say
-    max_pixels: int = DEFAULT_MAX_PIXELS  # per decoded frame
-    overwrite: bool = False
-    scratch: Path | None = None  # folder for a clip kept on disk (default: beside the output)
+from vaecli.pipeline.video_io import GifWriter, PngWriter, VideoWriter
 
 
 def batches(frames: Iterator[tuple[int, np.ndarray]], size: int,
@@ -114,58 +75,6 @@ def frame_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
     batch size or device."""
     gen = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
     return torch.randn(shape, generator=gen)
-
-
-@dataclass
-class EncodeJob:
-    """One encode, prepared before any model work (also what `vaecli plan` prints for a video):
-    the source, its geometry, the expected frame count and the planning function."""
-
-    codec: Codec
-    source: FrameSource
-    spec: str
-    geometry: Geometry
-    frames: int
-    opts: EncodeOptions
-
-    @property
-    def size_hw(self) -> tuple[int, int]:
-        return self.geometry.processed[1], self.geometry.processed[0]
-
-    def plan(self, budget: Budget | None = None) -> Plan:
-        """The plan within --max-memory as forced (budget None), or within `budget` (OOM recovery)."""
-        o = self.opts
-        return encode_plan(self.codec, self.frames, self.size_hw, max_memory=o.max_memory, attention=o.attention,
-                           batch=o.batch, budget=budget)
-
-
-def prepare_encode(codec: Codec, source_spec: str, opts: EncodeOptions) -> EncodeJob:
-    """Open the source, fit its size to the model, check sizes and the frame count against the model."""
-    source = FrameSource(source_spec, opts.max_pixels)
-    probe = source.frames(opts.selection)
-    try:
-        _, first = next(probe)
-    finally:
-        probe.close()
-    source_size = (first.shape[1], first.shape[0])
-    geometry = plan_geometry(source_size, codec.spatial_factor, opts.fit, opts.size)
-    for size in (geometry.resized, geometry.processed):  # --size may ask for more than the source holds
-        pixels(*size, printable(source_spec), opts.max_pixels)
-    codec.check_size(*geometry.processed, printable(source_spec))
-    frames = expected_frames(opts.selection, source.count)
-    if frames is not None and opts.frames_fit:
-        frames = codec.frame_rule.fit(frames, opts.frames_fit, printable(source_spec))
-    elif frames is not None:
-        codec.frame_rule.check(frames, printable(source_spec))
-    return EncodeJob(codec, source, source_spec, geometry, frames or 16, opts)
-
-
-def expected_frames(selection: Selection, source_count: int | None) -> int | None:
-    """Frames a selection takes from a source of `source_count` frames (None: not known before reading)."""
-    if source_count is None:
-        return selection.count
-    available = max(0, -(-(source_count - selection.start) // selection.stride))
-    return min(available, selection.count) if selection.count else available
 
 
 def encode_file(model: Codec, source_spec: str, out: Path | str, opts: EncodeOptions,
@@ -301,23 +210,6 @@ def encode_batch(model: Codec, batch: list[tuple[int, np.ndarray]], geometry, op
     return z, posterior
 
 
-def check_model(lf: LatentFile, model: Codec, allow_mismatch: bool) -> None:
-    if lf.family is not None and lf.family != model.family:
-        raise InputError(f"{lf.path}: latents were made by a {lf.family} model, not a {model.family} one like "
-                         f"{model.name}; pass the model they were made with (--model)")
-    if lf.shape[1] != model.latent_channels:
-        raise InputError(f"{lf.path}: latents have {lf.shape[1]} channels but model {model.name} takes "
-                         f"{model.latent_channels}; pass the model they were made with (--model)")
-    if lf.frame_rule is not None and lf.frame_rule != model.frame_rule:
-        raise InputError(f"{lf.path}: latents follow the frame rule {lf.frame_rule.describe()}, model {model.name} "
-                         f"{model.frame_rule.describe()}; pass the model they were made with (--model)")
-    made_with = lf.metadata.get("model.hash")
-    if made_with and made_with != model.hash and not allow_mismatch:
-        raise InputError(f"{lf.path}: latents were made with model {lf.metadata.get('model.name')} "
-                         f"({made_with}), not {model.name} ({model.hash}); pass that model with --model, "
-                         "or --allow-model-mismatch to decode anyway")
-
-
 MAX_OOM_RETRIES = 4
 
 
@@ -358,46 +250,6 @@ def with_oom_recovery(plan_for: Callable[[Budget | None], Plan], run: Callable[[
         budget = Budget(device, plan.activation_bytes // 2, host_memory(device))
         (progress or Progress()).note(f"vaecli: out of memory ({message}); re-planning within "
                                       f"{format_bytes(budget.activation_bytes)}")
-
-
-@dataclass
-class DecodeJob:
-    """One decode, prepared before any model work (also what `vaecli plan` prints for a latent file)."""
-
-    codec: Codec
-    latents: LatentFile
-    opts: DecodeOptions
-    scratch: Path | None = None  # where a clip that fits nowhere in memory is kept on disk
-
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        return self.latents.shape[2], self.latents.shape[3]
-
-    @property
-    def frames(self) -> int:
-        """Output frames (those `--frames-fit pad` added at encode are dropped again)."""
-        return self.latents.output_frames(self.codec.frame_rule)
-
-    def plan(self, budget: Budget | None = None) -> Plan:
-        o = self.opts
-        return decode_plan(self.codec, self.latents.frames, self.latent_hw, max_memory=o.max_memory,
-                           attention=o.attention, chunk=o.chunk, overlap=o.overlap, tile=o.tile, budget=budget,
-                           scratch=self.scratch)
-
-
-def prepare_decode(codec: Codec, latents_path: Path | str, opts: DecodeOptions) -> DecodeJob:
-    """Open and validate the latent file against the model (family, channels, frame rule, hash, geometry, size)."""
-    lf = open_latents(latents_path, opts.max_pixels).with_space(opts.latent_space, codec)
-    check_model(lf, codec, opts.allow_model_mismatch)
-    h, w = lf.shape[2], lf.shape[3]
-    f = codec.spatial_factor
-    if lf.geometry is not None and lf.geometry.processed != (w * f, h * f):
-        raise InputError(f"{printable(latents_path)}: geometry says frames of {lf.geometry.processed[0]}x"
-                         f"{lf.geometry.processed[1]}, but model {codec.name} decodes these latents to "
-                         f"{w * f}x{h * f}; pass the model they were made with")
-    pixels(w * f, h * f, printable(latents_path), opts.max_pixels)
-    codec.check_size(w * f, h * f, printable(latents_path))
-    return DecodeJob(codec, lf, opts, opts.scratch or Path(latents_path).parent)
 
 
 def decode_file(model: Codec, latents_path: Path, out: Path | str, opts: DecodeOptions,
