@@ -188,6 +188,11 @@ class Streamer:
         n = len(chunks)
         return not self.sample_tiles or k in (0, 1, n - 2, n - 1)
 
+    def stashes(self, k: int, chunks: list[tuple[int, int]]) -> bool:
+        """Whether chunk k of a temporal pass keeps the next chunk's halo frames aside before overwriting them:
+        when there is a next chunk and it or this one is computed (a sampled run skips the others' copies too)."""
+        return k + 1 < len(chunks) and (self.computed(k, chunks) or self.computed(k + 1, chunks))
+
     def tiled_stage(self, stage: Stage, src: FrameStore) -> FrameStore:
         n = len(src)
         c, height, width = src.shape()
@@ -337,7 +342,7 @@ class Streamer:
         for rows, cols, *_ in tiles:
             stash: dict[int, torch.Tensor] = {}
             for k, (a, b) in enumerate(chunks):
-                keep = store.original(b - 2 * halo, b, stash, rows, cols) if b < count else {}
+                keep = store.original(b - 2 * halo, b, stash, rows, cols) if self.stashes(k, chunks) else {}
                 if self.computed(k, chunks):
                     lo2, hi2 = grown(a, b, 2 * halo, count)
                     lo1, hi1 = grown(a, b, halo, count)
@@ -393,7 +398,7 @@ class Streamer:
         for rows, cols, *_ in self.time_tiles(height, width):  # tile-major, as in time_stack
             stash: dict[int, torch.Tensor] = {}
             for k, (a, b) in enumerate(chunks):
-                keep = store.original(b - halo, b, stash, rows, cols) if b < count else {}
+                keep = store.original(b - halo, b, stash, rows, cols) if self.stashes(k, chunks) else {}
                 if self.computed(k, chunks):
                     lo, hi = grown(a, b, halo, count)
                     y = temporal(store.read(lo, hi, rows, cols, stash), conv)[a - lo:b - lo]
