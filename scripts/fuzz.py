@@ -4,7 +4,7 @@
     python scripts/fuzz.py --n 200 --seed 7 --verbose   # one line per case
 
 Every case runs in-process through the CLI's entry point with a per-case time limit and must end with exit 0
-and a valid output, or exit 1/2 and one `error:` line, leaving nothing behind (see tests/fuzzcases.py).
+and a valid output, or exit 1/2 and one `error:` line, leaving nothing behind (see tests/fuzzcases.py and tests/fuzzrun.py).
 Exit code: 0 when every case kept those promises, 1 otherwise.
 """
 
@@ -19,21 +19,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import fuzzcases  # noqa: E402
+import fuzzrun  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000, help="number of cases")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--time-limit", type=float, default=fuzzcases.TIME_LIMIT, help="seconds per case")
+    parser.add_argument("--time-limit", type=float, default=fuzzrun.TIME_LIMIT, help="seconds per case")
     parser.add_argument("--dir", type=Path, default=None, help="where case folders go (default: a temp folder)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="vaecli-fuzz-"))
     started = time.perf_counter()
     outcomes = []
-    for outcome in fuzzcases.run_many(args.n, args.seed, root, time_limit=args.time_limit):
+    for outcome in fuzzrun.run_many(args.n, args.seed, root, time_limit=args.time_limit):
         outcomes.append(outcome)
         if args.verbose or outcome.problem:
             status = "ok" if outcome.problem is None else f"FAIL {outcome.problem}"
@@ -41,7 +41,7 @@ def main() -> int:
                   f"{outcome.case.name[:60]!r} {status}", file=sys.stderr)
             if outcome.problem:
                 print(f"      args: {outcome.case.args}", file=sys.stderr)
-    result = fuzzcases.summary(outcomes)
+    result = fuzzrun.summary(outcomes)
     result.update(seed=args.seed, wall_seconds=round(time.perf_counter() - started, 1), kept=str(root))
     print(json.dumps(result, indent=2))
     return 1 if result["failed"] else 0

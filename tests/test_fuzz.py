@@ -5,15 +5,16 @@ nothing left behind, never a non-finite output. `scripts/fuzz.py --n 5000` runs 
 """
 
 import fuzzcases
+import fuzzrun
 
 CASES = 260  # about 40 per family; scripts/fuzz.py --n 5000 for a long run
 
 
 def test_fuzz_cases_keep_every_promise(tmp_path, corpus):
-    outcomes = list(fuzzcases.run_many(CASES, seed=20261124, root=tmp_path, corpus=corpus, time_limit=30))
+    outcomes = list(fuzzrun.run_many(CASES, seed=20261124, root=tmp_path, corpus=corpus, time_limit=30))
     failures = [f"{o.case.family} {o.case.name!r} {o.case.args}: {o.problem}" for o in outcomes if o.problem]
     assert not failures, "\n".join(failures[:10])
-    result = fuzzcases.summary(outcomes)
+    result = fuzzrun.summary(outcomes)
     assert result["cases"] == CASES
     for family, counts in result["families"].items():  # every family ran, and both successes and refusals happen
         assert counts["cases"] >= 25, (family, counts)
@@ -26,11 +27,11 @@ def test_the_checker_can_fail(tmp_path, corpus):
     folder = tmp_path / "c"
     folder.mkdir()
     case = fuzzcases.Case("test", "stray", folder, ["info", str(corpus.latents)], [], "text")
-    before = fuzzcases._snapshot(folder)
+    before = fuzzrun._snapshot(folder)
     (folder / ".x.vaecli-1-abc.partial").write_text("")
-    assert "left behind" in fuzzcases._left_behind(case, before, True)
+    assert "left behind" in fuzzrun._left_behind(case, before, True)
     bad = fuzzcases.Case("test", "bad option", folder, ["decode", "--crf", "inf", "x"], [], "any")
-    outcome = fuzzcases.run_case(bad)
+    outcome = fuzzrun.run_case(bad)
     assert outcome.exit_code == 2 and outcome.problem is None and outcome.stderr.startswith("error: ")
 
 
@@ -45,8 +46,8 @@ def test_a_batch_with_failures_keeps_its_record_and_done_outputs(tmp_path, corpu
     case = fuzzcases.Case("text", "half-failing manifest", folder,
                           ["encode", "--manifest", str(folder / "list.txt"), "-m", str(corpus.model),
                            "--out-dir", str(folder), "-q"], [name], "any")
-    outcome = fuzzcases.run_case(case)
+    outcome = fuzzrun.run_case(case)
     assert outcome.exit_code == 1 and outcome.problem is None, (outcome.problem, outcome.stderr)
     assert sorted(p.name for p in folder.iterdir()) == sorted(["list.txt", name, "vaecli-batch.jsonl"])
     (folder / name).unlink()
-    assert "missing" in fuzzcases._left_behind(case, {"list.txt"}, False)
+    assert "missing" in fuzzrun._left_behind(case, {"list.txt"}, False)

@@ -225,7 +225,7 @@ def roundtrip(
     """
     import tempfile
 
-    from vaecli.ops.files import Output, atomic_output, check_outputs, remove, write_error
+    from vaecli.ops.files import Output, check_outputs
     from vaecli.pipeline.planner import parse_bytes
     from vaecli.pipeline.metrics import RoundtripMeter
     from vaecli.pipeline.outputs import output_kind
@@ -262,13 +262,8 @@ def roundtrip(
               "dtype": dtype_name(m.dtype), "decode_dtype": dtype_name(dm.dtype), "encode_seconds": enc["seconds"],
               "decode_seconds": dec["seconds"], "plan": dec["plan"], **meter.summary()}
     if report is not None:
-        try:
-            with atomic_output(report, overwrite) as tmp_report:
-                tmp_report.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        except (OSError, VaecliError) as e:
-            if video.kind != "frames":  # the outputs fail together
-                remove(video.path)
-            raise write_error(report, e) if isinstance(e, OSError) else e from None
+        write_report(report, result, overwrite, video)
+
     def line(name: str, c: dict) -> str:
         text = f"{name}: {c['frames']} frames  PSNR {c['psnr']:.2f} dB  SSIM {c['ssim']:.4f}"
         return text + (f"  flicker {c['flicker']:.2f}" if c.get("flicker") is not None else "")
@@ -276,6 +271,19 @@ def roundtrip(
     human = [line(f"clip {c['clip']}", c) for c in result["clips"]]
     human.append(line("all   ", result) + f"  -> {result['output']}")
     print_result(result, as_json, human)
+
+
+def write_report(report: Path, result: dict, overwrite: bool, video) -> None:
+    """The roundtrip's metrics as JSON; on failure the reconstructed video goes too (the outputs fail together)."""
+    from vaecli.ops.files import atomic_output, remove, write_error
+
+    try:
+        with atomic_output(report, overwrite) as tmp_report:
+            tmp_report.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    except (OSError, VaecliError) as e:
+        if video.kind != "frames":
+            remove(video.path)
+        raise write_error(report, e) if isinstance(e, OSError) else e from None
 
 
 @app.command(short_help="Encode and decode a sample clip with the bundled model.")
