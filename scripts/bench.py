@@ -33,7 +33,8 @@ from vaecli.ops.memtrace import traced_peak_bytes
 from vaecli.model.plan import format_bytes
 
 CONFIGS = {"small": dict(ch=32, ch_mult=(1, 2), name="small"),  # 2 levels (f = 2): CI-sized
-           "bundled": dict(ch=64, ch_mult=(1, 1, 2, 2), name="vaecli-small-arch")}  # the bundled model's shape
+           "bundled": dict(ch=64, ch_mult=(1, 1, 2, 2), name="vaecli-small-arch"),  # the bundled model's shape
+           "narrow": dict(ch=32, ch_mult=(1, 2, 4, 4), name="svd-narrow")}  # SVD's blocks at a quarter of its width
 
 
 def diffusers_model(config: VAEConfig, state: dict | None, dtype: torch.dtype | None = None):
