@@ -20,11 +20,12 @@ import json
 import torch
 
 from bench_wan import released  # scripts/ is on sys.path when run as a script
+from vaecli.errors import OutOfMemory
 from vaecli.model.plan import format_bytes
 from vaecli.model.wan.family import WanCodec, build_vae
 from vaecli.model.wan.layout import diffusers_config
 from vaecli.ops.memtrace import traced_peak_bytes
-from vaecli.pipeline.planner import budget_for, decode_plan, encode_plan, parse_bytes
+from vaecli.pipeline.planner import decode_plan, encode_plan, parse_bytes
 
 CASES = (("2.1", 480, 832), ("2.1", 720, 1280), ("2.2", 704, 1280))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -60,7 +61,8 @@ def vaecli_decode(planner: WanCodec, tracer: WanCodec, frames: int, hw, dtype, m
             for block in tracer.decode(z[a:b], plan, clip=clip):
                 del block
 
-    return {"peak": traced_peak_bytes(run), "predicted": plan.predicted_peak_bytes, "plan": plan.pieces.describe()}
+    return {"peak": traced_peak_bytes(run), "predicted": plan.predicted_peak_bytes, "plan": plan.pieces.describe(),
+            "budget": plan.budget_bytes}
 
 
 def vaecli_encode(planner: WanCodec, tracer: WanCodec, frames: int, hw, dtype, max_memory) -> dict:
@@ -76,7 +78,7 @@ def vaecli_encode(planner: WanCodec, tracer: WanCodec, frames: int, hw, dtype, m
             del out
 
     return {"peak": traced_peak_bytes(run), "predicted": plan.predicted_peak_bytes,
-            "plan": f"the first {n + 1} frames, then {n} per call"}
+            "plan": f"the first {n + 1} frames, then {n} per call", "budget": plan.budget_bytes}
 
 
 def diffusers_peak(vae, stage: str, frames: int, hw, version: str, dtype) -> int:
@@ -104,11 +106,15 @@ def main() -> None:
         frame_counts = args.frames + ([121] if version == "2.2" and 121 not in args.frames else [])
         for stage in args.stages:
             for frames in frame_counts:
-                ours = (vaecli_decode if stage == "decode" else vaecli_encode)(planner, tracer, frames, (h, w), dtype,
-                                                                              max_memory)
+                try:
+                    ours = (vaecli_decode if stage == "decode" else vaecli_encode)(planner, tracer, frames, (h, w),
+                                                                                  dtype, max_memory)
+                except OutOfMemory as e:  # refused before any work, as the command would be
+                    print(f"Wan {version} {stage} {frames:3d} frames {w}x{h} {args.dtype}: vaecli refuses: {e}")
+                    continue
                 row = {"version": version, "size": f"{w}x{h}", "frames": frames, "stage": stage, "dtype": args.dtype,
                        "vaecli": ours["peak"], "vaecli_predicted": ours["predicted"], "vaecli_plan": ours["plan"],
-                       "budget": budget_for(planner, max_memory).activation_bytes}
+                       "budget": ours["budget"]}
                 for tiled in (False, True):
                     row["diffusers_tiled" if tiled else "diffusers"] = diffusers_peak(
                         theirs(version, dtype, tiled), stage, frames, (h, w), version, dtype)

@@ -389,6 +389,28 @@ def test_budget_respects_max_memory(tiny8_file):
     if CPU_SHARE * free_memory(torch.device("cpu")) > CPU_DEFAULT_CEILING:
         assert share == budget_for(model, CPU_DEFAULT_CEILING).activation_bytes
 
+
+def test_the_cpu_default_ceiling_is_a_preference_an_exact_plan_beyond_it_gets_the_share(tiny8_file, monkeypatch):
+    """Without --max-memory on CPU, plans stay within CPU_DEFAULT_CEILING when an exact one fits there; when none
+    does (here: a ceiling that leaves nothing for activations), the plan gets the whole default share instead of
+    an approximate plan or a refusal; with --max-memory the ceiling holds."""
+    from vaecli.errors import OutOfMemory
+    from vaecli.model.checkpoint import load_codec
+    from vaecli.pipeline import planner
+
+    model = load_codec(tiny8_file, device=torch.device("cpu"), dtype=torch.float32)
+    preferred = planner.decode_plan(model, 8, (8, 8))
+    assert preferred.exact and preferred.fits
+    assert preferred.budget_bytes == planner.budget_for(model, None).activation_bytes
+    monkeypatch.setattr(planner, "CPU_DEFAULT_CEILING", planner.overhead_bytes(model))
+    assert planner.budget_for(model, None).activation_bytes == 0
+    for plan in (planner.decode_plan(model, 8, (8, 8)), planner.encode_plan(model, 8, (64, 64))):
+        assert plan.exact and plan.fits
+        assert plan.budget_bytes == planner.budget_for(model, None, preferred=False).activation_bytes > 0
+    with pytest.raises(OutOfMemory, match="--max-memory .* is too small"):
+        planner.decode_plan(model, 8, (8, 8), max_memory=planner.overhead_bytes(model))
+
+
 def test_plan_is_the_plan_that_runs_at_every_ceiling(tmp_path, tiny8_file):
     """`vaecli plan` and `vaecli decode`/`encode` prepare and plan the same way: for a range of --max-memory
     ceilings, the plan printed is the plan run; a refusal names a ceiling that is then accepted."""

@@ -398,13 +398,13 @@ def test_wan22_through_the_cli_matches_diffusers(wan22_files, tmp_path):
 
 
 def test_planner_tiles_only_when_whole_frames_do_not_fit():
-    """Released 2.1 and 2.2 structures on the meta device, a 720p clip: a large budget streams whole frames
-    (several latent frames per call), a smaller one tiles (exact, halo 13): the largest tiles that fit; small
-    tiles cost more than large ones (every tile's causal caches hold its halo); --tile forces tiles and
-    --overlap is refused."""
+    """Released 2.1 and 2.2 structures on the meta device, a 720p clip, prices counted from the codec's own
+    code: a large budget streams whole frames (one latent frame per call on CPU), a smaller one tiles (exact,
+    halo 13): the largest tiles that fit; small tiles cost more than large ones (every tile's causal caches hold
+    its halo); --tile forces tiles and --overlap is refused."""
     from vaecli.errors import UsageError
     from vaecli.model.plan import Budget
-    from vaecli.model.wan.family import FAMILY, TILES
+    from vaecli.model.wan.family import FAMILY, TILES, Chunks
 
     released = {"2.1": (WanConfig(), (90, 160)),
                 "2.2": (WanConfig(dim=160, decoder_dim=256, z_dim=48, in_channels=12, out_channels=12, residual=True,
@@ -414,8 +414,8 @@ def test_planner_tiles_only_when_whole_frames_do_not_fit():
         codec = FAMILY.build(None, device=cpu, dtype=torch.float32, config=config)
         whole = codec.plan_decode(21, hw, Budget(cpu, 1 << 40))
         assert whole.pieces.tile is None and whole.pieces.latent == 1 and whole.exact and whole.fits  # CPU: fastest
-        one = codec._decode_price(1, hw, None, 0)
-        tiled = {t: codec._decode_price(1, hw, t, 13) for t in TILES if t < max(hw)}
+        one = codec._decode_price(21, hw, Chunks(1), whole.attention)
+        tiled = {t: codec._decode_price(21, hw, Chunks(1, t, 13), whole.attention) for t in TILES if t < max(hw)}
         assert min(tiled.values()) < one, version  # tiles pay at this size (the caches' halos limit it)
         budget = (one + min(tiled.values())) // 2
         plan = codec.plan_decode(21, hw, Budget(cpu, budget))

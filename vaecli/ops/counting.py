@@ -338,6 +338,9 @@ class Sym:
     def _like(self, shape: Shape | None = None, dtype: torch.dtype | None = None) -> "Sym":
         return self.mode.new(shape or tuple(self.shape), dtype or self.dtype, self.device, self.channels_last())
 
+    def new_empty(self, size, dtype=None, device=None, **kw) -> "Sym":
+        return self.mode.new(tuple(size), dtype or self.dtype, torch.device(device) if device else self.device)
+
     def contiguous(self, memory_format=torch.contiguous_format) -> "Sym":
         if self.is_contiguous(memory_format):
             return self
@@ -362,6 +365,9 @@ class Sym:
 
     def float(self, memory_format=None) -> "Sym":
         return self.to(torch.float32)
+
+    def type_as(self, other) -> "Sym":
+        return self.to(other.dtype)
 
     def double(self, memory_format=None) -> "Sym":
         return self.to(torch.float64)

@@ -135,6 +135,13 @@ def _elementwise(m: Counting) -> dict:
     def silu(x, inplace=False):
         return x if inplace else x._like()
 
+    def normalize(x, p=2.0, dim=1, eps=1e-12, out=None):
+        x = m.sym(x)
+        norms = x.sum(dim, keepdim=True)  # torch: x / x.norm(p, dim, keepdim).clamp_min(eps).expand_as(x)
+        result = x._like()
+        del norms
+        return result
+
     def where(cond, a, b):
         return m.sym(a)._like()
 
@@ -148,7 +155,7 @@ def _elementwise(m: Counting) -> dict:
         torch.device: torch.device, torch._C._set_grad_enabled: torch._C._set_grad_enabled,
         torch.promote_types: torch.promote_types,
         F.dropout: lambda x, p=0.5, training=True, inplace=False: x if not training or p == 0 else x._like(),
-        F.silu: silu, F.gelu: lambda x, approximate="none": x._like(),
+        F.silu: silu, F.normalize: normalize, F.gelu: lambda x, approximate="none": x._like(),
         F.softmax: lambda x, dim=None, dtype=None, **kw: x.softmax(dim, dtype),
         torch.softmax: lambda x, dim=None, dtype=None, **kw: x.softmax(dim, dtype),
         torch.addcmul: addcmul, torch.where: where, torch.isfinite: lambda x: x._like(dtype=torch.bool),

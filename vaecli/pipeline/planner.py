@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,10 +22,11 @@ from vaecli.ops.device import free_memory
 from vaecli.ops.scratch import free_bytes
 
 CPU_SHARE = 0.4  # on CPU, plan within this share of the available memory: an OOM there is a SIGKILL
-# ... and, without --max-memory, within this ceiling too (weights and runtime included, as --max-memory 4GiB):
-# on a CPU the exact disk-backed stream costs little more time than keeping a long clip in memory (bikes, 250
-# frames 640x272: 5:45 at 2.6 GiB against 4:32 at 9.1 GiB, docs/performance.md), so memory beyond this buys
-# little and risks the kill; --max-memory raises it
+# ... and, without --max-memory, within this ceiling too where an exact plan fits in it (weights and runtime
+# included, as --max-memory 4GiB): on a CPU the exact disk-backed stream costs little more time than keeping a
+# long clip in memory (bikes, 250 frames 640x272: 5:45 at 2.6 GiB against 4:32 at 9.1 GiB, docs/performance.md),
+# so memory beyond this buys little and risks the kill. An exact plan that needs more (a Wan decode at 480p) gets
+# the whole share instead of a refusal; --max-memory sets the ceiling outright
 CPU_DEFAULT_CEILING = 4 << 30
 # what Python, torch, PyAV and vaecli hold on CPU besides the weights and the plan's activations (measured: 235-260
 # MiB resident after the imports; the cost model's own overhead covers allocator slack and the writers' buffers)
@@ -85,16 +87,17 @@ def check_scratch(plan: Plan) -> None:
                           "--scratch DIR on a larger disk")
 
 
-def budget_for(codec: Codec, max_memory: int | None, scratch: str | Path | None = None) -> Budget:
+def budget_for(codec: Codec, max_memory: int | None, scratch: str | Path | None = None,
+               preferred: bool = True) -> Budget:
     """The activation budget of a job on the codec's device: the default share of the free memory (on CPU also
-    within `CPU_DEFAULT_CEILING`), or within the ceiling `max_memory` (weights and, on CPU, the runtime
-    included). A model built for plans only (not resident) has its weights taken from the free memory too.
-    scratch: the folder a clip may be kept in on disk (None: no disk tier)."""
+    within `CPU_DEFAULT_CEILING` when `preferred`), or within the ceiling `max_memory` (weights and, on CPU, the
+    runtime included). A model built for plans only (not resident) has its weights taken from the free memory
+    too. scratch: the folder a clip may be kept in on disk (None: no disk tier)."""
     device = codec.device
     free = default_budget(device) if max_memory is None else free_memory(device)
     if not codec.resident:
         free -= codec.weights_bytes()
-    ceiling = CPU_DEFAULT_CEILING if max_memory is None and device.type == "cpu" else max_memory
+    ceiling = CPU_DEFAULT_CEILING if max_memory is None and device.type == "cpu" and preferred else max_memory
     available = free if ceiling is None else min(free, ceiling - overhead_bytes(codec))
     disk = None if scratch is None else scratch_space(scratch)
     folder = None if scratch is None else str(Path(scratch).absolute())
@@ -137,9 +140,21 @@ def check_ceiling(codec: Codec, plan: Plan, max_memory: int | None) -> Plan:
                           f"{need} MiB; raise it to that or more")
     what = "frames" if plan.stage == "encode" else "latents"
     raise OutOfMemory(f"the {plan.stage} of these {what} needs about {need} MiB, more than the "
-                      f"{format_bytes(plan.budget_bytes)} vaecli plans within on this CPU by default (at most "
-                      f"{format_bytes(CPU_DEFAULT_CEILING)} in all, and {int(CPU_SHARE * 100)}% of the available "
-                      f"memory); use smaller frames (--size), or --max-memory {need}MiB if that much is really free")
+                      f"{int(CPU_SHARE * 100)}% of the available memory vaecli plans within on this CPU by default; "
+                      f"use smaller frames (--size), or --max-memory {need}MiB if that much is really free")
+
+
+def default_plan(codec: Codec, plan_with: Callable[[Budget], Plan], max_memory: int | None,
+                 scratch: str | Path | None = None) -> Plan:
+    """`plan_with(budget)` within the ceiling. On CPU without --max-memory: within `CPU_DEFAULT_CEILING` when an
+    exact plan fits there, else within the whole default share (an exact plan that fits it, or the one that
+    fits at all), so that the preference never turns an exact job into an approximate or refused one."""
+    plan = plan_with(budget_for(codec, max_memory, scratch))
+    if max_memory is None and codec.device.type == "cpu" and not (plan.fits and plan.exact):
+        wider = plan_with(budget_for(codec, None, scratch, preferred=False))
+        if wider.fits and (wider.exact or not plan.fits):
+            return wider
+    return plan
 
 
 def decode_plan(codec: Codec, frames: int, latent_hw: tuple[int, int], *, max_memory: int | None = None,
@@ -153,8 +168,8 @@ def decode_plan(codec: Codec, frames: int, latent_hw: tuple[int, int], *, max_me
             budget = dataclasses.replace(budget, disk_bytes=scratch_space(scratch),
                                          scratch=str(Path(scratch).absolute()))
         return with_runtime(codec, codec.plan_decode(frames, latent_hw, budget, attention=attention))
-    plan = codec.plan_decode(frames, latent_hw, budget_for(codec, max_memory, scratch), attention=attention,
-                             chunk=chunk, overlap=overlap, tile=tile)
+    plan = default_plan(codec, lambda b: codec.plan_decode(frames, latent_hw, b, attention=attention, chunk=chunk,
+                                                           overlap=overlap, tile=tile), max_memory, scratch)
     return check_ceiling(codec, with_runtime(codec, plan), max_memory)
 
 
@@ -163,5 +178,6 @@ def encode_plan(codec: Codec, frames: int, size_hw: tuple[int, int], *, max_memo
     """The encode plan of `frames` frames of size_hw (pixels), as `decode_plan`."""
     if budget is not None:
         return with_runtime(codec, codec.plan_encode(frames, size_hw, budget, attention=attention))
-    plan = codec.plan_encode(frames, size_hw, budget_for(codec, max_memory), attention=attention, batch=batch)
+    plan = default_plan(codec, lambda b: codec.plan_encode(frames, size_hw, b, attention=attention, batch=batch),
+                        max_memory)
     return check_ceiling(codec, with_runtime(codec, plan), max_memory)

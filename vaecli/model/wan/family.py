@@ -22,14 +22,14 @@ from vaecli.model.checkpoint import read_header
 from vaecli.model.family import Checkpoint, Codec, Family, FrameRule, NonFiniteActivation, Normalization
 from vaecli.model.plan import COST_MODELS, Budget, Plan, format_bytes
 from vaecli.model.wan import layout as wan_layout
+from vaecli.model.wan import memory as wan_memory
 from vaecli.model.wan.config import WanConfig
 from vaecli.model.wan.modules import WanVAE
-from vaecli.model.wan.tiles import decode_tiled, tile_regions
-from vaecli.ops.attention import resolve_attention
+from vaecli.model.wan.tiles import decode_tiled
+from vaecli.ops.attention import AttentionBackend, resolve_attention
 from vaecli.ops.device import dtype_name
 
 RULE = FrameRule(4, causal=True)
-LIVE_TENSORS = 6  # full-resolution tensors alive at once in a chunk (input, norm, conv output, shortcut, cat, out)
 MAX_ENCODE_FRAMES = {"cpu": 4}  # pixel frames per encoder call after the first, at most; 32 elsewhere
 MAX_DECODE_FRAMES = {"cpu": 1}  # latent frames per decoder call, at most; 16 elsewhere
 # On CPU smaller calls are faster (oneDNN's convolutions stay in cache): released 2.1 width, 17 frames of 96x96,
@@ -76,6 +76,7 @@ class WanCodec(Codec):
         self.latent_channels = self.config.z_dim
         self.in_channels = self.config.pixel_channels
         self.normalization = Normalization("per-channel", mean=self.config.latents_mean, std=self.config.latents_std)
+        self._prices: dict[tuple, int] = {}  # memoised counted prices
 
     def weights_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.vae.parameters())
@@ -83,53 +84,22 @@ class WanCodec(Codec):
     def metadata(self) -> dict[str, str]:
         return {"wan.version": self.config.version}
 
-    # -- prices: activations of one call of n output frames at full resolution, plus the causal cache ---------
+    # -- prices: the codec's own code counted (`vaecli.model.wan.memory`), through the device's cost model --
 
-    def _frame_bytes(self, pixels: int) -> int:
-        """One frame of the widest full-resolution activation (2.2: at half resolution, after the pixel patches)."""
-        c = self.config
-        if c.residual:
-            widest = max(c.dim, c.dec_dim) * max(c.dim_mult[0], c.dim_mult[1] / 4) / c.patch_size ** 2
-        else:
-            widest = c.dim * max(c.dim_mult[0], c.dim_mult[1] // 2 or 1)
-        return int(pixels * widest * self._element_size())
+    def _priced(self, key: tuple, counted) -> int:
+        if key not in self._prices:
+            self._prices[key] = COST_MODELS.get(self.device.type, COST_MODELS["cpu"]).predict(counted())
+        return self._prices[key]
 
-    def _cache_bytes(self, pixels: int) -> int:
-        """Two frames per causal convolution, at most the full-resolution width (an upper bound)."""
-        convs = sum(1 for m in self.vae.decoder.modules() if getattr(m, "time_pad", 0))
-        return 2 * convs * self._frame_bytes(pixels)
+    def _price(self, frames: int, size_hw: tuple[int, int], batch: int, backend: AttentionBackend) -> int:
+        """Predicted activations of encoding `frames` frames of `size_hw`, the first 1 + batch then `batch` per call."""
+        return self._priced(("encode", frames, size_hw, batch, backend.name),
+                            lambda: wan_memory.encode_peak(self, frames, size_hw, batch, backend))
 
-    def _price(self, frames_out: int, pixels: int) -> int:
-        """An encode call of `frames_out` frames of `pixels` pixels, with the causal caches (an estimate)."""
-        cost = COST_MODELS.get(self.device.type, COST_MODELS["cpu"])
-        return cost.predict(LIVE_TENSORS * frames_out * self._frame_bytes(pixels) + self._cache_bytes(pixels))
-
-    def _tail_footprint(self) -> tuple[int, int]:
-        """Per latent pixel of a decoder tail region, in elements: (its causal caches: two input frames of every
-        temporal conv at that conv's resolution; the widest conv's input plus output for one latent frame)."""
-        cache = live = 0
-        for m, scale, frames in self.vae.decoder.tail_layers():
-            if isinstance(m, torch.nn.Conv3d) and getattr(m, "time_pad", 0):
-                cache += 2 * m.in_channels * scale * scale
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
-                live = max(live, (m.in_channels + m.out_channels) * scale * scale * frames)
-        return cache, live
-
-    def _decode_price(self, chunk: int, latent_hw: tuple[int, int], tile: int | None, halo: int) -> int:
-        """A decode of `chunk` latent frames per call, whole frames or tiles of `tile` latent px grown by `halo`:
-        the stem on whole latent frames, the largest region's activations (LIVE_TENSORS / 2 conv inputs and
-        outputs alive), every region's caches."""
-        h, w = latent_hw
-        regions = [h * w] if tile is None else [(ry1 - ry0) * (rx1 - rx0)
-                                                for _, (ry0, ry1, rx0, rx1) in tile_regions(h, w, tile, halo)]
-        cache, live = self._tail_footprint()
-        stem = LIVE_TENSORS * chunk * h * w * self.vae.decoder.conv1.out_channels
-        elements = LIVE_TENSORS // 2 * chunk * live * max(regions) + cache * sum(regions) + stem
-        cost = COST_MODELS.get(self.device.type, COST_MODELS["cpu"])
-        return cost.predict(elements * self._element_size())
-
-    def _element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+    def _decode_price(self, frames: int, latent_hw: tuple[int, int], pieces: Chunks, backend: AttentionBackend) -> int:
+        """Predicted activations of decoding `frames` latent frames of `latent_hw` cut as `pieces`."""
+        return self._priced(("decode", frames, latent_hw, pieces, backend.name),
+                            lambda: wan_memory.decode_peak(self, frames, latent_hw, pieces, backend))
 
     def _plan(self, stage, budget, backend, strategy, chunk, act, reasons, pieces=None) -> Plan:
         return Plan(stage, str(budget.device), dtype_name(self.dtype), backend, strategy, chunk, 0, act,
@@ -149,7 +119,7 @@ class WanCodec(Codec):
         reach = halo or 0
 
         def price(c: int, t: int | None) -> int:
-            return self._decode_price(c, latent_hw, t, reach)
+            return self._decode_price(frames, latent_hw, Chunks(c, t, reach if t else 0), backend)
 
         def first_fit(cuts: list[tuple[int, int | None]]) -> tuple[int, int | None] | None:
             return next((ct for ct in cuts if price(*ct) <= budget.activation_bytes), None)
@@ -170,16 +140,15 @@ class WanCodec(Codec):
     def plan_encode(self, frames: int, size_hw: tuple[int, int], budget: Budget, *, attention: str = "auto",
                     batch: int | None = None) -> Plan:
         backend = resolve_attention(attention, budget.device, self.dtype)
-        pixels = size_hw[0] * size_hw[1]
         if batch is not None and batch % 4:
             raise UsageError(f"--batch {batch}: a Wan encode takes multiples of 4 frames per call")
         most = MAX_ENCODE_FRAMES.get(budget.device.type, 32)
         sizes = [batch] if batch else range(min(most, max(4, frames - 1)) // 4 * 4, 0, -4)
-        n = next((n for n in sizes if self._price(n + 1, pixels) <= budget.activation_bytes), sizes[-1])
+        n = next((n for n in sizes if self._price(frames, size_hw, n, backend) <= budget.activation_bytes), sizes[-1])
         why = [f"budget {format_bytes(max(budget.activation_bytes, 0))} for activations on {budget.device}",
                f"the first {n + 1} frames, then {n} per call, the causal cache carried (exact)",
                f"attention {backend.name}"]
-        return self._plan("encode", budget, backend, "batches", n, self._price(n + 1, pixels), why)
+        return self._plan("encode", budget, backend, "batches", n, self._price(frames, size_hw, n, backend), why)
 
     # -- running ------------------------------------------------------------------------------------------
 
@@ -218,12 +187,13 @@ class WanCodec(Codec):
         return [(a, min(a + n, frames)) for a in range(0, frames, n)]
 
     def decode(self, z: torch.Tensor, plan: Plan, *, check_finite: bool = False,
-               clip: dict | None = None) -> Iterator[torch.Tensor]:
+               clip: dict | None = None, sample: bool = False) -> Iterator[torch.Tensor]:
         """Raw latents of a clip or of its next steps (t, z, h, w) -> frames (n, 3, H, W) in [-1, 1], one block
         per decoder call (whole frames, or the plan's tiles). `clip` carries the causal cache from step to step,
         updated in place; a step that fails (inf/NaN, raised when `check_finite`, or an error) leaves it dirty,
         and the next decode rebuilds it from the raw latents of the steps done (kept in `clip`: a latent frame
-        is 1/48 of a frame or less), its frames dropped, so a redo in a wider dtype costs time, not memory."""
+        is 1/48 of a frame or less), its frames dropped, so a redo in a wider dtype costs time, not memory.
+        sample: for pricing only (`decode_tiled(sample=True)`)."""
         pieces = plan.pieces if plan.pieces is not None else Chunks(z.shape[0])
         clip = {} if clip is None else clip
         with torch.inference_mode():
@@ -235,18 +205,19 @@ class WanCodec(Codec):
             for start in range(0, z.shape[0], pieces.latent):
                 part = z[start:start + pieces.latent]
                 clip["dirty"] = True
-                out = self._decode_part(part, state, pieces, plan)
+                out = self._decode_part(part, state, pieces, plan, sample)
                 if check_finite and not _finite(out):
                     raise NonFiniteActivation(f"inf/NaN in {dtype_name(self.dtype)}")
                 clip["dirty"] = False
                 clip.setdefault("history", []).append(part)
                 yield out
 
-    def _decode_part(self, z: torch.Tensor, state: dict, pieces: Chunks, plan: Plan) -> torch.Tensor:
+    def _decode_part(self, z: torch.Tensor, state: dict, pieces: Chunks, plan: Plan,
+                     sample: bool = False) -> torch.Tensor:
         """Raw latents (t, z, h, w) of one decoder call -> frames (n, 3, H, W), the cache `state` updated."""
         part = rearrange(z.to(self.device, self.dtype), "t c h w -> 1 c t h w")
         if pieces.tile:
-            out = decode_tiled(self.vae, part, state, plan.attention, pieces.tile, pieces.halo)
+            out = decode_tiled(self.vae, part, state, plan.attention, pieces.tile, pieces.halo, sample)
         else:
             out = self.vae.decode_chunk(part, state, plan.attention)
         return rearrange(out, "1 c t h w -> t c h w")

@@ -22,19 +22,33 @@ def tile_regions(height: int, width: int, tile: int, halo: int):
 
 
 def decode_tiled(vae: WanVAE, z: torch.Tensor, state: dict, attention: AttentionBackend, tile: int,
-                 halo: int | None = None) -> torch.Tensor:
+                 halo: int | None = None, sample: bool = False) -> torch.Tensor:
     """Raw latents (B, z, t, h, w) of one chunk -> frames (B, 3, T, fh, fw) in [-1, 1], equal to
     `vae.decode_chunk`. `state` carries the causal caches between the chunks of one clip ("stem": the stem's;
-    one per tile); `halo` (latent px; default the decoder's own) is for tests that show it is needed."""
+    one per tile); `halo` (latent px; default the decoder's own) is for tests that show it is needed.
+
+    sample: for pricing (counting execution, `vaecli.model.wan.memory`): of the tiles whose regions have the same
+    shape, only the first and the last run; the others get caches shaped like the first's (what running them
+    would leave) and leave their part of the frames unwritten. Every tile's caches stay alive to the end of the
+    chunk, so the peak is at the last tile of some shape, with all earlier caches held: the sampled run has it."""
     halo = vae.decoder.halo() if halo is None else halo
     if halo is None:
         raise ValueError("this Wan decoder has attention in its levels; it decodes whole frames only")
     x = vae.decode_stem(z, state.setdefault("stem", {}), attention)
     f = vae.config.spatial_factor
     height, width = x.shape[-2:]
+    regions = list(tile_regions(height, width, tile, halo))
+    shape = [(ry1 - ry0, rx1 - rx0) for _, (ry0, ry1, rx0, rx1) in regions]
+    first = {s: shape.index(s) for s in shape}
+    last = {s: len(shape) - 1 - shape[::-1].index(s) for s in shape}
     out = None
-    for (y0, y1, x0, x1), (ry0, ry1, rx0, rx1) in tile_regions(height, width, tile, halo):
-        part = vae.decode_tail(x[..., ry0:ry1, rx0:rx1], state.setdefault((y0, x0), {}))
+    for k, ((y0, y1, x0, x1), (ry0, ry1, rx0, rx1)) in enumerate(regions):
+        cache = state.setdefault((y0, x0), {})
+        if sample and k not in (first[shape[k]], last[shape[k]]):
+            template = state[regions[first[shape[k]]][0][0], regions[first[shape[k]]][0][2]]
+            cache.update({m: v if isinstance(v, str) else torch.empty_like(v) for m, v in template.items()})  # str: a marker
+            continue
+        part = vae.decode_tail(x[..., ry0:ry1, rx0:rx1], cache)
         if out is None:
             out = part.new_empty((*part.shape[:3], height * f, width * f))
         out[..., y0 * f:y1 * f, x0 * f:x1 * f] = part[..., (y0 - ry0) * f:(y1 - ry0) * f,
