@@ -85,8 +85,8 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existin
 SkipOpt = Annotated[bool, typer.Option("--skip-existing", help="Skip inputs whose output exists (resume a batch).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary on stderr.")]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
-    help="Memory ceiling, weights included (512MiB, 8GiB); default: what is free on CUDA; on CPU 4GiB, or "
-         "40% of the available memory if less.")]
+    help="Memory ceiling, weights included (512MiB, 8GiB); default: what is free on CUDA; on CPU 4GiB where an "
+         "exact plan fits in it, else up to 40% of the available memory.")]
 MAX_COUNT = 10_000_000  # frames, strides, windows: the largest count an option takes (checked by Typer)
 ChunkOpt = Annotated[Optional[int], typer.Option(
     min=0, max=MAX_COUNT, help="Force approximate windows of N frames (0 = one clip; default: an exact plan).")]
