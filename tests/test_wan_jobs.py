@@ -220,3 +220,18 @@ def test_a_step_with_inf_in_half_precision_is_redone_wider(wan, tmp_path, monkey
     mu = torch.cat(mu, 2)[0, :16].permute(1, 0, 2, 3)
     stored = (mu - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)  # (t, C, h, w), normalised
     assert torch.allclose(latents(tmp_path / "e.latents.safetensors"), stored, atol=1e-3)
+
+
+def test_plan_takes_the_latent_space_of_a_foreign_file_as_decode_does(wan, tmp_path):
+    """A latent file that does not say its space: plan, like decode, asks for --latent-space, then plans what
+    decode runs."""
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"latents": torch.randn(3, 16, 4, 4)}, str(foreign))
+    model = wan / "w0.safetensors"
+    asked = run("plan", foreign, "-m", model, code=1)
+    assert "--latent-space" in asked.stderr and asked.stderr.startswith("error: ")
+    plan = json.loads(run("plan", foreign, "-m", model, "--latent-space", "raw", "--json").stdout)
+    dec = json.loads(run("decode", foreign, "-m", model, "--latent-space", "raw", "--fps", "16", "-o",
+                         tmp_path / "out.mp4", "--json").stdout)
+    assert plan["pieces"] == dec["plan"]["pieces"] and plan["predicted_peak_bytes"] == dec["plan"]["predicted_peak_bytes"]
+    assert run("plan", foreign, "-m", model, "--latent-space", "sideways", code=2).stderr.startswith("error: ")

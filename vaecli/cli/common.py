@@ -87,6 +87,8 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars 
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
     help="Memory ceiling, weights included (512MiB, 8GiB); default: what is free on CUDA; on CPU 4GiB where an "
          "exact plan fits in it, else up to 40% of the available memory.")]
+ReadSpaceOpt = Annotated[Optional[str], typer.Option(
+    "--latent-space", help="For files that do not say: their latents are normalized or raw.")]
 MAX_COUNT = 10_000_000  # frames, strides, windows: the largest count an option takes (checked by Typer)
 ChunkOpt = Annotated[Optional[int], typer.Option(
     min=0, max=MAX_COUNT, help="Force approximate windows of N frames (0 = one clip; default: an exact plan).")]
@@ -247,3 +249,8 @@ def check_windows(chunk: int | None, overlap: int | None, tile: int | None) -> N
         raise UsageError(f"--overlap must be at least 0 and smaller than --chunk, not {overlap}")
     if tile is not None and tile < 4:
         raise UsageError("--tile must be at least 4 latent pixels")
+
+
+def check_choice(option: str, value: str | None, choices: tuple[str, ...]) -> None:
+    if value is not None and value not in choices:
+        raise UsageError(f"{option} takes {' or '.join(choices)}, not {value!r}")

@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from vaecli.cli.common import (AttentionOpt, ChunkOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxMemoryOpt,
-                               MaxPixelsOpt, ModelOpt, OverlapOpt, RevisionOpt, ScratchOpt, TileOpt, app,
+                               MaxPixelsOpt, ModelOpt, OverlapOpt, ReadSpaceOpt, RevisionOpt, ScratchOpt, TileOpt, app,
                                BatchOpt, StartOpt, StrideOpt, given_path,
-                               check_scratch_dir, check_windows, file_kind, handle_errors, model_path, model_source,
+                               check_choice, check_scratch_dir, check_windows, file_kind, handle_errors, model_path, model_source,
                                plan_model, print_result)
 from vaecli.errors import printable
 from vaecli.ops.validate import DEFAULT_MAX_PIXELS, path_text
@@ -125,6 +125,7 @@ def plan(
     tile: TileOpt = None,
     scratch: ScratchOpt = None,
     batch: BatchOpt = None,
+    latent_space: ReadSpaceOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
@@ -140,6 +141,7 @@ def plan(
     """
     from vaecli.pipeline.batch import for_stage
     from vaecli.pipeline.frames import parse_size
+    from vaecli.pipeline.latents_io import SPACES
     from vaecli.pipeline.planner import decode_plan, parse_bytes
     from vaecli.pipeline.prepare import DecodeOptions, EncodeOptions, prepare_decode, prepare_encode
     from vaecli.pipeline.video_io import Selection
@@ -152,8 +154,10 @@ def plan(
     result: dict = {"input": input, "model": codec.name, "family": codec.family}
     human = []
     if not video:  # exactly what decode prepares and plans
+        check_choice("--latent-space", latent_space, SPACES)
         opts = DecodeOptions(chunk=chunk, overlap=overlap, tile=tile, max_memory=limit, attention=attention,
-                             allow_model_mismatch=True, max_pixels=max_pixels, scratch=check_scratch_dir(scratch))
+                             allow_model_mismatch=True, max_pixels=max_pixels, scratch=check_scratch_dir(scratch),
+                             latent_space=latent_space)
         job = prepare_decode(codec, input, opts)
         count, latent_hw = frames or job.latents.frames, job.latent_hw
     else:  # exactly what encode prepares and plans, then the decode of its latents

@@ -10,9 +10,9 @@ import typer
 
 from vaecli.cli.common import (AttentionOpt, ChunkOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, ManifestOpt,
                                MaxMemoryOpt, MaxPixelsOpt, ModelOpt, OutDirOpt, OutOpt, OverlapOpt, OverwriteOpt,
-                               QuietOpt, RevisionOpt, ScratchOpt, SkipOpt, TileOpt, app, check_batch_flags,
+                               QuietOpt, ReadSpaceOpt, RevisionOpt, ScratchOpt, SkipOpt, TileOpt, app, check_batch_flags,
                                BatchOpt, FramesOpt, MAX_COUNT, StartOpt, StrideOpt, given_path,
-                               check_scratch_dir, check_windows, handle_errors, model_source, print_result)
+                               check_choice, check_scratch_dir, check_windows, handle_errors, model_source, print_result)
 from vaecli.errors import UsageError, VaecliError
 from vaecli.ops.device import dtype_name
 from vaecli.ops.validate import DEFAULT_MAX_PIXELS
@@ -24,11 +24,6 @@ FramesFitOpt = Annotated[Optional[str], typer.Option(
     "--frames-fit", help="Lengths off the model's frame rule (Wan: 1 + 4k): trim the last frames, or pad by "
                          "repeating the last one (the decode gives back the input's length). Default: refuse.")]
 FRAMES_FIT = ("trim", "pad")
-
-
-def check_choice(option: str, value: str | None, choices: tuple[str, ...]) -> None:
-    if value is not None and value not in choices:
-        raise UsageError(f"{option} takes {' or '.join(choices)}, not {value!r}")
 
 
 @app.command(short_help="Encode videos into latent files.")
@@ -141,8 +136,7 @@ def decode(
     allow_nonfinite: Annotated[bool, typer.Option(
         "--allow-nonfinite",
         help="Decode latents holding NaN/inf anyway (refused by default: they decode to black).")] = False,
-    latent_space: Annotated[Optional[str], typer.Option(
-        help="For files that do not say: their latents are normalized or raw.")] = None,
+    latent_space: ReadSpaceOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
