@@ -7,11 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from vaecli.cli.common import (AttentionOpt, ChunkOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxMemoryOpt,
-                               MaxPixelsOpt, ModelOpt, OverlapOpt, ReadSpaceOpt, RevisionOpt, ScratchOpt, TileOpt, app,
-                               BatchOpt, StartOpt, StrideOpt, given_path,
-                               check_choice, check_scratch_dir, check_windows, file_kind, handle_errors, model_path, model_source,
-                               plan_model, print_result)
+from vaecli.cli.common import (AttentionOpt, BatchOpt, ChunkOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt,
+                               MaxMemoryOpt, MaxPixelsOpt, ModelOpt, OverlapOpt, ReadSpaceOpt, RevisionOpt, ScratchOpt,
+                               StartOpt, StrideOpt, TileOpt, app, check_choice, check_scratch_dir, check_windows,
+                               file_kind, given_path, handle_errors, model_path, model_source, plan_model,
+                               print_result)
 from vaecli.errors import printable
 from vaecli.ops.validate import DEFAULT_MAX_PIXELS, path_text
 

@@ -8,11 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from vaecli.cli.common import (AttentionOpt, ChunkOpt, ConfigOpt, DeviceOpt, DtypeOpt, JsonOpt, ManifestOpt,
-                               MaxMemoryOpt, MaxPixelsOpt, ModelOpt, OutDirOpt, OutOpt, OverlapOpt, OverwriteOpt,
-                               QuietOpt, ReadSpaceOpt, RevisionOpt, ScratchOpt, SkipOpt, TileOpt, app, check_batch_flags,
-                               BatchOpt, FramesOpt, MAX_COUNT, StartOpt, StrideOpt, given_path,
-                               check_choice, check_scratch_dir, check_windows, handle_errors, model_source, print_result)
+from vaecli.cli.common import (MAX_COUNT, AttentionOpt, BatchOpt, ChunkOpt, ConfigOpt, DeviceOpt, DtypeOpt,
+                               FramesOpt, JsonOpt, ManifestOpt, MaxMemoryOpt, MaxPixelsOpt, ModelOpt, OutDirOpt, OutOpt,
+                               OverlapOpt, OverwriteOpt, QuietOpt, ReadSpaceOpt, RevisionOpt, ScratchOpt, SkipOpt,
+                               StartOpt, StrideOpt, TileOpt, app, check_batch_flags, check_choice, check_scratch_dir,
+                               check_windows, given_path, handle_errors, model_source, print_result)
 from vaecli.errors import UsageError, VaecliError
 from vaecli.ops.device import dtype_name
 from vaecli.ops.validate import DEFAULT_MAX_PIXELS

@@ -46,7 +46,8 @@ def decode_tiled(vae: WanVAE, z: torch.Tensor, state: dict, attention: Attention
         cache = state.setdefault((y0, x0), {})
         if sample and k not in (first[shape[k]], last[shape[k]]):
             template = state[regions[first[shape[k]]][0][0], regions[first[shape[k]]][0][2]]
-            cache.update({m: v if isinstance(v, str) else torch.empty_like(v) for m, v in template.items()})  # str: a marker
+            # str: an upsampler's marker
+            cache.update({m: v if isinstance(v, str) else torch.empty_like(v) for m, v in template.items()})
             continue
         part = vae.decode_tail(x[..., ry0:ry1, rx0:rx1], cache)
         if out is None:
