@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from einops._backends import AbstractBackend
 
-from vaecli.ops.counting import CL, Counting, Sym, broadcast_shapes, dims_of, matmul_shape, promote
+from vaecli.ops.counting import CL, Counting, Sym, matmul_shape
+from vaecli.ops.shapes import broadcast_shapes, dims_of, promote
 
 
 class SymEinops(AbstractBackend):

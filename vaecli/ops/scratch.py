@@ -170,7 +170,8 @@ class CountedScratch:
 
 class CountedFrame:
     def __init__(self, scratch: CountedScratch, shape: tuple[int, int, int], dtype: torch.dtype):
-        from vaecli.ops.counting import Storage, element_size
+        from vaecli.ops.counting import Storage
+        from vaecli.ops.shapes import element_size
 
         c, h, w = shape
         self.shape, self.dtype, self.device = (1, *shape), dtype, scratch.device
