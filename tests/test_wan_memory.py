@@ -90,4 +90,4 @@ def test_plans_carry_the_counted_prices_and_prefer_fewer_frames_per_call_under_a
     plan = pricer.plan_decode(9, (40, 48), Budget(cpu, prices[1] + 1), attention="sdpa")
     assert plan.pieces.latent == 1 and plan.activation_bytes == prices[1] and plan.fits
     enc = pricer.plan_encode(13, (64, 96), Budget(cpu, 1 << 40), attention="sdpa")
-    assert enc.activation_bytes == pricer._price(13, (64, 96), enc.chunk_frames, SDPA)
+    assert enc.activation_bytes == pricer._encode_price(13, (64, 96), enc.chunk_frames, SDPA)

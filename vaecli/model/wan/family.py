@@ -91,7 +91,7 @@ class WanCodec(Codec):
             self._prices[key] = COST_MODELS.get(self.device.type, COST_MODELS["cpu"]).predict(counted())
         return self._prices[key]
 
-    def _price(self, frames: int, size_hw: tuple[int, int], batch: int, backend: AttentionBackend) -> int:
+    def _encode_price(self, frames: int, size_hw: tuple[int, int], batch: int, backend: AttentionBackend) -> int:
         """Predicted activations of encoding `frames` frames of `size_hw`, the first 1 + batch then `batch` per call."""
         return self._priced(("encode", frames, size_hw, batch, backend.name),
                             lambda: wan_memory.encode_peak(self, frames, size_hw, batch, backend))
@@ -144,11 +144,11 @@ class WanCodec(Codec):
             raise UsageError(f"--batch {batch}: a Wan encode takes multiples of 4 frames per call")
         most = MAX_ENCODE_FRAMES.get(budget.device.type, 32)
         sizes = [batch] if batch else range(min(most, max(4, frames - 1)) // 4 * 4, 0, -4)
-        n = next((n for n in sizes if self._price(frames, size_hw, n, backend) <= budget.activation_bytes), sizes[-1])
+        n = next((n for n in sizes if self._encode_price(frames, size_hw, n, backend) <= budget.activation_bytes), sizes[-1])
         why = [f"budget {format_bytes(max(budget.activation_bytes, 0))} for activations on {budget.device}",
                f"the first {n + 1} frames, then {n} per call, the causal cache carried (exact)",
                f"attention {backend.name}"]
-        return self._plan("encode", budget, backend, "batches", n, self._price(frames, size_hw, n, backend), why)
+        return self._plan("encode", budget, backend, "batches", n, self._encode_price(frames, size_hw, n, backend), why)
 
     # -- running ------------------------------------------------------------------------------------------
 

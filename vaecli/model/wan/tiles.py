@@ -39,14 +39,14 @@ def decode_tiled(vae: WanVAE, z: torch.Tensor, state: dict, attention: Attention
     height, width = x.shape[-2:]
     regions = list(tile_regions(height, width, tile, halo))
     shape = [(ry1 - ry0, rx1 - rx0) for _, (ry0, ry1, rx0, rx1) in regions]
-    first = {s: shape.index(s) for s in shape}
-    last = {s: len(shape) - 1 - shape[::-1].index(s) for s in shape}
+    first = {s: (y0, x0) for ((y0, _, x0, _), _), s in reversed(list(zip(regions, shape)))}  # its cache's key
+    last = {s: k for k, s in enumerate(shape)}
     out = None
     for k, ((y0, y1, x0, x1), (ry0, ry1, rx0, rx1)) in enumerate(regions):
         cache = state.setdefault((y0, x0), {})
-        if sample and k not in (first[shape[k]], last[shape[k]]):
-            template = state[regions[first[shape[k]]][0][0], regions[first[shape[k]]][0][2]]
-            # str: an upsampler's marker
+        if sample and (y0, x0) != first[shape[k]] and k != last[shape[k]]:
+            # shaped like the first tile of this shape's caches (str: an upsampler's marker)
+            template = state[first[shape[k]]]
             cache.update({m: v if isinstance(v, str) else torch.empty_like(v) for m, v in template.items()})
             continue
         part = vae.decode_tail(x[..., ry0:ry1, rx0:rx1], cache)
