@@ -144,7 +144,8 @@ class WanCodec(Codec):
             raise UsageError(f"--batch {batch}: a Wan encode takes multiples of 4 frames per call")
         most = MAX_ENCODE_FRAMES.get(budget.device.type, 32)
         sizes = [batch] if batch else range(min(most, max(4, frames - 1)) // 4 * 4, 0, -4)
-        n = next((n for n in sizes if self._encode_price(frames, size_hw, n, backend) <= budget.activation_bytes), sizes[-1])
+        fits = (n for n in sizes if self._encode_price(frames, size_hw, n, backend) <= budget.activation_bytes)
+        n = next(fits, sizes[-1])
         why = [f"budget {format_bytes(max(budget.activation_bytes, 0))} for activations on {budget.device}",
                f"the first {n + 1} frames, then {n} per call, the causal cache carried (exact)",
                f"attention {backend.name}"]
