@@ -24,7 +24,7 @@ import torch
 from vaecli.model.wan.config import WanConfig
 from vaecli.model.wan.keymap import original_to_diffusers
 from vaecli.model.wan.layout import diffusers_config
-from vaecli.model.wan.modules import WanVAE
+from vaecli.model.wan.modules import WanVAE, channels_last_
 from vaecli.ops.attention import AttentionBackend
 
 
@@ -51,7 +51,7 @@ def models(version: str, width: int | None, seed: int):
     theirs = AutoencoderKLWan(**{k: v for k, v in diffusers_config(config).items() if k != "_class_name"})
     mapping = original_to_diffusers(ours.state_dict().keys(), config)
     theirs.load_state_dict({mapping[k]: v for k, v in ours.state_dict().items()}, strict=True)
-    return ours, theirs.eval().requires_grad_(False)
+    return channels_last_(ours), theirs.eval().requires_grad_(False)
 
 
 def timed(fn) -> tuple[float, torch.Tensor]:

@@ -24,7 +24,7 @@ from vaecli.model.plan import COST_MODELS, Budget, Plan, format_bytes
 from vaecli.model.wan import layout as wan_layout
 from vaecli.model.wan import memory as wan_memory
 from vaecli.model.wan.config import WanConfig
-from vaecli.model.wan.modules import WanVAE
+from vaecli.model.wan.modules import WanVAE, channels_last_
 from vaecli.model.wan.tiles import decode_tiled
 from vaecli.ops.attention import AttentionBackend, resolve_attention
 from vaecli.ops.device import dtype_name
@@ -241,9 +241,9 @@ def build_vae(config: WanConfig, state: dict[str, torch.Tensor] | None, device, 
     with torch.device("meta"):
         vae = WanVAE(config)
     if state is None:
-        return vae.to(dtype).eval().requires_grad_(False)
+        return channels_last_(vae.to(dtype).eval().requires_grad_(False))
     vae.load_state_dict(state, strict=True, assign=True)
-    return vae.to(device, dtype).eval().requires_grad_(False)
+    return channels_last_(vae.to(device, dtype).eval().requires_grad_(False))
 
 
 def _finite(x: torch.Tensor) -> bool:

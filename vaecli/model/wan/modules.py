@@ -26,6 +26,7 @@ from einops import rearrange
 
 from vaecli.ops.attention import AttentionBackend
 
+CL3 = torch.channels_last_3d
 Cache = dict  # nn.Module -> what that module keeps between the chunks of one clip (a fresh dict per clip)
 _STARTED = "started"  # an upsampler's cache entry once the clip's first frame went through it
 
@@ -48,29 +49,68 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        return F.normalize(wide, dim=1).to(x.dtype) * self.scale * self.gamma
+        return F.normalize(wide, dim=1).to(x.dtype).mul_(self.gamma * self.scale)
 
 
 class CausalConv3d(nn.Conv3d):
     """A 3-D convolution over (B, C, T, H, W), zero-padded symmetrically in space and causally in time: the
     2·p_t frames before a chunk are the end of the previous chunk's input (from `cache`) or zeros at the clip's
-    start. With cache None every call is a clip of its own."""
+    start. With cache None every call is a clip of its own.
+
+    Inputs are laid out channels-last (memory order B, T, H, W, C; `CL3`), the layout oneDNN convolves in: a
+    (B, C, T, H, W)-ordered input would be copied into it inside every call. The cached frames, the chunk and
+    the zero padding around them are written into one padded buffer (one copy, no concatenation)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0):
         super().__init__(in_channels, out_channels, kernel_size, stride)
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
-        self.space_pad = (pw, pw, ph, ph)
+        self.space_pad = (ph, pw)
         self.time_pad = 2 * pt
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         pad = self.time_pad
+        before = None
         if pad and cache is not None:
             before = cache.get(self)
-            history = x if before is None else torch.cat([before, x], dim=2)
-            cache[self] = history[:, :, -pad:].clone()
-            if before is not None:
-                x, pad = history, pad - before.shape[2]
-        return super().forward(F.pad(x, self.space_pad + (pad, 0)))
+            short = pad - x.shape[2]  # frames of `before` still among the last `pad` (the chunk is shorter)
+            last = x[:, :, -pad:] if before is None or short <= 0 else torch.cat([before[:, :, -short:], x], dim=2)
+            cache[self] = last.contiguous(memory_format=CL3)
+        if pad and before is None and x.shape[2] == 1:  # a clip's first frame: the taps on zeros add nothing
+            frame = F.conv2d(x[:, :, 0], self.weight[:, :, -1], self.bias, self.stride[1:], self.space_pad)
+            return frame.unsqueeze(2)
+        return F.conv3d(padded(x, before, pad, *self.space_pad), self.weight, self.bias, self.stride)
+
+
+def padded(x: torch.Tensor, before: torch.Tensor | None, time_pad: int, ph: int, pw: int) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, C, time_pad + T, H + 2ph, W + 2pw), channels-last: the frames `before` (up to
+    time_pad of them, the previous chunk's last) then zero frames fill the time padding in front, zeros the space
+    padding around."""
+    b, c, t, h, w = x.shape
+    out = torch.empty((b, c, time_pad + t, h + 2 * ph, w + 2 * pw), dtype=x.dtype, device=x.device,
+                      memory_format=CL3)
+    kept = 0 if before is None else before.shape[2]
+    out[:, :, :time_pad - kept].zero_()
+    if ph:
+        out[:, :, time_pad - kept:, :ph].zero_()
+        out[:, :, time_pad - kept:, -ph:].zero_()
+    if pw:
+        out[:, :, time_pad - kept:, ph:ph + h, :pw].zero_()
+        out[:, :, time_pad - kept:, ph:ph + h, -pw:].zero_()
+    if kept:
+        out[:, :, time_pad - kept:time_pad, ph:ph + h, pw:pw + w] = before
+    out[:, :, time_pad:, ph:ph + h, pw:pw + w] = x
+    return out
+
+
+def channels_last_(module: nn.Module) -> nn.Module:
+    """Lay every convolution weight of `module` out channels-last, in place (the layout of `CausalConv3d`
+    inputs and of the frames `per_frame` takes from them; a weight in the other layout would be copied in every
+    call); returns `module`."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+            layout = CL3 if isinstance(m, nn.Conv3d) else torch.channels_last
+            m.weight.data = m.weight.data.contiguous(memory_format=layout)
+    return module
 
 
 class ResidualBlock(nn.Module):
@@ -87,8 +127,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         r = self.residual
-        h = r[2](F.silu(r[0](x)), cache)
-        h = r[6](F.silu(r[3](h)), cache)
+        h = r[2](F.silu(r[0](x), inplace=True), cache)
+        h = r[6](F.silu(r[3](h), inplace=True), cache)
         return h + self.shortcut(x)
 
 
@@ -163,7 +203,9 @@ class Resample(nn.Module):
         if x.shape[2]:
             y = self.time_conv(x, cache)
             # (B, 2C, T, H, W) -> (B, C, 2T, H, W): channels [0, C) give frame 2t, [C, 2C) frame 2t + 1
-            x = rearrange(y, "b (two c) t h w -> b c (t two) h w", two=2)
+            b, c2, t, h, w = y.shape
+            x = torch.empty((b, c2 // 2, 2 * t, h, w), dtype=y.dtype, device=y.device, memory_format=CL3)
+            x[:, :, 0::2], x[:, :, 1::2] = y[:, :c2 // 2], y[:, c2 // 2:]
         return x if head is None else torch.cat([head, x], dim=2)
 
     def halve_time(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
@@ -287,7 +329,7 @@ class Encoder3d(nn.Module):
         x = self.conv1(x, cache)
         for layer in (*self.downsamples, *self.middle):
             x = layer(x, attention) if isinstance(layer, AttentionBlock) else layer(x, cache)
-        return self.head[2](F.silu(self.head[0](x)), cache)
+        return self.head[2](F.silu(self.head[0](x), inplace=True), cache)
 
 
 class Decoder3d(nn.Module):
@@ -338,7 +380,7 @@ class Decoder3d(nn.Module):
         tile's frames exactly."""
         for layer in self.upsamples:
             x = layer(x, attention) if isinstance(layer, AttentionBlock) else layer(x, cache)
-        return self.head[2](F.silu(self.head[0](x)), cache)
+        return self.head[2](F.silu(self.head[0](x), inplace=True), cache)
 
     def forward(self, z: torch.Tensor, cache: Cache, attention: AttentionBackend) -> torch.Tensor:
         return self.tail(self.stem(z, cache, attention), cache, attention)
