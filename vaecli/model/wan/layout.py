@@ -197,11 +197,23 @@ def read_state(path: Path, layout: Layout, header: dict, config_json: dict):
     stem = path.parent.name if path.name in DIFFUSERS_FILES else path.stem
     if layout.naming == "diffusers":
         raw = _from_diffusers(raw)
+    for k, v in raw.items():
+        raw[k] = _owned(k, v)
     shapes = {k: tuple(v.shape) for k, v in raw.items()}
     z_dim = _conv_shape(shapes, "conv2.weight")[0] if "conv2.weight" in shapes else 16
     mean, std = _stats(config_json, z_dim) if layout.naming == "diffusers" else (None, None)
     config = infer_config(shapes, stem, mean, std)
     return raw, config, tuple(sorted({str(header[n]["dtype"]) for n in names}))
+
+
+def _owned(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a tensor read from the file, convolution weights laid out channels-last as the modules use them
+    (`modules.channels_last_`: laid out here once, building the model copies nothing). Always a copy: the tensors
+    read are views of one mapping of the whole file, which any one of them left alive would keep resident."""
+    if name.endswith(".weight") and tensor.dim() in (4, 5):
+        layout = torch.channels_last_3d if tensor.dim() == 5 else torch.channels_last
+        return torch.empty_like(tensor, memory_format=layout).copy_(tensor)
+    return tensor.clone()
 
 
 def _probe(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
