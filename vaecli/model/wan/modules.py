@@ -74,7 +74,7 @@ class CausalConv3d(nn.Conv3d):
             before = cache.get(self)
             short = pad - x.shape[2]  # frames of `before` still among the last `pad` (the chunk is shorter)
             last = x[:, :, -pad:] if before is None or short <= 0 else torch.cat([before[:, :, -short:], x], dim=2)
-            cache[self] = last.contiguous(memory_format=CL3)
+            cache[self] = last.clone(memory_format=CL3)  # a copy: a view would keep the whole chunk alive
         if pad and before is None and x.shape[2] == 1:  # a clip's first frame: the taps on zeros add nothing
             frame = F.conv2d(x[:, :, 0], self.weight[:, :, -1], self.bias, self.stride[1:], self.space_pad)
             return frame.unsqueeze(2)
