@@ -85,6 +85,8 @@ def padded(x: torch.Tensor, before: torch.Tensor | None, time_pad: int, ph: int,
     """(B, C, T, H, W) -> (B, C, time_pad + T, H + 2ph, W + 2pw), channels-last: the frames `before` (up to
     time_pad of them, the previous chunk's last) then zero frames fill the time padding in front, zeros the space
     padding around."""
+    if not (time_pad or ph or pw):  # a 1×1×1 shortcut or an unpadded time step: no copy unless the layout needs one
+        return x.contiguous(memory_format=CL3)
     b, c, t, h, w = x.shape
     out = torch.empty((b, c, time_pad + t, h + 2 * ph, w + 2 * pw), dtype=x.dtype, device=x.device,
                       memory_format=CL3)
