@@ -404,8 +404,8 @@ def test_wan22_through_the_cli_matches_diffusers(wan22_files, tmp_path):
 def test_planner_tiles_only_when_whole_frames_do_not_fit():
     """Released 2.1 and 2.2 structures on the meta device, a 720p clip, prices counted from the codec's own
     code: a large budget streams whole frames (one latent frame per call on CPU), a smaller one tiles (exact,
-    halo 13) where tiles pay (2.1): the largest tiles that fit; small tiles cost more than large ones (every tile's causal caches hold
-    its halo); --tile forces tiles and --overlap is refused."""
+    halo 13) where tiles pay (2.1): the largest tiles that fit; small tiles cost more than large ones (every
+    tile's causal caches hold its halo); --tile forces tiles and --overlap is refused."""
     from vaecli.errors import UsageError
     from vaecli.model.plan import Budget
     from vaecli.model.wan.family import FAMILY, TILES, Chunks

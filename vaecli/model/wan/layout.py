@@ -22,6 +22,7 @@ from vaecli.errors import CheckpointError
 from vaecli.model.checkpoint import DIFFUSERS_FILES, read_tensors, write_checkpoint
 from vaecli.model.wan.config import WanConfig, released_stats
 from vaecli.model.wan.keymap import original_to_diffusers
+from vaecli.model.wan.modules import WanVAE, conv_layout
 
 PREFIXES = ("model.", "vae.", "")
 MARKERS = {"original": ("decoder.middle.0.residual.0.gamma", "decoder.head.2.weight", "conv2.weight"),
@@ -170,8 +171,6 @@ def structure(shapes: dict[str, tuple[int, ...]], name: str, mean=None, std=None
 
 
 def _model_shapes(config: WanConfig) -> dict[str, torch.Tensor]:
-    from vaecli.model.wan.modules import WanVAE
-
     with torch.device("meta"):
         return WanVAE(config).state_dict()
 
@@ -211,8 +210,7 @@ def _owned(name: str, tensor: torch.Tensor) -> torch.Tensor:
     (`modules.channels_last_`: laid out here once, building the model copies nothing). Always a copy: the tensors
     read are views of one mapping of the whole file, which any one of them left alive would keep resident."""
     if name.endswith(".weight") and tensor.dim() in (4, 5):
-        layout = torch.channels_last_3d if tensor.dim() == 5 else torch.channels_last
-        return torch.empty_like(tensor, memory_format=layout).copy_(tensor)
+        return torch.empty_like(tensor, memory_format=conv_layout(tensor)).copy_(tensor)
     return tensor.clone()
 
 

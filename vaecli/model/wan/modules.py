@@ -110,9 +110,13 @@ def channels_last_(module: nn.Module) -> nn.Module:
     call); returns `module`."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Conv3d)):
-            layout = CL3 if isinstance(m, nn.Conv3d) else torch.channels_last
-            m.weight.data = m.weight.data.contiguous(memory_format=layout)
+            m.weight.data = m.weight.data.contiguous(memory_format=conv_layout(m.weight))
     return module
+
+
+def conv_layout(weight: torch.Tensor) -> torch.memory_format:
+    """The memory format the modules keep a convolution weight in: channels-last, 3-D (5-D weights) or 2-D."""
+    return CL3 if weight.dim() == 5 else torch.channels_last
 
 
 class ResidualBlock(nn.Module):
