@@ -75,23 +75,29 @@ def test_encode_and_decode_match_diffusers(models):
     assert torch.allclose(frames, reference, atol=1e-4), (frames - reference).abs().max()
 
 
-def test_every_chunking_equals_one_call(models):
-    """Encode: first chunks of 1 + 4k frames, then multiples of 4; decode: every chunk size 1..T-1. In float64
-    to 1e-12 (the same sums); in float32 to rounding: a clip's first frame alone skips the taps on zeros (a 2-D
-    convolution, summed in another order), 3e-5 at most here; 2.2's shortcuts make activations larger, 1e-4.)"""
+def test_every_chunking_equals_one_call(models, monkeypatch):
+    """Encode: first chunks of 1 + 4k frames, then multiples of 4; decode: every chunk size 1..T-1; each with the
+    largest frames whole and one at a time (`frame_by_frame`, forced at this size). In float64 to 1e-12 (the same
+    sums); in float32 to rounding: a clip's first frame alone skips the taps on zeros (a 2-D convolution, summed
+    in another order), 3e-5 at most here; 2.2's shortcuts make activations larger, 1e-4.)"""
+    from vaecli.model.wan import modules
+
     name, ours, _ = models
     x = clip(13, 32, seed=3)
     z = torch.randn(1, ours.config.z_dim, 5, 2, 2, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         for dtype, atol in ((torch.float64, 1e-12), (torch.float32, 1e-4 if ours.config.residual else 3e-5)):
             model = copy.deepcopy(ours).to(dtype)  # float64: the same arithmetic, not only the same to rounding
-            whole = model.moments(x.to(dtype), first=13)
-            for first, chunk in ((1, 4), (1, 8), (1, 12), (5, 4), (9, 4)):
-                got = model.moments(x.to(dtype), chunk=chunk, first=first)
-                assert torch.allclose(got, whole, atol=atol), (dtype, first, chunk)
-            one = model.decode(z.to(dtype), chunk=5)
-            for chunk in range(1, 5):
-                assert torch.allclose(model.decode(z.to(dtype), chunk=chunk), one, atol=atol), (dtype, chunk)
+            monkeypatch.setattr(modules, "FRAME_BY_FRAME_HEIGHT", 1 << 20)
+            whole, one = model.moments(x.to(dtype), first=13), model.decode(z.to(dtype), chunk=5)
+            for height in (1 << 20, 1):
+                monkeypatch.setattr(modules, "FRAME_BY_FRAME_HEIGHT", height)
+                for first, chunk in ((1, 4), (1, 8), (1, 12), (5, 4), (9, 4), (13, 4)):
+                    got = model.moments(x.to(dtype), chunk=chunk, first=first)
+                    assert torch.allclose(got, whole, atol=atol), (dtype, height, first, chunk)
+                for chunk in range(1, 6):
+                    got = model.decode(z.to(dtype), chunk=chunk)
+                    assert torch.allclose(got, one, atol=atol), (dtype, height, chunk)
 
 
 def test_tiles_down_to_8_latent_px_equal_one_call(models):
@@ -401,14 +407,15 @@ def test_wan22_through_the_cli_matches_diffusers(wan22_files, tmp_path):
     assert reloaded.config.is_residual and reloaded.config.patch_size == 2
 
 
-def test_planner_tiles_only_when_whole_frames_do_not_fit():
+def test_planner_tiles_only_when_whole_frames_do_not_fit(monkeypatch):
     """Released 2.1 and 2.2 structures on the meta device, a 720p clip, prices counted from the codec's own
-    code: a large budget streams whole frames (one latent frame per call on CPU), a smaller one tiles (exact,
-    halo 13) where tiles pay (2.1): the largest tiles that fit; small tiles cost more than large ones (every
-    tile's causal caches hold its halo); --tile forces tiles and --overlap is refused."""
+    code: a large budget streams whole frames (one latent frame per call on CPU). Tiles do not pay at this size
+    (every tile's causal caches hold its halo, and the largest frames already run one at a time): a budget of
+    the whole-frame price fits, one byte less does not, and the plan stays whole frames, its cheapest cut. Where
+    tiles are cheaper (prices stubbed) the largest that fit are chosen; --tile forces tiles; --overlap is refused."""
     from vaecli.errors import UsageError
     from vaecli.model.plan import Budget
-    from vaecli.model.wan.family import FAMILY, TILES, Chunks
+    from vaecli.model.wan.family import FAMILY, TILES, Chunks, WanCodec
 
     released = {"2.1": (WanConfig(), (90, 160)),
                 "2.2": (WanConfig(dim=160, decoder_dim=256, z_dim=48, in_channels=12, out_channels=12, residual=True,
@@ -420,24 +427,22 @@ def test_planner_tiles_only_when_whole_frames_do_not_fit():
         assert whole.pieces.tile is None and whole.pieces.latent == 1 and whole.exact and whole.fits  # CPU: fastest
         one = codec._decode_price(21, hw, Chunks(1), whole.attention)
         tiled = {t: codec._decode_price(21, hw, Chunks(1, t, 13), whole.attention) for t in TILES if t < max(hw)}
-        assert tiled[8] > tiled[32] > min(tiled.values())  # small tiles pay for their halos
-        if version == "2.2":  # its halo of 13 latent px is 208 px: at 720p no tile costs less than whole frames
-            assert min(tiled.values()) >= one
-            for budget, fits in ((one, True), (one - 1, False)):
-                plan = codec.plan_decode(21, hw, Budget(cpu, budget))
-                assert plan.pieces.tile is None and plan.exact and plan.fits == fits
-        else:
-            assert min(tiled.values()) < one, version  # tiles pay at this size (the caches' halos limit it)
-            budget = (one + min(tiled.values())) // 2
+        assert tiled[8] > tiled[32] > min(tiled.values()) >= one, version  # small tiles pay for their halos
+        for budget, fits in ((one, True), (one - 1, False)):
             plan = codec.plan_decode(21, hw, Budget(cpu, budget))
-            assert plan.fits and plan.exact and plan.pieces.halo == 13, version
-            assert plan.pieces.tile == max(t for t, price in tiled.items() if price <= budget)
-            assert plan.activation_bytes == tiled[plan.pieces.tile]
+            assert plan.pieces.tile is None and plan.exact and plan.fits == fits and plan.activation_bytes == one
         forced = codec.plan_decode(21, hw, Budget(cpu, 1 << 40), tile=16)
         assert forced.pieces.tile == 16 and forced.pieces.latent == 1
         assert codec.plan_decode(21, hw, Budget(cpu, 1 << 40), chunk=5).pieces.latent == 5  # --chunk forces it
         with pytest.raises(UsageError):
             codec.plan_decode(21, hw, Budget(cpu, 1 << 40), overlap=2)
+
+    stub = {None: 1000, 64: 900, 48: 800, 32: 700, 24: 750}  # 2.2's tiles (< 80 px) cheaper, 32 the cheapest
+    monkeypatch.setattr(WanCodec, "_decode_price", lambda self, f, hw, pieces, b: stub.get(pieces.tile, 2000))
+    for budget, want in ((850, 48), (700, 32), (699, 32)):  # the largest that fits, else the cheapest
+        plan = codec.plan_decode(21, hw, Budget(cpu, budget))
+        assert plan.pieces.tile == want and plan.pieces.halo == 13 and plan.exact
+        assert plan.fits == (budget >= stub[want]) and plan.activation_bytes == stub[want]
 
 
 def test_cli_decode_in_forced_tiles_gives_the_same_frames(wan_files, tmp_path):

@@ -68,17 +68,19 @@ class CausalConv3d(nn.Conv3d):
         self.time_pad = 2 * pt
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        pad = self.time_pad
-        before = None
-        if pad and cache is not None:
-            before = cache.get(self)
-            short = pad - x.shape[2]  # frames of `before` still among the last `pad` (the chunk is shorter)
-            last = x[:, :, -pad:] if before is None or short <= 0 else torch.cat([before[:, :, -short:], x], dim=2)
-            cache[self] = last.clone(memory_format=CL3)  # a copy: a view would keep the whole chunk alive
+        pad, keep = self.time_pad, self.time_pad and cache is not None
+        before = cache.get(self) if keep else None
         if pad and before is None and x.shape[2] == 1:  # a clip's first frame: the taps on zeros add nothing
+            if keep:
+                cache[self] = x.clone(memory_format=CL3)  # a copy: a view would keep the caller's tensor alive
             frame = F.conv2d(x[:, :, 0], self.weight[:, :, -1], self.bias, self.stride[1:], self.space_pad)
             return frame.unsqueeze(2)
-        return F.conv3d(padded(x, before, pad, *self.space_pad), self.weight, self.bias, self.stride)
+        buf = padded(x, before, pad, *self.space_pad)
+        if keep:  # the last `pad` frames of (before, x), copied out of the padded buffer; the old ones freed now
+            (ph, pw), (height, width) = self.space_pad, x.shape[-2:]
+            cache[self] = buf[:, :, -pad:, ph:ph + height, pw:pw + width].clone(memory_format=CL3)
+            del before
+        return F.conv3d(buf, self.weight, self.bias, self.stride)
 
 
 def padded(x: torch.Tensor, before: torch.Tensor | None, time_pad: int, ph: int, pw: int) -> torch.Tensor:
@@ -117,6 +119,47 @@ def channels_last_(module: nn.Module) -> nn.Module:
 def conv_layout(weight: torch.Tensor) -> torch.memory_format:
     """The memory format the modules keep a convolution weight in: channels-last, 3-D (5-D weights) or 2-D."""
     return CL3 if weight.dim() == 5 else torch.channels_last
+
+
+def keeps_frames(layer: nn.Module) -> bool:
+    """Whether `layer` maps every frame of its input to one frame of its output, made from that frame and the
+    ones before it (the causal cache): then a chunk can go through it a frame at a time."""
+    if isinstance(layer, Resample):
+        return layer.mode.endswith("2d")
+    if isinstance(layer, (DownResidualBlock, UpResidualBlock)):
+        blocks = layer.downsamples if isinstance(layer, DownResidualBlock) else layer.upsamples
+        return (layer.avg_shortcut is None or layer.avg_shortcut.factor_t == 1) and all(map(keeps_frames, blocks))
+    return isinstance(layer, (ResidualBlock, AttentionBlock, CausalConv3d, RMSNorm, nn.SiLU))
+
+
+FRAME_BY_FRAME_HEIGHT = 128  # frames (in the model's pixels) at least this high go through `frame_by_frame` one at a time
+# Below it the activations are small, and one frame at a time is slower on CPU: torch convolves a 1-frame fp32 input
+# of B·C·T·H ≤ 20480 with its slow im2col path (released 2.1, 9 frames, fp32, 2 cores: 64×64 decode 0.63× and
+# encode 0.62× of the whole chunk at once; 128×128 decode 1.14× -> 1.34× and encode 1.09× -> 1.28× of diffusers).
+
+
+def frame_by_frame(layers, x: torch.Tensor, step, height: int) -> torch.Tensor:
+    """(B, C, T, H, W) through `layers` (each `keeps_frames`), `step(layer, x)` for each: for frames of at least
+    `FRAME_BY_FRAME_HEIGHT` (`height`: the clip's frame height in the model's pixels) one frame at a time, the
+    frames written into one channels-last output. The numbers of the whole chunk at once (the causal caches carry
+    from frame to frame) with the activations of one frame, at the resolutions where frames are largest."""
+    if height < FRAME_BY_FRAME_HEIGHT:
+        for layer in layers:
+            x = step(layer, x)
+        return x
+    out = None
+    for t in range(x.shape[2]):
+        y = x[:, :, t:t + 1]
+        for layer in layers:
+            y = step(layer, y)
+        if x.shape[2] == 1:
+            return y
+        if out is None:
+            out = torch.empty((*y.shape[:2], x.shape[2], *y.shape[3:]), dtype=y.dtype, device=y.device,
+                              memory_format=CL3)
+        out[:, :, t:t + 1] = y
+        del y
+    return out
 
 
 class ResidualBlock(nn.Module):
@@ -332,9 +375,16 @@ class Encoder3d(nn.Module):
                                   CausalConv3d(dims[-1], z_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cache: Cache, attention: AttentionBackend) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        for layer in (*self.downsamples, *self.middle):
-            x = layer(x, attention) if isinstance(layer, AttentionBlock) else layer(x, cache)
+        """conv1 and the levels before the first that halves time run a frame at a time (`frame_by_frame`):
+        at full resolution, where one frame's activations are the largest."""
+        def step(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return layer(x, attention) if isinstance(layer, AttentionBlock) else layer(x, cache)
+
+        layers = [self.conv1, *self.downsamples, *self.middle]
+        local = next(i for i, layer in enumerate([*layers, None]) if layer is None or not keeps_frames(layer))
+        x = frame_by_frame(layers[:local], x, step, x.shape[-2])
+        for layer in layers[local:]:
+            x = step(layer, x)
         return self.head[2](F.silu(self.head[0](x), inplace=True), cache)
 
 
@@ -383,10 +433,20 @@ class Decoder3d(nn.Module):
     def tail(self, x: torch.Tensor, cache: Cache, attention: AttentionBackend | None = None) -> torch.Tensor:
         """The levels and the head: (B, dims[0], t, h, w) -> (B, out_channels, T, 2^(L-1)h, 2^(L-1)w). Local in
         space (no attention in the released models), so a tile with `halo()` latent pixels around it gives the
-        tile's frames exactly."""
-        for layer in self.upsamples:
-            x = layer(x, attention) if isinstance(layer, AttentionBlock) else layer(x, cache)
-        return self.head[2](F.silu(self.head[0](x), inplace=True), cache)
+        tile's frames exactly. The levels after the last that doubles time, and the head, run a frame at a time
+        (`frame_by_frame`): at full resolution, where one frame's activations are the largest."""
+        def step(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            if layer is self.head:
+                return layer[2](F.silu(layer[0](x), inplace=True), cache)
+            return layer(x, attention) if isinstance(layer, AttentionBlock) else layer(x, cache)
+
+        layers = [*self.upsamples, self.head]
+        local = len(layers) - next(i for i, layer in enumerate([*layers[::-1], None])
+                                   if layer is None or (layer is not self.head and not keeps_frames(layer)))
+        height = x.shape[-2] * 2 ** sum(isinstance(m, Resample) for m in self.upsamples.modules())
+        for layer in layers[:local]:
+            x = step(layer, x)
+        return frame_by_frame(layers[local:], x, step, height)
 
     def forward(self, z: torch.Tensor, cache: Cache, attention: AttentionBackend) -> torch.Tensor:
         return self.tail(self.stem(z, cache, attention), cache, attention)

@@ -45,9 +45,10 @@ def decode_tiled(vae: WanVAE, z: torch.Tensor, state: dict, attention: Attention
     for k, ((y0, y1, x0, x1), (ry0, ry1, rx0, rx1)) in enumerate(regions):
         cache = state.setdefault((y0, x0), {})
         if sample and (y0, x0) != first[shape[k]] and k != last[shape[k]]:
-            # shaped like the first tile of this shape's caches (str: an upsampler's marker)
-            template = state[first[shape[k]]]
-            cache.update({m: v if isinstance(v, str) else torch.empty_like(v) for m, v in template.items()})
+            # shaped like the first tile of this shape's caches (str: an upsampler's marker), replaced entry by
+            # entry as running the tile replaces them (one entry's old and new alive at a time)
+            for m, v in state[first[shape[k]]].items():
+                cache[m] = v if isinstance(v, str) else torch.empty_like(v)
             continue
         part = vae.decode_tail(x[..., ry0:ry1, rx0:rx1], cache)
         if out is None:
