@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 
 import torch
@@ -159,3 +162,27 @@ def process_rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def release_host_memory(device: torch.device) -> bool:
+    """Give the free pages of the C heap back to the system (glibc's `malloc_trim`), on CPU. Returns whether it
+    could.
+
+    A decode frees and allocates tensors of many sizes; glibc serves those under its (dynamic, up to 32 MiB) mmap
+    threshold from the heap, where the holes between live blocks stay resident. Counted prices do not see those
+    holes: a bf16 decode of 8-px Wan tiles measured 6.5 GB peak RSS for 5.5 GB predicted; trimmed after every
+    tile, 4.1 GB, in the same time (docs/memory.md). Called between the steps and tiles of a decode or encode;
+    a no-op off Linux/glibc and on other devices."""
+    if device.type != "cpu":
+        return False
+    trim = _malloc_trim()
+    return bool(trim and trim(0) is not None)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS, Windows)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None

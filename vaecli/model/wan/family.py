@@ -27,7 +27,7 @@ from vaecli.model.wan.config import WanConfig
 from vaecli.model.wan.modules import WanVAE, channels_last_
 from vaecli.model.wan.tiles import decode_tiled
 from vaecli.ops.attention import AttentionBackend, resolve_attention
-from vaecli.ops.device import dtype_name
+from vaecli.ops.device import dtype_name, release_host_memory
 
 RULE = FrameRule(4, causal=True)
 MAX_ENCODE_FRAMES = {"cpu": 4}  # pixel frames per encoder call after the first, at most; 32 elsewhere
@@ -168,6 +168,8 @@ class WanCodec(Codec):
             out = self.vae.encode_chunk(video, cache, plan.attention)
         if _finite(out):  # else the guard redoes it wider
             clip.update(owner=self, cache=cache)
+        if self.resident:
+            release_host_memory(self.device)
         return rearrange(out, "1 c t h w -> t c h w")
 
     def _take(self, clip: dict) -> dict:
@@ -211,6 +213,8 @@ class WanCodec(Codec):
                     raise NonFiniteActivation(f"inf/NaN in {dtype_name(self.dtype)}")
                 clip["dirty"] = False
                 clip.setdefault("history", []).append(part)
+                if self.resident:
+                    release_host_memory(self.device)  # the heap's holes between steps (counting does not see them)
                 yield out
 
     def _decode_part(self, z: torch.Tensor, state: dict, pieces: Chunks, plan: Plan,

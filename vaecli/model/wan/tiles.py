@@ -10,6 +10,7 @@ import torch
 
 from vaecli.model.wan.modules import WanVAE
 from vaecli.ops.attention import AttentionBackend
+from vaecli.ops.device import release_host_memory
 from vaecli.ops.tiles import region, spans
 
 
@@ -51,6 +52,8 @@ def decode_tiled(vae: WanVAE, z: torch.Tensor, state: dict, attention: Attention
                 cache[m] = v if isinstance(v, str) else torch.empty_like(v)
             continue
         part = vae.decode_tail(x[..., ry0:ry1, rx0:rx1], cache)
+        if not sample:
+            release_host_memory(part.device)  # the heap's holes between tiles (counting does not see them)
         if out is None:
             out = part.new_empty((*part.shape[:3], height * f, width * f))
         out[..., y0 * f:y1 * f, x0 * f:x1 * f] = part[..., (y0 - ry0) * f:(y1 - ry0) * f,
