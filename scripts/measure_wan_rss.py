@@ -81,7 +81,7 @@ def main() -> None:
                         generator=torch.Generator().manual_seed(frames))
         save_file({"latents": z}, str(latents), metadata={"latents.space": "normalized"})
         peak, seconds, out = timed([sys.executable, "-m", "vaecli", "decode", str(latents), "-m", str(model),
-                                    "--dtype", args.dtype, "-o", str(tmp / f"v{frames}.mp4"), "--json"])
+                                    "--dtype", args.dtype, "--fps", "16", "-o", str(tmp / f"v{frames}.mp4"), "--json"])
         plan = json.loads(out.splitlines()[-1])["plan"]
         rows.append({"tool": "vaecli", "frames": frames, "peak_bytes": peak, "seconds": round(seconds, 1),
                      "predicted_bytes": plan["predicted_peak_bytes"], "pieces": plan["pieces"]})
