@@ -126,6 +126,29 @@ def test_tiles_down_to_8_latent_px_equal_one_call(models):
         assert (tiled(ours, z, 8, halo=1) - stream).abs().max() > 1e-2
 
 
+def test_tile_major_tiles_equal_one_call(models):
+    """Tile-major (`decode_columns`: each tile through the whole clip, then the next), 1..T latent frames per call:
+    fp64 equal to one call (the same sums); fp32 within 1e-4 (the stem's output is read back in slices, so its
+    convolutions may sum in another order); a halo too small differs, so the comparison can fail."""
+    from vaecli.model.wan.tiles import decode_columns
+    from vaecli.ops.attention import AttentionBackend
+
+    name, ours, _ = models
+    attention = AttentionBackend("math")
+    z = torch.randn(1, ours.config.z_dim, 3, 19, 10, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        one = ours.decode(z, attention, chunk=3)
+        for chunk in (1, 3):
+            columns = decode_columns(ours, z, attention, chunk, 8)
+            assert columns.shape == (1, 3, 9, 19 * ours.config.spatial_factor, 10 * ours.config.spatial_factor)
+            assert torch.allclose(columns, one, atol=1e-4), chunk
+        assert (decode_columns(ours, z, attention, 3, 8, halo=1) - one).abs().max() > 1e-2
+        wide = WanVAE(ours.config).double().eval()
+        wide.load_state_dict(ours.state_dict())
+        exact = wide.decode(z.double(), attention, chunk=3)
+        assert torch.allclose(decode_columns(wide, z.double(), attention, 2, 8), exact, atol=1e-9, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------ through the CLI
 
 
@@ -409,64 +432,92 @@ def test_wan22_through_the_cli_matches_diffusers(wan22_files, tmp_path):
 
 def test_planner_tiles_only_when_whole_frames_do_not_fit(monkeypatch):
     """Released 2.1 and 2.2 structures on the meta device, a 720p clip, prices counted from the codec's own
-    code: a large budget streams whole frames (one latent frame per call on CPU). Tiles do not pay at this size
-    (every tile's causal caches hold its halo, and the largest frames already run one at a time): a budget of
-    the whole-frame price fits, one byte less does not, and the plan stays whole frames, its cheapest cut. Where
-    tiles are cheaper (prices stubbed) the largest that fit are chosen; --tile forces tiles; --overlap is refused."""
+    code: a large budget streams whole frames (one latent frame per call on CPU). Step-by-step tiles do not pay
+    at this size (every tile's causal caches hold its halo, and the largest frames already run one at a time);
+    tile-major ones do (one tile's caches alive), and their price grows with the clip (its stem output and
+    frames). A budget of the whole-frame price gets whole frames; less, the tile-major tiles of the least work
+    that fit, of at most MAX_TILE_WORK times the work (prices stubbed where 2.2's real ones all fit); --tile
+    forces tiles of any work; --overlap is refused."""
     from vaecli.errors import UsageError
     from vaecli.model.plan import Budget
-    from vaecli.model.wan.family import FAMILY, TILES, Chunks, WanCodec
+    from vaecli.model.wan.family import FAMILY, MAX_TILE_WORK, TILES, Chunks, WanCodec
+    from vaecli.model.wan.tiles import tile_work
 
     released = {"2.1": (WanConfig(), (90, 160)),
                 "2.2": (WanConfig(dim=160, decoder_dim=256, z_dim=48, in_channels=12, out_channels=12, residual=True,
-                                  patch_size=2), (45, 80))}
+                                  patch_size=2), (44, 80))}
     cpu = torch.device("cpu")
     for version, (config, hw) in released.items():
         codec = FAMILY.build(None, device=cpu, dtype=torch.float32, config=config)
         whole = codec.plan_decode(21, hw, Budget(cpu, 1 << 40))
         assert whole.pieces.tile is None and whole.pieces.latent == 1 and whole.exact and whole.fits  # CPU: fastest
         one = codec._decode_price(21, hw, Chunks(1), whole.attention)
-        tiled = {t: codec._decode_price(21, hw, Chunks(1, t, 13), whole.attention) for t in TILES if t < max(hw)}
-        assert tiled[8] > tiled[32] > min(tiled.values()) >= one, version  # small tiles pay for their halos
-        for budget, fits in ((one, True), (one - 1, False)):
+        steps = {t: codec._decode_price(21, hw, Chunks(1, t, 13), whole.attention) for t in (96, 48, 16)}
+        assert steps[16] > steps[48] >= one and steps[96] >= one, version  # small tiles pay for their halos
+        sides = sorted((t for t in TILES if t < max(hw) and tile_work(*hw, t, 13) <= MAX_TILE_WORK),
+                       key=lambda t: tile_work(*hw, t, 13))
+        columns = {t: codec._decode_price(21, hw, Chunks(1, t, 13, True), whole.attention) for t in sides}
+        assert one > columns[sides[-1]] and columns[sides[0]] > columns[sides[-1]], version
+        assert codec._decode_price(41, hw, Chunks(1, sides[-1], 13, True), whole.attention) > columns[sides[-1]]
+        for budget in (one, one - 1, columns[sides[-1]]):
             plan = codec.plan_decode(21, hw, Budget(cpu, budget))
-            assert plan.pieces.tile is None and plan.exact and plan.fits == fits and plan.activation_bytes == one
+            assert plan.exact and plan.fits and plan.activation_bytes <= budget, (version, budget)
+            assert (plan.pieces.tile is None) == (budget == one) and plan.pieces.columns == (budget < one)
+            if budget < one:  # the tile-major tiles of the least work that fit
+                fit = next(t for t in sides if columns[t] <= budget)
+                assert plan.pieces == Chunks(1, fit, 13, True) and plan.work == tile_work(*hw, fit, 13) > 1
+        tight = codec.plan_decode(21, hw, Budget(cpu, 1 << 20))
+        assert not tight.fits and tight.activation_bytes == min(one, *columns.values())  # refused upstream
         forced = codec.plan_decode(21, hw, Budget(cpu, 1 << 40), tile=16)
-        assert forced.pieces.tile == 16 and forced.pieces.latent == 1
+        assert forced.pieces == Chunks(1, 16, 13)  # step by step where it fits, else tile-major
+        assert codec.plan_decode(21, hw, Budget(cpu, steps[16] - 1), tile=16).pieces == Chunks(1, 16, 13, True)
         assert codec.plan_decode(21, hw, Budget(cpu, 1 << 40), chunk=5).pieces.latent == 5  # --chunk forces it
         with pytest.raises(UsageError):
             codec.plan_decode(21, hw, Budget(cpu, 1 << 40), overlap=2)
 
-    stub = {None: 1000, 64: 900, 48: 800, 32: 700, 24: 750}  # 2.2's tiles (< 80 px) cheaper, 32 the cheapest
-    monkeypatch.setattr(WanCodec, "_decode_price", lambda self, f, hw, pieces, b: stub.get(pieces.tile, 2000))
-    for budget, want in ((850, 48), (700, 32), (699, 32)):  # the largest that fits, else the cheapest
-        plan = codec.plan_decode(21, hw, Budget(cpu, budget))
-        assert plan.pieces.tile == want and plan.pieces.halo == 13 and plan.exact
+    stub = {None: 1000, 64: 900, 48: 800, 32: 700, 24: 750, 16: 600}  # tile-major prices, 2.2 (< 80 px)
+    monkeypatch.setattr(WanCodec, "_decode_price", lambda self, f, hw, pieces, b:
+                        stub.get(pieces.tile, 500) if pieces.columns or not pieces.tile else 1)
+    for budget, want in ((850, 48), (700, 32), (699, 32)):  # the least work that fits, else the cheapest
+        plan = codec.plan_decode(21, hw, Budget(cpu, budget))  # 16 px: over 4x the work; 12 and 8 more
+        assert plan.pieces == Chunks(1, want, 13, True) and plan.exact and plan.work == tile_work(*hw, want, 13)
         assert plan.fits == (budget >= stub[want]) and plan.activation_bytes == stub[want]
+    assert tile_work(*hw, 24, 13) <= MAX_TILE_WORK < tile_work(*hw, 16, 13)
+    assert codec.plan_decode(21, hw, Budget(cpu, 600), tile=16).pieces == Chunks(1, 16, 13)  # forced: any
 
 
-def test_cli_decode_in_forced_tiles_gives_the_same_frames(wan_files, tmp_path):
+def test_cli_decode_in_forced_tiles_gives_the_same_frames(wan_files, tmp_path, monkeypatch):
+    """Whole frames, forced tiles step by step, and (where only they fit: prices stubbed) tile-major tiles,
+    through the CLI: the same frames, every one of them (tile-major to a rounding: its stem output is read back
+    in slices)."""
     import json
 
     import numpy as np
     from PIL import Image
 
     from helpers import make_video
+    from vaecli.model.wan.family import WanCodec
 
     root, _ = wan_files
     model = root / "wan.safetensors"
     video = tmp_path / "clip.mp4"
-    make_video(video, n=5, width=80, height=48)
+    make_video(video, n=9, width=80, height=48)
     latents = tmp_path / "clip.latents.safetensors"
     assert run("encode", video, "-m", model, "-o", latents).exit_code == 0
     got = {}
-    for name, extra in (("whole", []), ("tiles", ["--tile", "4"])):
+    for name, extra in (("whole", []), ("tiles", ["--tile", "4"]), ("columns", ["--tile", "4"])):
+        if name == "columns":
+            monkeypatch.setattr(WanCodec, "_decode_price", lambda self, f, hw, pieces, b: 1 if pieces.columns else 1 << 50)
         done = run("decode", latents, "-m", model, "-o", f"{tmp_path / name}/", "--json", *extra)
         assert done.exit_code == 0, done.output
         result = json.loads(done.stdout)
         got[name] = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / name).glob("*.png"))])
         assert result["plan"]["pieces"]["tile"] == (4 if extra else None), result["plan"]
-    assert got["whole"].shape == (5, 48, 80, 3) and np.array_equal(got["whole"], got["tiles"])
+        assert result["plan"]["pieces"]["order"] == ("tile-major" if name == "columns" else "step-major")
+    assert got["whole"].shape == (9, 48, 80, 3)
+    assert np.array_equal(got["whole"], got["tiles"])
+    off = np.abs(got["whole"].astype(int) - got["columns"].astype(int))  # fp32 rounding: at most a level, rarely
+    assert off.max() <= 1 and (off > 0).mean() < 1e-3
 
 
 def test_wan_models_by_hugging_face_name(wan_files, wan22_files, tmp_path):

@@ -68,6 +68,8 @@ class Plan:
     the plan fits); predicted_peak_bytes: activations plus weights. host_bytes: host memory the parked clip takes.
     disk_bytes: scratch space a clip kept on disk takes, in the folder `scratch`.
     frame_batch: decode only: the decoder's 2D layers run this many frames at a time (`Clips.frame_batch`).
+    work: the computation over that of the family's fastest exact cut (exact tiles compute their halos again);
+    where memory is traded for it the planner prefers the plan with less.
     """
 
     stage: str
@@ -88,6 +90,7 @@ class Plan:
     runtime_bytes: int = 0  # what the process holds besides (CPU: Python, torch), part of a --max-memory ceiling
     disk_bytes: int = 0
     scratch: str | None = None
+    work: float = 1.0
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -108,7 +111,7 @@ class Plan:
                 "predicted_peak_bytes": self.predicted_peak_bytes, "activation_bytes": self.activation_bytes,
                 "budget_bytes": self.budget_bytes, "weights_bytes": self.weights_bytes, "runtime_bytes": self.runtime_bytes,
                 "host_bytes": self.host_bytes, "disk_bytes": self.disk_bytes, "scratch": self.scratch,
-                "fits": self.fits, "reasons": list(self.reasons)}
+                "work": round(self.work, 3), "fits": self.fits, "reasons": list(self.reasons)}
 
     def describe(self) -> list[str]:
         exact = "exact" if self.exact else "APPROXIMATE"

@@ -148,11 +148,12 @@ def default_plan(codec: Codec, plan_with: Callable[[Budget], Plan], max_memory: 
                  scratch: str | Path | None = None) -> Plan:
     """`plan_with(budget)` within the ceiling. On CPU without --max-memory: within `CPU_DEFAULT_CEILING` when an
     exact plan fits there, else within the whole default share (an exact plan that fits it, or the one that
-    fits at all), so that the preference never turns an exact job into an approximate or refused one."""
+    fits at all), so that the preference never turns an exact job into an approximate or refused one, nor into
+    more work (exact tiles that compute their halos again, where the share fits larger tiles or whole frames)."""
     plan = plan_with(budget_for(codec, max_memory, scratch))
-    if max_memory is None and codec.device.type == "cpu" and not (plan.fits and plan.exact):
+    if max_memory is None and codec.device.type == "cpu" and not (plan.fits and plan.exact and plan.work <= 1):
         wider = plan_with(budget_for(codec, None, scratch, preferred=False))
-        if wider.fits and (wider.exact or not plan.fits):
+        if wider.fits and (not plan.fits or (wider.exact and (not plan.exact or wider.work < plan.work))):
             return wider
     return plan
 

@@ -10,6 +10,7 @@ chunks carrying the causal cache (exact, memory constant in the clip's length); 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +26,7 @@ from vaecli.model.wan import layout as wan_layout
 from vaecli.model.wan import memory as wan_memory
 from vaecli.model.wan.config import WanConfig
 from vaecli.model.wan.modules import WanVAE, channels_last_
-from vaecli.model.wan.tiles import decode_tiled
+from vaecli.model.wan.tiles import decode_columns, decode_tiled, tile_work
 from vaecli.ops.attention import AttentionBackend, resolve_attention
 from vaecli.ops.device import dtype_name, release_host_memory
 
@@ -38,23 +39,35 @@ MAX_DECODE_FRAMES = {"cpu": 1}  # latent frames per decoder call, at most; 16 el
 
 
 TILES = (128, 96, 64, 48, 32, 24, 16, 12, 8)  # latent px, tried largest first when whole frames do not fit
+MAX_TILE_WORK = 4.0  # tiles computing more than this times whole frames' work (their halos) only when forced
+# Tiles run tile-major when whole frames do not fit: step by step every tile keeps its own causal caches, halo
+# included, and the caches are most of a large frame's decode (with the largest frames run one at a time, no
+# step-by-step tile was cheaper than whole frames at 720p for 2.1 or 2.2, docs/memory.md); --tile N forces them.
 
 
 @dataclass(frozen=True)
 class Chunks:
     """A Wan decode's cut: `latent` latent frames per decoder call (the causal cache carried between calls);
-    with `tile`, the decoder's tail in square tiles of that many latent px, each grown by `halo` (exact)."""
+    with `tile`, the decoder's tail in square tiles of that many latent px, each grown by `halo` (exact): every
+    tile of a call, then the next call, or with `columns` tile-major, each tile through the whole clip."""
 
     latent: int
     tile: int | None = None
     halo: int = 0
+    columns: bool = False
 
     def describe(self) -> str:
-        where = f", in tiles of {self.tile} latent px (halo {self.halo})" if self.tile else ""
-        return f"{self.latent} latent frame(s) per call{where}, the causal cache carried (exact)"
+        if not self.tile:
+            return f"{self.latent} latent frame(s) per call, the causal cache carried (exact)"
+        where = f"tiles of {self.tile} latent px (halo {self.halo}), {self.latent} latent frame(s) per call"
+        if self.columns:
+            return (f"{where}, each tile through the whole clip with its own causal cache (exact; the clip's "
+                    "stem output and frames held: memory grows with its length)")
+        return f"{where}, the causal caches carried (exact)"
 
     def to_dict(self) -> dict:
-        return {"latent_frames": self.latent, "tile": self.tile, "halo": self.halo}
+        return {"latent_frames": self.latent, "tile": self.tile, "halo": self.halo,
+                "order": "tile-major" if self.columns else "step-major"}
 
 
 class WanCodec(Codec):
@@ -108,34 +121,46 @@ class WanCodec(Codec):
     def plan_decode(self, frames: int, latent_hw: tuple[int, int], budget: Budget, *, attention: str = "auto",
                     chunk: int | None = None, overlap: int | None = None, tile: int | None = None) -> Plan:
         """Whole frames, as many latent frames per call as fit (up to 16; 1 on CPU, where that is fastest); else
-        one latent frame per call in the largest tiles that fit (down to 8 latent px). `--chunk` / `--tile` force
-        either; all of them exact."""
+        one latent frame per call in the tile-major tiles of the least work that fit (down to 8 latent px, at most
+        `MAX_TILE_WORK` times whole frames' work: one tile's caches alive, the clip's stem output and frames
+        held); else
+        the cheapest of them. `--chunk` / `--tile` force the cut (forced tiles step by step where they fit, else
+        tile-major); all of them exact."""
         if overlap:
             raise UsageError("a Wan decode streams latent frames exactly; --overlap is not for it")
         backend = resolve_attention(attention, budget.device, self.dtype)
         halo = self.vae.decoder.halo()
         if tile is not None and halo is None:
             raise UsageError("this Wan decoder has attention in its levels; it decodes whole frames (drop --tile)")
-        reach = halo or 0
 
-        def price(c: int, t: int | None) -> int:
-            return self._decode_price(frames, latent_hw, Chunks(c, t, reach if t else 0), backend)
+        def pieces(cut: tuple[int, int | None, bool]) -> Chunks:
+            c, t, columns = cut
+            return Chunks(c, t, halo if t else 0, columns)
 
-        def first_fit(cuts: list[tuple[int, int | None]]) -> tuple[int, int | None] | None:
-            return next((ct for ct in cuts if price(*ct) <= budget.activation_bytes), None)
+        def price(cut: tuple[int, int | None, bool]) -> int:
+            return self._decode_price(frames, latent_hw, pieces(cut), backend)
+
+        def first_fit(cuts: list) -> tuple[int, int | None, bool] | None:
+            return next((cut for cut in cuts if price(cut) <= budget.activation_bytes), None)
 
         most = MAX_DECODE_FRAMES.get(budget.device.type, 16)
         sizes = [chunk] if chunk else list(range(min(frames, most), 0, -1))
-        cuts = [(c, tile) for c in sizes]  # forced tiles, or whole frames: the most latent frames per call that fit
-        c, t = first_fit(cuts) or cuts[-1]
-        tiles = [(sizes[-1], t) for t in TILES if t < max(latent_hw)] if tile is None and halo is not None else []
-        if tiles and price(c, t) > budget.activation_bytes:  # the largest tiles that fit, else the cheapest cut
-            c, t = first_fit(tiles) or min([(c, t), *tiles], key=lambda ct: price(*ct))
-        act = price(c, t)
-        pieces = Chunks(c, t, reach if t else 0)
+        cuts = [(c, tile, False) for c in sizes]  # forced tiles, or whole frames: the most latent frames per call
+        cut = first_fit(cuts) or cuts[-1]
+        if halo is not None and price(cut) > budget.activation_bytes:  # tile-major: forced tiles, or those of the
+            work = {t: tile_work(*latent_hw, t, halo) for t in TILES if t < max(latent_hw)}  # least work that fit
+            sides = [tile] if tile else sorted((t for t in work if work[t] <= MAX_TILE_WORK), key=work.get)
+            tiled = [(sizes[-1], t, True) for t in sides]
+            cut = first_fit(tiled) or min([cut, *tiled], key=price)
+        act, chosen = price(cut), pieces(cut)
+        work = tile_work(*latent_hw, chosen.tile, chosen.halo) if chosen.tile else 1.0
         why = [f"budget {format_bytes(max(budget.activation_bytes, 0))} for activations on {budget.device}",
-               pieces.describe() + ": memory constant in the clip's length", f"attention {backend.name}"]
-        return self._plan("decode", budget, backend, "stream", c, act, why, pieces)
+               chosen.describe() if chosen.columns else chosen.describe() + ": memory constant in the clip's length",
+               f"attention {backend.name}"]
+        if work > 1:
+            why.append(f"the tiles' halos: about {work:.1f}x the work of whole frames in the decoder's levels")
+        return dataclasses.replace(self._plan("decode", budget, backend, "stream", chosen.latent, act, why, chosen),
+                                   work=work)
 
     def plan_encode(self, frames: int, size_hw: tuple[int, int], budget: Budget, *, attention: str = "auto",
                     batch: int | None = None) -> Plan:
@@ -186,7 +211,7 @@ class WanCodec(Codec):
         return cache
 
     def decode_steps(self, plan: Plan, frames: int) -> list[tuple[int, int]]:
-        n = plan.pieces.latent if plan.pieces is not None else frames
+        n = plan.pieces.latent if plan.pieces is not None and not plan.pieces.columns else frames
         return [(a, min(a + n, frames)) for a in range(0, frames, n)]
 
     def decode(self, z: torch.Tensor, plan: Plan, *, check_finite: bool = False,
@@ -199,6 +224,9 @@ class WanCodec(Codec):
         sample: for pricing only (`decode_tiled(sample=True)`)."""
         pieces = plan.pieces if plan.pieces is not None else Chunks(z.shape[0])
         clip = {} if clip is None else clip
+        if pieces.columns:
+            yield from self._decode_columns(z, pieces, plan, check_finite, sample)
+            return
         with torch.inference_mode():
             if clip.get("dirty"):
                 clip.update(owner=self, cache={}, dirty=False)
@@ -216,6 +244,22 @@ class WanCodec(Codec):
                 if self.resident:
                     release_host_memory(self.device)  # the heap's holes between steps (counting does not see them)
                 yield out
+
+    def _decode_columns(self, z: torch.Tensor, pieces: Chunks, plan: Plan, check_finite: bool,
+                        sample: bool) -> Iterator[torch.Tensor]:
+        """Raw latents of a whole clip (t, z, h, w) -> its frames tile-major (`decode_columns`), all computed (and
+        checked, when `check_finite`) before the first block is handed out, then one block per call's frames."""
+        with torch.inference_mode():
+            part = rearrange(z.to(self.device, self.dtype), "t c h w -> 1 c t h w")
+            out = decode_columns(self.vae, part, plan.attention, pieces.latent, pieces.tile, pieces.halo, sample)
+            del part
+            if check_finite and not _finite(out):
+                raise NonFiniteActivation(f"inf/NaN in {dtype_name(self.dtype)}")
+            frames = rearrange(out, "1 c t h w -> t c h w")
+            start, step = 0, 1 + self.config.temporal_factor * (pieces.latent - 1)
+            while start < frames.shape[0]:
+                yield frames[start:start + step]
+                start, step = start + step, self.config.temporal_factor * pieces.latent
 
     def _decode_part(self, z: torch.Tensor, state: dict, pieces: Chunks, plan: Plan,
                      sample: bool = False) -> torch.Tensor:

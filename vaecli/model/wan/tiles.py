@@ -1,17 +1,25 @@
 """Exact spatial tiles for the Wan decoder: the stem (conv1 and the middle with its whole-frame attention) runs
 on whole frames at latent size, where it is cheap; the tail (the levels and the head, local in space) runs tile
-by tile, each tile grown by the tail's halo and cropped back, each with a causal cache of its own, so frames of
-any size decode in memory set by the tile and equal the one-call decode.
+by tile, each tile grown by the tail's halo and cropped back, each with a causal cache of its own, so the frames
+equal the one-call decode.
+
+Two orders: step by step (`decode_tiled`: every tile of a step, then the next step; every tile's caches alive
+at once, memory constant in the clip's length) and tile-major (`decode_columns`: one tile through the whole
+clip, then the next; one tile's caches alive, the clip's stem output and frames held). The causal caches (two
+frames of every temporal convolution's input) are most of a large frame's decode, so only tile-major makes
+tiles cheaper than whole frames.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vaecli.model.wan.modules import WanVAE
+from vaecli.model.wan.modules import CL3, WanVAE
 from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.device import release_host_memory
 from vaecli.ops.tiles import region, spans
+
+SAMPLED = 3  # calls a priced (sampled) stem or tile visits: from the third on each allocates and frees the same
 
 
 def tile_regions(height: int, width: int, tile: int, halo: int):
@@ -20,6 +28,13 @@ def tile_regions(height: int, width: int, tile: int, halo: int):
     for y0, y1 in spans(height, tile):
         for x0, x1 in spans(width, tile):
             yield (y0, y1, x0, x1), region(y0, y1, x0, x1, halo, height, width)
+
+
+def tile_work(height: int, width: int, tile: int, halo: int) -> float:
+    """The tail's computation in tiles of `tile` latent px over that on whole (height, width) frames: the tiles'
+    regions (each grown by `halo`) over the frame."""
+    area = sum((ry1 - ry0) * (rx1 - rx0) for _, (ry0, ry1, rx0, rx1) in tile_regions(height, width, tile, halo))
+    return area / (height * width)
 
 
 def decode_tiled(vae: WanVAE, z: torch.Tensor, state: dict, attention: AttentionBackend, tile: int,
@@ -58,4 +73,55 @@ def decode_tiled(vae: WanVAE, z: torch.Tensor, state: dict, attention: Attention
             out = part.new_empty((*part.shape[:3], height * f, width * f))
         out[..., y0 * f:y1 * f, x0 * f:x1 * f] = part[..., (y0 - ry0) * f:(y1 - ry0) * f,
                                                       (x0 - rx0) * f:(x1 - rx0) * f]
+    return out
+
+
+def decode_columns(vae: WanVAE, z: torch.Tensor, attention: AttentionBackend, chunk: int, tile: int,
+                   halo: int | None = None, sample: bool = False) -> torch.Tensor:
+    """Raw latents (B, z, t, h, w) of a whole clip -> frames (B, 3, 1 + 4(t - 1), fh, fw) in [-1, 1], tile-major:
+    the stem runs over the whole clip (`chunk` latent frames per call) into one stem output, then each tile runs
+    through the whole clip, `chunk` latent frames per call, its causal cache dropped when it is done. The same
+    calls on the same inputs as `decode_tiled` step by step (equal frames), but only one tile's caches are alive
+    at a time: what the caches of every tile at once cost the step-wise tiles (each with its halo), the stem
+    output and the frames of the clip cost here (a latent frame's stem output and its four frames, so the memory
+    grows with the clip's length).
+
+    sample: for pricing (counting execution): the stem's first `SAMPLED` calls, and of the tiles with the same
+    region shape only the first, through its first `SAMPLED` calls (from the third on every call allocates and
+    frees the same, and each tile starts from nothing); the frames are allocated whole, mostly unwritten."""
+    halo = vae.decoder.halo() if halo is None else halo
+    if halo is None:
+        raise ValueError("this Wan decoder has attention in its levels; it decodes whole frames only")
+    steps = [(a, min(a + chunk, z.shape[2])) for a in range(0, z.shape[2], chunk)]
+    visited = steps[:SAMPLED] if sample else steps
+    cache: dict = {}
+    stem = None
+    for a, b in visited:
+        part = vae.decode_stem(z[:, :, a:b], cache, attention)
+        if stem is None:  # (B, C, t, h, w), frames one after another as the tiles read them
+            stem = torch.empty((*part.shape[:2], z.shape[2], *part.shape[3:]), dtype=part.dtype, device=part.device,
+                               memory_format=CL3)
+        stem[:, :, a:b] = part
+        del part
+    del cache
+    f, frames = vae.config.spatial_factor, vae.config.temporal_factor
+    height, width = stem.shape[-2:]
+    seen, out = set(), None
+    for (y0, y1, x0, x1), (ry0, ry1, rx0, rx1) in tile_regions(height, width, tile, halo):
+        if sample and (ry1 - ry0, rx1 - rx0) in seen:
+            continue
+        seen.add((ry1 - ry0, rx1 - rx0))
+        cache, t = {}, 0
+        for a, b in visited:
+            part = vae.decode_tail(stem[:, :, a:b, ry0:ry1, rx0:rx1], cache)
+            if out is None:
+                out = part.new_empty((*part.shape[:2], 1 + frames * (z.shape[2] - 1), height * f, width * f))
+            n = part.shape[2]
+            out[:, :, t:t + n, y0 * f:y1 * f, x0 * f:x1 * f] = part[..., (y0 - ry0) * f:(y1 - ry0) * f,
+                                                                    (x0 - rx0) * f:(x1 - rx0) * f]
+            t += n
+            del part
+        del cache
+        if not sample:
+            release_host_memory(out.device)
     return out
