@@ -6,7 +6,8 @@
 
 For each plan (forced with --tile / --chunk or by a --max-memory ceiling), `vaecli plan --json` gives the predicted
 peak (activations + weights + runtime), then the same command runs in a fresh subprocess and its peak resident set
-(GNU time's maximum resident set) is measured. Prints one row per plan: strategy, pieces, predicted, measured, predicted/measured.
+(GNU time's maximum resident set) is measured. Prints one row per plan: strategy, predicted, measured,
+predicted/measured, wall seconds, pieces. --stages decode (or encode) measures one stage only.
 With --wan, the model is a random Wan 2.1 or 2.2 of the released block structure (written to a temporary
 checkpoint), and the forced cuts are Wan's: latent frames per call (--chunk) and tiles (--tile).
 """
@@ -27,13 +28,15 @@ def vaecli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vaecli", *args], capture_output=True, text=True, cwd=ROOT)
 
 
-def peak_rss(*args: str) -> tuple[int, dict]:
-    """Peak RSS (bytes) of one vaecli command in a fresh process (GNU time's %M), and its JSON result."""
-    done = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "vaecli", *args], capture_output=True,
-                          text=True, cwd=ROOT)
+def peak_rss(*args: str) -> tuple[int, float, dict]:
+    """Peak RSS (bytes) and wall seconds of one vaecli command in a fresh process (GNU time's %M and %e), and
+    its JSON result."""
+    done = subprocess.run(["/usr/bin/time", "-f", "%M %e", sys.executable, "-m", "vaecli", *args],
+                          capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"vaecli {' '.join(args)} failed: {done.stderr}")
-    return int(done.stderr.strip().splitlines()[-1]) * 1024, json.loads(done.stdout.splitlines()[-1])
+    rss, seconds = done.stderr.strip().splitlines()[-1].split()
+    return int(rss) * 1024, float(seconds), json.loads(done.stdout.splitlines()[-1])
 
 
 def wan_checkpoint(version: str, path: Path) -> None:
@@ -63,6 +66,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--size", default="320x192")
     ap.add_argument("--wan", choices=("2.1", "2.2"), help="measure a random Wan VAE of this version instead")
+    ap.add_argument("--stages", nargs="+", choices=("encode", "decode"), default=["encode", "decode"])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="vaecli-plans-"))
@@ -78,7 +82,7 @@ def main() -> None:
     if done.returncode != 0:
         raise SystemExit(done.stderr)
     whole = json.loads(vaecli("plan", str(latents), "--json", *model).stdout)["predicted_peak_bytes"]
-    cases = cases_for(bool(args.wan), whole)
+    cases = [case for case in cases_for(bool(args.wan), whole) if case[0] in args.stages]
     rows = []
     for k, (stage, extra) in enumerate(cases):
         source = str(clip) if stage == "encode" else str(latents)
@@ -90,16 +94,16 @@ def main() -> None:
         shown = json.loads(asked.stdout)
         planned = shown["encode"] if stage == "encode" else shown
         out = tmp / (f"e{k}.latents.safetensors" if stage == "encode" else f"d{k}.mp4")
-        measured, result = peak_rss(stage, source, "-o", str(out), "--json", *extra)
+        measured, seconds, result = peak_rss(stage, source, "-o", str(out), "--json", *extra)
         same = ("strategy", "pieces", "chunk_frames", "batch_frames", "frame_batch", "attention")
         assert all(result["plan"][k] == planned[k] for k in same), (stage, extra)  # the plan shown is the one run
         rows.append({"stage": stage, "options": options, "strategy": planned["strategy"],
                      "exact": planned["exact"], "pieces": planned["pieces"],
-                     "predicted": planned["predicted_peak_bytes"], "measured": measured,
+                     "predicted": planned["predicted_peak_bytes"], "measured": measured, "seconds": seconds,
                      "ratio": round(planned["predicted_peak_bytes"] / measured, 3)})
         r = rows[-1]
         print(f"{stage:6} {r['options']:28} {r['strategy']:9} predicted {r['predicted'] / 2**20:8.1f} MiB  measured "
-              f"{r['measured'] / 2**20:8.1f} MiB  ratio {r['ratio']:.3f}", flush=True)
+              f"{r['measured'] / 2**20:8.1f} MiB  ratio {r['ratio']:.3f}  {seconds:7.1f} s  {r['pieces']}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
 
