@@ -7,7 +7,8 @@
 For each plan (forced with --tile / --chunk or by a --max-memory ceiling), `vaecli plan --json` gives the predicted
 peak (activations + weights + runtime), then the same command runs in a fresh subprocess and its peak resident set
 (GNU time's maximum resident set) is measured. Prints one row per plan: strategy, predicted, measured,
-predicted/measured, wall seconds, pieces. --stages decode (or encode) measures one stage only.
+predicted/measured, wall seconds, pieces. --stages decode (or encode) measures one stage only; --unforced
+only the defaults and the --max-memory ceilings.
 With --wan, the model is a random Wan 2.1 or 2.2 of the released block structure (written to a temporary
 checkpoint), and the forced cuts are Wan's: latent frames per call (--chunk) and tiles (--tile).
 """
@@ -67,6 +68,7 @@ def main() -> None:
     ap.add_argument("--size", default="320x192")
     ap.add_argument("--wan", choices=("2.1", "2.2"), help="measure a random Wan VAE of this version instead")
     ap.add_argument("--stages", nargs="+", choices=("encode", "decode"), default=["encode", "decode"])
+    ap.add_argument("--unforced", action="store_true", help="the defaults and the ceilings only (no --chunk/--tile)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="vaecli-plans-"))
@@ -82,7 +84,8 @@ def main() -> None:
     if done.returncode != 0:
         raise SystemExit(done.stderr)
     whole = json.loads(vaecli("plan", str(latents), "--json", *model).stdout)["predicted_peak_bytes"]
-    cases = [case for case in cases_for(bool(args.wan), whole) if case[0] in args.stages]
+    cases = [case for case in cases_for(bool(args.wan), whole) if case[0] in args.stages
+             and not (args.unforced and {"--chunk", "--tile", "--batch"} & set(case[1]))]
     rows = []
     for k, (stage, extra) in enumerate(cases):
         source = str(clip) if stage == "encode" else str(latents)

@@ -3,6 +3,7 @@ default plan against diffusers' AutoencoderKLWan untiled and tiled, for growing 
 
     python scripts/measure_wan_memory.py                          # 2.1 at 832x480 and 1280x720, 2.2 at 1280x704
     python scripts/measure_wan_memory.py --frames 21 41 81 --dtype bf16 --max-memory 8GiB --json wan-mem.json
+    python scripts/measure_wan_memory.py --dtype fp32 --plans-only     # the plans and predictions, no traces
 
 Both models run their own code on tensors of the meta device (`vaecli.ops.memtrace`): every allocation and free
 in order, no arithmetic, so a 121-frame 720p decode is traced in seconds on a laptop. The traced peak is the
@@ -49,7 +50,7 @@ def theirs(version: str, dtype: torch.dtype, tiled: bool):
     return vae
 
 
-def vaecli_decode(planner: WanCodec, tracer: WanCodec, frames: int, hw, dtype, max_memory) -> dict:
+def vaecli_decode(planner: WanCodec, tracer: WanCodec, frames: int, hw, dtype, max_memory, trace=True) -> dict:
     f = planner.spatial_factor
     t, latent_hw = (frames - 1) // 4 + 1, (hw[0] // f, hw[1] // f)
     plan = decode_plan(planner, t, latent_hw, max_memory=max_memory)
@@ -61,11 +62,11 @@ def vaecli_decode(planner: WanCodec, tracer: WanCodec, frames: int, hw, dtype, m
             for block in tracer.decode(z[a:b], plan, clip=clip):
                 del block
 
-    return {"peak": traced_peak_bytes(run), "predicted": plan.predicted_peak_bytes, "plan": plan.pieces.describe(),
-            "budget": plan.budget_bytes}
+    return {"peak": traced_peak_bytes(run) if trace else None, "predicted": plan.predicted_peak_bytes,
+            "plan": plan.pieces.describe(), "budget": plan.budget_bytes, "work": plan.work}
 
 
-def vaecli_encode(planner: WanCodec, tracer: WanCodec, frames: int, hw, dtype, max_memory) -> dict:
+def vaecli_encode(planner: WanCodec, tracer: WanCodec, frames: int, hw, dtype, max_memory, trace=True) -> dict:
     plan = encode_plan(planner, frames, hw, max_memory=max_memory)
     x = torch.empty((frames, planner.in_channels if planner.config.patch_size == 1 else 3, *hw), device="meta",
                     dtype=dtype)
@@ -77,8 +78,8 @@ def vaecli_encode(planner: WanCodec, tracer: WanCodec, frames: int, hw, dtype, m
             out = tracer.moments(x[a:n + 1 if a == 0 else a + n], plan, clip=clip)
             del out
 
-    return {"peak": traced_peak_bytes(run), "predicted": plan.predicted_peak_bytes,
-            "plan": f"the first {n + 1} frames, then {n} per call", "budget": plan.budget_bytes}
+    return {"peak": traced_peak_bytes(run) if trace else None, "predicted": plan.predicted_peak_bytes,
+            "plan": f"the first {n + 1} frames, then {n} per call", "budget": plan.budget_bytes, "work": plan.work}
 
 
 def diffusers_peak(vae, stage: str, frames: int, hw, version: str, dtype) -> int:
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--max-memory", help="vaecli's ceiling (default: its CPU default on this machine)")
     ap.add_argument("--stages", nargs="+", default=["decode", "encode"], choices=("decode", "encode"))
+    ap.add_argument("--plans-only", action="store_true", help="vaecli's plans and predictions only, no traces")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     dtype, max_memory = DTYPES[args.dtype], parse_bytes(args.max_memory) if args.max_memory else None
@@ -108,9 +110,13 @@ def main() -> None:
             for frames in frame_counts:
                 try:
                     ours = (vaecli_decode if stage == "decode" else vaecli_encode)(planner, tracer, frames, (h, w),
-                                                                                  dtype, max_memory)
+                                                                                  dtype, max_memory, not args.plans_only)
                 except OutOfMemory as e:  # refused before any work, as the command would be
                     print(f"Wan {version} {stage} {frames:3d} frames {w}x{h} {args.dtype}: vaecli refuses: {e}")
+                    continue
+                if args.plans_only:
+                    print(f"Wan {version} {stage} {frames:3d} frames {w}x{h} {args.dtype}: predicted "
+                          f"{format_bytes(ours['predicted'])}, work {ours['work']:.2f}; {ours['plan']}", flush=True)
                     continue
                 row = {"version": version, "size": f"{w}x{h}", "frames": frames, "stage": stage, "dtype": args.dtype,
                        "vaecli": ours["peak"], "vaecli_predicted": ours["predicted"], "vaecli_plan": ours["plan"],

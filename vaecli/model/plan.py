@@ -125,6 +125,8 @@ class Plan:
             lines.append(f"  pieces:    {self.pieces.describe()}")
         if self.frame_batch:
             lines.append(f"  2D layers: {self.frame_batch} frames at a time")
+        if self.work > 1:
+            lines.append(f"  work:      {self.work:.2f}x the computation of the fastest exact cut")
         lines += [f"  attention: {self.attention.name}",
                   f"  memory:    {format_bytes(self.predicted_peak_bytes)} predicted peak "
                   f"({format_bytes(self.activation_bytes)} activations + {format_bytes(self.weights_bytes)} weights"

@@ -123,9 +123,8 @@ class WanCodec(Codec):
         """Whole frames, as many latent frames per call as fit (up to 16; 1 on CPU, where that is fastest); else
         one latent frame per call in the tile-major tiles of the least work that fit (down to 8 latent px, at most
         `MAX_TILE_WORK` times whole frames' work: one tile's caches alive, the clip's stem output and frames
-        held); else
-        the cheapest of them. `--chunk` / `--tile` force the cut (forced tiles step by step where they fit, else
-        tile-major); all of them exact."""
+        held); else the cheapest of them. `--chunk` / `--tile` force the cut (forced tiles step by step where they
+        fit, else tile-major); all of them exact."""
         if overlap:
             raise UsageError("a Wan decode streams latent frames exactly; --overlap is not for it")
         backend = resolve_attention(attention, budget.device, self.dtype)

@@ -81,8 +81,8 @@ def decode_columns(vae: WanVAE, z: torch.Tensor, attention: AttentionBackend, ch
     """Raw latents (B, z, t, h, w) of a whole clip -> frames (B, 3, 1 + 4(t - 1), fh, fw) in [-1, 1], tile-major:
     the stem runs over the whole clip (`chunk` latent frames per call) into one stem output, then each tile runs
     through the whole clip, `chunk` latent frames per call, its causal cache dropped when it is done. The same
-    calls on the same inputs as `decode_tiled` step by step (equal frames), but only one tile's caches are alive
-    at a time: what the caches of every tile at once cost the step-wise tiles (each with its halo), the stem
+    calls on the same inputs as `decode_tiled` step by step (the same frames to rounding: the stem output is read
+    back in slices), but only one tile's caches are alive at a time: what the caches of every tile at once cost the step-wise tiles (each with its halo), the stem
     output and the frames of the clip cost here (a latent frame's stem output and its four frames, so the memory
     grows with the clip's length).
 
