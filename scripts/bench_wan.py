@@ -4,6 +4,7 @@ alternating.
     python scripts/bench_wan.py                                   # Wan 2.1 structure, CPU fp32, 9 frames 64x64
     python scripts/bench_wan.py --version 2.2 --frames 17 --size 128x128
     python scripts/bench_wan.py --width 32 --frames 17 --size 96x96 --repeats 3 --json wan.json
+    python scripts/bench_wan.py --version 2.2 --size 128x128 --repeats 1 --profile   # where the time goes
 
 Both models get one random state (every parameter randomised; `--width` narrows the released structure's base
 width, default the released 96 for 2.1 / 160 and 256 for 2.2), the same frames and latents. vaecli decodes as its
@@ -61,6 +62,22 @@ def timed(fn) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
+def profile(stage: str, runs: dict, top: int = 8) -> None:
+    """One run of each tool's `stage` under torch.profiler: the ops by self time, and the convolutions by shape."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    for tool, fn in runs.items():
+        with profiler(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            timed(fn)
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+        print(f"{stage} {tool}: " + ", ".join(f"{e.key} {e.self_cpu_time_total / 1e3:.0f} ms" for e in ops))
+        convs = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::mkldnn_convolution"]
+        for e in sorted(convs, key=lambda e: -e.self_cpu_time_total)[:top]:
+            print(f"    conv {e.self_cpu_time_total / 1e3:7.0f} ms  {e.count:3d} calls  input, weight "
+                  f"{e.input_shapes[0]}, {e.input_shapes[1]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--version", choices=("2.1", "2.2"), default="2.1")
@@ -71,6 +88,7 @@ def main() -> None:
     ap.add_argument("--encode-chunk", type=int, default=4, help="vaecli's pixel frames per encoder call, 4k")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--profile", action="store_true", help="also profile one run of each (ops, convolution shapes)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.threads:
@@ -102,6 +120,8 @@ def main() -> None:
                           "ratio": round(med["diffusers"] / med["vaecli"], 2), "max_abs_diff": float((a - b).abs().max())}
         print(f"{stage}: vaecli {med['vaecli']:.3f} s, diffusers {med['diffusers']:.3f} s, "
               f"ratio {results[stage]['ratio']:.2f}x, max |Δ| {results[stage]['max_abs_diff']:.2e}", flush=True)
+        if args.profile:
+            profile(stage, {"vaecli": mine, "diffusers": reference})
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
