@@ -519,6 +519,8 @@ def test_cli_decode_in_forced_tiles_gives_the_same_frames(wan_files, tmp_path, m
         assert result["plan"]["pieces"]["tile"] == (4 if extra else None), result["plan"]
         assert result["plan"]["pieces"]["order"] == ("tile-major" if name == "columns" else "step-major")
         assert (result["plan"]["work"] > 1) == bool(extra)  # the halos: 6 x 10 latent px in tiles of 4
+        assert ("x the work of whole frames; forced by --tile" in done.stderr) == bool(extra), done.stderr
+        assert ("each tile through the whole clip" in done.stderr) == (name == "columns")
     assert got["whole"].shape == (5, 48, 80, 3)
     assert np.array_equal(got["whole"], got["tiles"])
     off = np.abs(got["whole"].astype(int) - got["columns"].astype(int))  # fp32 rounding: at most a level, rarely

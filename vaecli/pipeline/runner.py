@@ -292,6 +292,10 @@ def decode_file(model: Codec, latents_path: Path, out: Path | str, opts: DecodeO
             why = "forced by --chunk" if opts.chunk is not None else "nothing exact fits (see `vaecli plan`)"
             progress.note(f"vaecli: note: {name}: APPROXIMATE decode in windows of {plan.chunk_frames} frames "
                           f"overlapping by {plan.overlap}, cross-faded; {why}")
+        if plan.work > 1:  # exact, but slower: said before the wait
+            why = "forced by --tile" if opts.tile is not None else "whole frames do not fit the memory budget"
+            progress.note(f"vaecli: note: {name}: {plan.pieces.describe()}; about {plan.work:.1f}x the work of "
+                          f"whole frames; {why}")
         how = {"one-clip": "one clip", "stream": "streamed", "windows": f"windows of {plan.chunk_frames}"}
         bar = progress.frames(job.frames, f"decode {name} ({how.get(plan.strategy, plan.strategy)})")
         with atomic_outputs([target], opts.overwrite) as (tmp,):
