@@ -147,8 +147,8 @@ class WanCodec(Codec):
         cuts = [(c, tile, False) for c in sizes]  # forced tiles, or whole frames: the most latent frames per call
         cut = first_fit(cuts) or cuts[-1]
         if halo is not None and price(cut) > budget.activation_bytes:  # tile-major: forced tiles, or those of the
-            work = {t: tile_work(*latent_hw, t, halo) for t in TILES if t < max(latent_hw)}  # least work that fit
-            sides = [tile] if tile else sorted((t for t in work if work[t] <= MAX_TILE_WORK), key=work.get)
+            works = {t: tile_work(*latent_hw, t, halo) for t in TILES if t < max(latent_hw)}  # least work that fit
+            sides = [tile] if tile else sorted((t for t in works if works[t] <= MAX_TILE_WORK), key=works.get)
             tiled = [(sizes[-1], t, True) for t in sides]
             cut = first_fit(tiled) or min([cut, *tiled], key=price)
         act, chosen = price(cut), pieces(cut)
@@ -156,8 +156,6 @@ class WanCodec(Codec):
         why = [f"budget {format_bytes(max(budget.activation_bytes, 0))} for activations on {budget.device}",
                chosen.describe() if chosen.columns else chosen.describe() + ": memory constant in the clip's length",
                f"attention {backend.name}"]
-        if work > 1:
-            why.append(f"the tiles' halos: about {work:.1f}x the work of whole frames in the decoder's levels")
         return dataclasses.replace(self._plan("decode", budget, backend, "stream", chosen.latent, act, why, chosen),
                                    work=work)
 

@@ -30,6 +30,12 @@ def tile_regions(height: int, width: int, tile: int, halo: int):
             yield (y0, y1, x0, x1), region(y0, y1, x0, x1, halo, height, width)
 
 
+def core(part: torch.Tensor, tile: tuple[int, int, int, int], ry0: int, rx0: int, f: int) -> torch.Tensor:
+    """A tile's own pixels (y0, y1, x0, x1 in latent px) out of its decoded region, which starts at (ry0, rx0)."""
+    y0, y1, x0, x1 = tile
+    return part[..., (y0 - ry0) * f:(y1 - ry0) * f, (x0 - rx0) * f:(x1 - rx0) * f]
+
+
 def tile_work(height: int, width: int, tile: int, halo: int) -> float:
     """The tail's computation in tiles of `tile` latent px over that on whole (height, width) frames: the tiles'
     regions (each grown by `halo`) over the frame."""
@@ -71,8 +77,7 @@ def decode_tiled(vae: WanVAE, z: torch.Tensor, state: dict, attention: Attention
             release_host_memory(part.device)  # the heap's holes between tiles (counting does not see them)
         if out is None:
             out = part.new_empty((*part.shape[:3], height * f, width * f))
-        out[..., y0 * f:y1 * f, x0 * f:x1 * f] = part[..., (y0 - ry0) * f:(y1 - ry0) * f,
-                                                      (x0 - rx0) * f:(x1 - rx0) * f]
+        out[..., y0 * f:y1 * f, x0 * f:x1 * f] = core(part, (y0, y1, x0, x1), ry0, rx0, f)
     return out
 
 
@@ -117,8 +122,7 @@ def decode_columns(vae: WanVAE, z: torch.Tensor, attention: AttentionBackend, ch
             if out is None:
                 out = part.new_empty((*part.shape[:2], 1 + frames * (z.shape[2] - 1), height * f, width * f))
             n = part.shape[2]
-            out[:, :, t:t + n, y0 * f:y1 * f, x0 * f:x1 * f] = part[..., (y0 - ry0) * f:(y1 - ry0) * f,
-                                                                    (x0 - rx0) * f:(x1 - rx0) * f]
+            out[:, :, t:t + n, y0 * f:y1 * f, x0 * f:x1 * f] = core(part, (y0, y1, x0, x1), ry0, rx0, f)
             t += n
             del part
         del cache
