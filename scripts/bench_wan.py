@@ -25,7 +25,8 @@ import torch
 from vaecli.model.wan.config import WanConfig
 from vaecli.model.wan.keymap import original_to_diffusers
 from vaecli.model.wan.layout import diffusers_config
-from vaecli.model.wan.modules import WanVAE, channels_last_
+from vaecli.model.wan.conv import channels_last_
+from vaecli.model.wan.modules import WanVAE
 from vaecli.ops.attention import AttentionBackend
 
 

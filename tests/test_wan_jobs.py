@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from helpers import make_video, randomise
 from vaecli.cli import app
 from vaecli.model.wan.config import WanConfig
-from vaecli.model.wan.modules import WanVAE, channels_last_
+from vaecli.model.wan.conv import channels_last_
+from vaecli.model.wan.modules import WanVAE
 
 TINY = WanConfig(dim=3, z_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1, name="tiny")
 LENGTHS = (9, 5, 13)

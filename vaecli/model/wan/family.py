@@ -25,7 +25,8 @@ from vaecli.model.plan import COST_MODELS, Budget, Plan, format_bytes
 from vaecli.model.wan import layout as wan_layout
 from vaecli.model.wan import memory as wan_memory
 from vaecli.model.wan.config import WanConfig
-from vaecli.model.wan.modules import WanVAE, channels_last_
+from vaecli.model.wan.conv import channels_last_
+from vaecli.model.wan.modules import WanVAE
 from vaecli.model.wan.tiles import decode_columns, decode_tiled, tile_work
 from vaecli.ops.attention import AttentionBackend, resolve_attention
 from vaecli.ops.device import dtype_name, release_host_memory

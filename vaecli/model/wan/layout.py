@@ -22,7 +22,8 @@ from vaecli.errors import CheckpointError
 from vaecli.model.checkpoint import DIFFUSERS_FILES, read_tensors, write_checkpoint
 from vaecli.model.wan.config import WanConfig, released_stats
 from vaecli.model.wan.keymap import original_to_diffusers
-from vaecli.model.wan.modules import WanVAE, conv_layout
+from vaecli.model.wan.conv import conv_layout
+from vaecli.model.wan.modules import WanVAE
 
 PREFIXES = ("model.", "vae.", "")
 MARKERS = {"original": ("decoder.middle.0.residual.0.gamma", "decoder.head.2.weight", "conv2.weight"),
@@ -207,7 +208,7 @@ def read_state(path: Path, layout: Layout, header: dict, config_json: dict):
 
 def _owned(name: str, tensor: torch.Tensor) -> torch.Tensor:
     """A copy of a tensor read from the file, convolution weights laid out channels-last as the modules use them
-    (`modules.channels_last_`: laid out here once, building the model copies nothing). Always a copy: the tensors
+    (`conv.channels_last_`: laid out here once, building the model copies nothing). Always a copy: the tensors
     read are views of one mapping of the whole file, which any one of them left alive would keep resident."""
     if name.endswith(".weight") and tensor.dim() in (4, 5):
         return torch.empty_like(tensor, memory_format=conv_layout(tensor)).copy_(tensor)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from vaecli.model.wan.modules import CL3, WanVAE
+from vaecli.model.wan.conv import CL3
+from vaecli.model.wan.modules import WanVAE
 from vaecli.ops.attention import AttentionBackend
 from vaecli.ops.device import release_host_memory
 from vaecli.ops.tiles import region, spans
